@@ -1,0 +1,38 @@
+"""gradscope: training diagnostics for PyTorch.
+
+Example:
+    >>> import torch, gradscope
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> scope = gradscope.watch(model, opt)
+    >>> loss = model(torch.randn(8, 4)).pow(2).mean(); loss.backward(); opt.step()
+    >>> scope.step(loss)
+    >>> scope.close(); scope.diagnose()
+    []
+"""
+
+from .diagnosis import Cause, Diagnosis
+from .errors import GradscopeError, GradscopeWarning
+from .history import History, StepRecord
+from .rules import Finding, Rule, RuleContext, Threshold, builtin_rules, rule
+from .scope import Scope, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cause",
+    "Diagnosis",
+    "Finding",
+    "GradscopeError",
+    "GradscopeWarning",
+    "History",
+    "Rule",
+    "RuleContext",
+    "Scope",
+    "StepRecord",
+    "Threshold",
+    "__version__",
+    "builtin_rules",
+    "rule",
+    "watch",
+]

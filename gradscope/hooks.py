@@ -1,0 +1,91 @@
+"""Registering hooks so that each one is removable and a failure inside it never stops training."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils.hooks import RemovableHandle
+
+from .errors import GradscopeWarning
+
+
+class HookSet:
+    """Owns hook handles; `remove()` takes every one of them off, even after partial failure.
+
+    Example:
+        >>> import torch
+        >>> hooks = HookSet()
+        >>> m = torch.nn.Linear(1, 1)
+        >>> hooks.add(m.register_forward_hook(lambda *a: None))
+        >>> hooks.remove(); len(m._forward_hooks)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def add(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            try:
+                handle.remove()
+            except Exception:  # noqa: BLE001 - removal must go on for every other handle
+                pass
+
+
+class Guard:
+    """Runs gradscope's hook bodies; an exception switches that piece off and is warned once.
+
+    Example:
+        >>> guard = Guard()
+        >>> def broken(): raise ValueError("boom")
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True):
+        ...     guard.call("activations", broken)
+        >>> guard.is_off("activations")
+        True
+    """
+
+    def __init__(self) -> None:
+        self._off: dict[str, str] = {}
+
+    def is_off(self, piece: str) -> bool:
+        return piece in self._off
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """The pieces switched off, with the error that switched each off."""
+        return dict(self._off)
+
+    def call(self, piece: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if piece in self._off:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - gradscope must never stop training
+            self._off[piece] = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"gradscope: the '{piece}' signal failed ({type(err).__name__}: {err}) and is "
+                "switched off for the rest of this run; training is not affected.",
+                GradscopeWarning,
+                stacklevel=2,
+            )
+            return None
+
+    def wrap(self, piece: str, fn: Callable[..., Any]) -> Callable[..., None]:
+        """A hook that calls `fn` under this guard and always returns None (never alters values)."""
+
+        @functools.wraps(fn)
+        def hook(*args: Any, **kwargs: Any) -> None:
+            self.call(piece, fn, *args, **kwargs)
+
+        return hook

@@ -1,0 +1,1 @@
+"""Reporters: they only read the history and the diagnoses."""

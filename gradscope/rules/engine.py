@@ -1,0 +1,148 @@
+"""RuleEngine: runs the enabled rules on each recorded step and keeps one Diagnosis per rule."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from ..diagnosis import SEVERITY_RANK, Diagnosis
+from ..errors import GradscopeError, GradscopeWarning
+from ..history import History
+from ..layout import ModelLayout
+from .base import Finding, Rule
+from .context import RuleContext
+
+
+def builtin_rules() -> list[Rule]:
+    """Every rule gradscope ships, in the order the docs list them.
+
+    Example:
+        >>> "loss-flat" in [r.sign for r in builtin_rules()]
+        True
+    """
+    from . import activations, data, gradients, loss, nonfinite, params
+
+    rules: list[Rule] = []
+    for module in (loss, gradients, params, activations, nonfinite, data):
+        rules.extend(module.RULES)
+    return rules
+
+
+class RuleEngine:
+    """Evaluates rules over the history; a diagnosis that persists is updated, not repeated.
+
+    Example:
+        >>> import torch
+        >>> engine = RuleEngine(builtin_rules())
+        >>> engine.update(History(ModelLayout.of(torch.nn.Linear(2, 2))))
+        []
+    """
+
+    def __init__(self, rules: list[Rule], thresholds: dict[str, dict[str, Any]] | None = None):
+        thresholds = dict(thresholds or {})
+        ids = {r.id for r in rules}
+        unknown = sorted(set(thresholds) - ids)
+        if unknown:
+            raise GradscopeError(
+                f"thresholds given for unknown rule(s) {', '.join(unknown)}; known rules: "
+                f"{', '.join(sorted(ids))}."
+            )
+        self.rules = list(rules)
+        self._values = {r.id: r.resolve(thresholds.get(r.id)) for r in self.rules}
+        self._active: dict[str, Diagnosis] = {}
+        self._off: set[str] = set()
+
+    @classmethod
+    def from_options(cls, options: Any, layout: ModelLayout | None = None) -> RuleEngine:
+        available = {r.id: r for r in builtin_rules()}
+        if options.rules is None:
+            chosen = list(available.values())
+        else:
+            chosen = []
+            for item in options.rules:
+                if isinstance(item, Rule):
+                    chosen.append(item)
+                elif item in available:
+                    chosen.append(available[item])
+                else:
+                    raise GradscopeError(
+                        f"unknown rule '{item}' in rules=; use a Rule object or one of: "
+                        f"{', '.join(sorted(available))}."
+                    )
+        for item in options.disable_rules:
+            if item not in available and item not in {r.id for r in chosen}:
+                raise GradscopeError(
+                    f"unknown rule '{item}' in disable_rules=; use one of: "
+                    f"{', '.join(sorted(available))}."
+                )
+        chosen = [r for r in chosen if r.id not in set(options.disable_rules)]
+        return cls(chosen, options.thresholds)
+
+    def thresholds(self, rule_id: str) -> dict[str, Any]:
+        return dict(self._values[rule_id])
+
+    def evaluate(self, history: History) -> list[tuple[Rule, Finding]]:
+        """Run every enabled rule once on `history` (pure: changes no engine state)."""
+        base = RuleContext(history)
+        found = []
+        for rule in self.rules:
+            if rule.id in self._off:
+                continue
+            try:
+                finding = rule(base.with_thresholds(self._values[rule.id]))
+            except Exception as err:  # noqa: BLE001 - one broken rule must not stop the others
+                self._off.add(rule.id)
+                warnings.warn(
+                    f"gradscope: rule '{rule.id}' failed ({type(err).__name__}: {err}) and is "
+                    "switched off for this run.", GradscopeWarning, stacklevel=2)
+                continue
+            if finding is not None:
+                found.append((rule, finding))
+        return found
+
+    def update(self, history: History) -> list[Diagnosis]:
+        """Evaluate on the newest record; return the diagnoses that are new or changed."""
+        last = history.last
+        if last is None:
+            return []
+        changed = []
+        for rule, finding in self.evaluate(history):
+            diagnosis = self._merge(rule, finding, last.step)
+            if diagnosis is not None:
+                changed.append(diagnosis)
+        return changed
+
+    def _merge(self, rule: Rule, finding: Finding, step: int) -> Diagnosis | None:
+        severity = finding.severity or rule.severity
+        existing = self._active.get(rule.id)
+        first = finding.first_step if finding.first_step is not None else step
+        if existing is None:
+            diagnosis = Diagnosis(
+                sign=rule.sign, severity=severity, title=rule.title, causes=finding.causes,
+                layers=finding.layers, first_step=first, last_step=step,
+                evidence=finding.evidence, checks=finding.checks, summary=finding.summary,
+                rule=rule.id,
+            )
+            self._active[rule.id] = diagnosis
+            return diagnosis
+        news = (existing.cause != (finding.causes[0].id if finding.causes else None)
+                or SEVERITY_RANK[severity] > SEVERITY_RANK[existing.severity])
+        existing.last_step = step
+        existing.first_step = min(existing.first_step, first)
+        if SEVERITY_RANK[severity] >= SEVERITY_RANK[existing.severity]:
+            existing.severity = severity
+            existing.causes = sorted(finding.causes, key=lambda c: -c.likelihood)
+            existing.layers = finding.layers
+            existing.evidence = finding.evidence
+            existing.checks = finding.checks
+            existing.summary = finding.summary
+        return existing if news else None
+
+    def diagnoses(self) -> list[Diagnosis]:
+        """All diagnoses raised so far, most severe first, then by first step."""
+        return sorted(self._active.values(),
+                      key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))
+
+    def replace_diagnoses(self, diagnoses: list[Diagnosis]) -> None:
+        """Load diagnoses (e.g. from a run log) as the engine's state."""
+        self._active = {d.rule or d.sign: d for d in diagnoses}

@@ -1,0 +1,506 @@
+"""Scope: attaches gradscope to a model and optimizer(s) and runs the per-step lifecycle."""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import GradscopeError, GradscopeWarning
+from .history import History, StepRecord
+from .hooks import Guard, HookSet
+from .layout import ModelLayout
+from .options import WatchOptions
+from .signals.activations import ActivationCollector, ActivationStats, _float_leaves, in_backward
+from .signals.data import DataCollector, first_tensor
+from .signals.grads import (
+    put_grad_stats,
+    put_nonfinite_counts,
+    put_param_norms,
+    put_stale_grad_norms,
+)
+from .signals.transfer import DeviceBatch
+from .signals.updates import UpdateTracker
+
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, Scope] = weakref.WeakKeyDictionary()
+
+
+def _as_optimizers(model: nn.Module, optimizer: Any) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    model_params = {id(p) for p in model.parameters()}
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise GradscopeError(
+                f"watch() expected a torch.optim.Optimizer (or a list of them) as optimizer, got "
+                f"{type(opt).__name__}; pass the optimizer that steps this model, or leave it out."
+            )
+    held = [
+        any(id(p) in model_params for g in opt.param_groups for p in g["params"])
+        for opt in optimizers
+    ]
+    if not any(held):
+        raise GradscopeError(
+            "the optimizer passed to watch() holds none of the model's parameters; pass the "
+            "optimizer built from this model's parameters (e.g. Adam(model.parameters()))."
+        )
+    return optimizers
+
+
+class Scope:
+    """A watched model: collects signals every step and diagnoses them on demand.
+
+    Made by :func:`gradscope.watch`; see there for an example.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: Any = None, options: WatchOptions | None = None
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise GradscopeError(
+                f"watch() needs a torch.nn.Module as its first argument, got "
+                f"{type(model).__name__}; pass your model, e.g. gradscope.watch(model, optimizer)."
+            )
+        if model in _WATCHED:
+            raise GradscopeError(
+                "this model is already watched by an open scope; call close() on that scope "
+                "first, or keep using it instead of calling watch() again."
+            )
+        self.options = options or WatchOptions()
+        self.model = model
+        self.optimizers = _as_optimizers(model, optimizer)
+        self.layout = ModelLayout.of(model)
+        if not any(p.requires_grad for p in self.layout.params):
+            warnings.warn(
+                "gradscope: the model has no parameter with requires_grad=True, so there are no "
+                "gradients to watch; only the loss, activations and inputs are recorded.",
+                GradscopeWarning,
+                stacklevel=3,
+            )
+        self.history = History(self.layout, capacity=self.options.history_size)
+        self._guard = Guard()
+        self._hooks = HookSet()
+        self._recording_hooks = HookSet()
+        self._tensor_hooks = HookSet()
+        self._batch = DeviceBatch()
+        self._index = {id(t): i for i, t in enumerate(self.layout.tensors)}
+        self._updates = UpdateTracker(self.layout.tensors, self.options.update_sample)
+        self._activations = (
+            ActivationCollector(model, self._guard, self.options.nonfinite_origin)
+            if self.options.activations
+            else None
+        )
+        self._data = DataCollector()
+        self._step = 0
+        self._closed = False
+        self._pending_losses: list[tuple[int, torch.Tensor | float]] = []
+        self._force_record = False
+        self._stepped = False
+        self._prev_stepped = False
+        self._backward_count = 0
+        self._stale_checked = False
+        self._loss_requires_grad: bool | None = None
+        self._reset_step_state()
+        from .rules.engine import RuleEngine
+
+        self.engine = RuleEngine.from_options(self.options, self.layout)
+        self._sinks: list[Any] = []
+        try:
+            self._attach()
+            self._sinks = self._make_sinks()
+        except BaseException:
+            self._detach()
+            raise
+        _WATCHED[model] = self
+        self._recording = True
+        self._begin_step()
+
+    # ----------------------------------------------------------------- attach / detach
+    def _attach(self) -> None:
+        for opt in self.optimizers:
+            self._hooks.add(opt.register_step_pre_hook(
+                self._guard.wrap("gradients", self._on_optimizer_pre)))
+            self._hooks.add(opt.register_step_post_hook(
+                self._guard.wrap("updates", self._on_optimizer_post)))
+
+    def _make_sinks(self) -> list[Any]:
+        from .report.sinks import make_sinks
+
+        return make_sinks(self)
+
+    def _detach(self) -> None:
+        self._hooks.remove()
+        self._recording_hooks.remove()
+        self._tensor_hooks.remove()
+        if self._activations is not None:
+            self._activations.detach()
+
+    def _attach_recording_hooks(self) -> None:
+        root = self.model
+        self._recording_hooks.add(root.register_forward_pre_hook(
+            self._guard.wrap("data", self._on_root_input), with_kwargs=True))
+        self._recording_hooks.add(root.register_forward_hook(
+            self._guard.wrap("accumulation", self._on_root_output)))
+        if self._activations is not None:
+            self._activations.attach()
+
+    def _detach_recording_hooks(self) -> None:
+        self._recording_hooks.remove()
+        self._tensor_hooks.remove()
+        if self._activations is not None:
+            self._activations.detach()
+
+    # ----------------------------------------------------------------- hooks
+    def _training_forward(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and not in_backward()
+
+    def _on_root_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._closed or not self._training_forward(module):
+            return
+        tensor = first_tensor(args, kwargs)
+        if tensor is not None:
+            self._data.observe(tensor)
+
+    def _on_root_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._closed or not self._training_forward(module):
+            return
+        for leaf in _float_leaves(output):
+            if leaf.requires_grad:
+                self._tensor_hooks.add(
+                    leaf.register_hook(self._guard.wrap("accumulation", self._on_backward_start)))
+                return
+
+    def _on_backward_start(self, grad: torch.Tensor) -> None:
+        if self._closed:
+            return
+        self._backward_count += 1
+        if self._backward_count == 1 and self._prev_stepped and not self._stale_checked:
+            self._stale_checked = True
+            indices = [i for i, p in enumerate(self.layout.tensors) if p.requires_grad]
+            put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
+
+    def _optimizer_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        seen: list[int] = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                i = self._index.get(id(p))
+                if i is not None and i not in self._read:
+                    seen.append(i)
+        return seen
+
+    def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed or not self._recording:
+            return
+        indices = self._optimizer_indices(optimizer)
+        self._read_grads(indices)
+        self._updates.before(indices)
+        self._stepping[id(optimizer)] = indices
+
+    def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed:
+            return
+        self._stepped = True
+        if not self._recording:
+            return
+        indices = self._stepping.pop(id(optimizer), [])
+        for i in self._updates.after(indices, self._batch):
+            self._unchanged.add(i)
+
+    def _read_grads(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        tensors = [self.layout.tensors[i] for i in indices]
+        grads = put_grad_stats(tensors, indices, self._batch)
+        put_param_norms(tensors, indices, self._batch, "param_norm")
+        for i, p, g in zip(indices, tensors, grads):
+            self._read.add(i)
+            self._grad_none[i] = p.requires_grad and g is None
+            if g is not None:
+                self._held_grads[i] = g
+
+    # ----------------------------------------------------------------- step lifecycle
+    def _reset_step_state(self) -> None:
+        n = len(self.layout.params)
+        self._read: set[int] = set()
+        self._held_grads: dict[int, torch.Tensor] = {}
+        self._grad_none = np.zeros(n, dtype=bool)
+        self._unchanged: set[int] = set()
+        self._stepping: dict[int, list[int]] = {}
+        self._backward_count = 0
+        self._stale_checked = False
+        self._loss_requires_grad = None
+
+    def _should_record(self, step: int) -> bool:
+        return self._force_record or step % self.options.every == 0
+
+    def _begin_step(self) -> None:
+        if self._recording:
+            self._guard.call("activations", self._attach_recording_hooks)
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Mark the end of one training iteration; call it once per optimizer step.
+
+        Example:
+            >>> import torch, gradscope
+            >>> model = torch.nn.Linear(3, 1); opt = torch.optim.SGD(model.parameters(), 0.1)
+            >>> scope = gradscope.watch(model, opt)
+            >>> loss = model(torch.randn(4, 3)).pow(2).mean(); loss.backward(); opt.step()
+            >>> scope.step(loss); scope.close()
+        """
+        if self._closed:
+            raise GradscopeError(
+                "step() was called after close(); call gradscope.watch(model, optimizer) again "
+                "to watch a new run (diagnose(), report() and plot() still work on this one)."
+            )
+        value = self._check_loss(loss)
+        self._guard.call("step", self._finish_step, value)
+
+    def _check_loss(self, loss: Any) -> torch.Tensor | float:
+        if loss is None:
+            return math.nan
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise GradscopeError(
+                    f"step() needs the scalar training loss, got a tensor of shape "
+                    f"{tuple(loss.shape)}; reduce it first (e.g. loss.mean()) or pass the value "
+                    "you called backward() on."
+                )
+            self._loss_requires_grad = loss.requires_grad
+            return loss.detach().reshape(())
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return float(loss)
+        raise GradscopeError(
+            f"step() needs the loss as a tensor or a number, got {type(loss).__name__}; "
+            "pass the value you called backward() on."
+        )
+
+    def _finish_step(self, loss: torch.Tensor | float) -> None:
+        self._pending_losses.append((self._step, loss))
+        if self._recording:
+            self._record_step()
+        elif len(self._pending_losses) >= 1000:
+            self._flush_losses(self._batch.fetch())
+        self._prev_stepped = self._stepped or not self.optimizers
+        self._stepped = False
+        self._reset_step_state()
+        self._step += 1
+        was_recording = self._recording
+        self._recording = self._should_record(self._step)
+        self._force_record = False
+        if self._recording and not was_recording:
+            self._begin_step()
+        elif was_recording and not self._recording:
+            self._detach_recording_hooks()
+
+    def _put_losses(self) -> None:
+        tensors = [v for _, v in self._pending_losses if isinstance(v, torch.Tensor)]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
+        for group in by_device.values():
+            self._batch.put("loss", torch.stack(group))
+
+    def _flush_losses(self, host: dict[str, np.ndarray]) -> list[float]:
+        tensor_values = iter(host.get("loss", np.array([])).tolist())
+        # tensors were grouped by device; rebuild values in step order
+        by_device: dict[torch.device, list[int]] = {}
+        for pos, (_, v) in enumerate(self._pending_losses):
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append(pos)
+        values = [v if not isinstance(v, torch.Tensor) else math.nan
+                  for _, v in self._pending_losses]
+        for positions in by_device.values():
+            for pos in positions:
+                values[pos] = float(next(tensor_values))
+        steps = [s for s, _ in self._pending_losses]
+        self.history.add_losses(steps, values)
+        self._pending_losses.clear()
+        if any(not math.isfinite(v) for v in values):
+            self._force_record = True
+        return values
+
+    def _record_step(self) -> None:
+        n = len(self.layout.params)
+        remaining = [i for i in range(n) if i not in self._read]
+        self._read_grads(remaining)
+        self._put_losses()
+        act_names = self._activations.put(self._batch) if self._activations is not None else []
+        self._data.put(self._batch)
+        sizes = {f: n for f in ("grad_norm", "grad_max", "param_norm", "update_ratio",
+                                "changed", "stale_grad", "grad_nonfinite")}
+        host = self._batch.fetch(sizes)
+        losses = self._flush_losses(host)
+        record = self._build_record(host, losses[-1] if losses else math.nan)
+        if act_names and self._activations is not None:
+            record.activations = self._activations.results(host)
+            record.nonfinite_origin = _nonfinite_origin(record.activations)
+        record.data = self._data.result(host)
+        self._count_nonfinite_grads(record)
+        self._held_grads = {}
+        self.history.append(record)
+        diagnoses = self.engine.update(self.history)
+        for sink in self._sinks:
+            self._guard.call(type(sink).__name__, sink.on_record, record, diagnoses)
+
+    def _build_record(self, host: dict[str, np.ndarray], loss: float) -> StepRecord:
+        n = len(self.layout.params)
+        nan = np.full(n, np.nan)
+        update_ratio = host.get("update_ratio", nan.copy())
+        changed = host.get("changed", nan.copy())
+        for i in self._unchanged:
+            update_ratio[i] = 0.0
+            changed[i] = 0.0
+        in_optimizer = {id(p) for opt in self.optimizers
+                        for g in opt.param_groups for p in g["params"]}
+        not_in_optimizer = np.array(
+            [bool(self.optimizers) and p.requires_grad and id(p) not in in_optimizer
+             for p in self.layout.tensors], dtype=bool)
+        lrs = [float(g["lr"]) if isinstance(g.get("lr"), (int, float)) else math.nan
+               for opt in self.optimizers for g in opt.param_groups]
+        return StepRecord(
+            step=self._step,
+            loss=loss,
+            stepped=self._stepped,
+            skipped=bool(self.optimizers) and not self._stepped,
+            lrs=lrs,
+            grad_norm=host.get("grad_norm", nan.copy()),
+            grad_max=host.get("grad_max", nan.copy()),
+            grad_nonfinite=np.zeros(n),
+            grad_none=self._grad_none.copy(),
+            param_norm=host.get("param_norm", nan.copy()),
+            update_ratio=update_ratio,
+            changed=changed,
+            stale_grad=host.get("stale_grad", nan.copy()),
+            not_in_optimizer=not_in_optimizer,
+            backward_count=self._backward_count,
+            loss_requires_grad=self._loss_requires_grad,
+        )
+
+    def _count_nonfinite_grads(self, record: StepRecord) -> None:
+        bad = [i for i in range(len(record.grad_norm))
+               if not np.isnan(record.grad_norm[i]) and not np.isfinite(record.grad_norm[i])]
+        bad += [i for i in range(len(record.grad_norm))
+                if np.isnan(record.grad_norm[i]) and i in self._held_grads]
+        if not bad:
+            return
+        put_nonfinite_counts([self._held_grads.get(i) for i in bad], bad, self._batch)
+        counts = self._batch.fetch({"grad_nonfinite": len(record.grad_norm)})
+        record.grad_nonfinite = np.nan_to_num(counts.get("grad_nonfinite",
+                                                         record.grad_nonfinite), nan=0.0)
+        names = self.layout.param_names
+        record.nonfinite_grad_params = [names[i] for i in sorted(bad, reverse=True)
+                                        if record.grad_nonfinite[i] > 0]
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def step_count(self) -> int:
+        """How many times step() has been called."""
+        return self._step
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """Signals switched off after an internal error, with the error (empty when healthy)."""
+        return self._guard.failures
+
+    def close(self) -> None:
+        """Remove every hook; the model and optimizer are left exactly as before watch().
+
+        Example:
+            >>> import torch, gradscope
+            >>> model = torch.nn.Linear(2, 2)
+            >>> scope = gradscope.watch(model); scope.close(); len(model._forward_hooks)
+            0
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._detach()
+        self._held_grads = {}
+        self._updates.reset()
+        if _WATCHED.get(self.model) is self:
+            del _WATCHED[self.model]
+        if self._pending_losses:
+            self._guard.call("step", self._close_losses)
+        for sink in self._sinks:
+            self._guard.call(type(sink).__name__, sink.on_close)
+
+    def _close_losses(self) -> None:
+        self._batch = DeviceBatch()
+        self._put_losses()
+        self._flush_losses(self._batch.fetch())
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def diagnose(self) -> list:
+        """Current diagnoses, most severe first (works after close() too).
+
+        Example:
+            >>> import torch, gradscope
+            >>> scope = gradscope.watch(torch.nn.Linear(2, 2)); scope.close()
+            >>> scope.diagnose()
+            []
+        """
+        return self.engine.diagnoses()
+
+    def report(self, file: Any = None, width: int | None = None) -> str:
+        """Print the final report (rich on a terminal, plain text to `file`); return its text."""
+        from .report.summary import print_report
+
+        return print_report(self, file=file, width=width)
+
+    def plot(self, path: str | Path, step: int | None = None) -> Path:
+        """Save the gradient-norm figure to `path` (.png, .svg or .pdf) and return the path."""
+        from .report.plots import save_plot
+
+        return save_plot(self.history, self.diagnose(), path, step=step)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<gradscope.Scope {state}: {len(self.layout.params)} parameters, "
+                f"{self._step} steps, {self.history.total_recorded} recorded>")
+
+
+def _nonfinite_origin(activations: dict[str, ActivationStats]) -> str | None:
+    """The first module (in completion order) whose output went non-finite from finite inputs."""
+    candidates = [(s.order, name) for name, s in activations.items()
+                  if s.nonfinite_frac > 0 and s.input_nonfinite == 0]
+    return min(candidates)[1] if candidates else None
+
+
+def watch(model: nn.Module, optimizer: Any = None, **options: Any) -> Scope:
+    """Attach gradscope to `model` (and the optimizer(s) that step it) and return a Scope.
+
+    Options: live, every, log_dir, rules, disable_rules, thresholds, history_size,
+    update_sample, activations, nonfinite_origin, refresh_per_second.
+
+    Example:
+        >>> import torch, gradscope
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with gradscope.watch(model, opt, every=1) as scope:
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         loss = model(torch.randn(16, 4)).pow(2).mean()
+        ...         loss.backward(); opt.step(); scope.step(loss)
+        >>> scope.history.total_recorded
+        3
+    """
+    return Scope(model, optimizer, WatchOptions.from_kwargs(options))
+
+
+__all__ = ["Scope", "watch"]

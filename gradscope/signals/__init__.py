@@ -1,0 +1,1 @@
+"""Signal collectors: each computes statistics on the device and hands them to a DeviceBatch."""

@@ -1,0 +1,106 @@
+"""Statistics of the input batch as the root module receives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_leaves
+
+from .transfer import DeviceBatch
+
+COUNT, MIN, MAX, SUM, SUMSQ, NONFINITE = range(6)
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """The model input of one step (all training forwards of the step pooled)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    min: float
+    max: float
+    mean: float
+    std: float
+    nonfinite: int
+    is_float: bool
+
+
+def first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The first tensor among positional then keyword arguments (the batch, by convention).
+
+    Example:
+        >>> first_tensor((1, torch.zeros(2)), {}).shape
+        torch.Size([2])
+    """
+    for leaf in tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    return None
+
+
+class DataCollector:
+    """Pools min/max/mean/std/non-finite count of each step's input batch on the device."""
+
+    def __init__(self) -> None:
+        self._acc: torch.Tensor | None = None
+        self._meta: tuple[str, tuple[int, ...], bool] | None = None
+
+    @torch.no_grad()
+    def observe(self, batch_input: torch.Tensor) -> None:
+        x = batch_input.detach()
+        if x.numel() == 0 or x.is_complex():
+            return
+        is_float = x.is_floating_point()
+        xf = x.to(torch.float64)
+        finite = torch.isfinite(xf)
+        nonfinite = xf.numel() - finite.sum()
+        clean = torch.where(finite, xf, torch.zeros((), dtype=torch.float64, device=x.device))
+        low = torch.where(finite, xf, torch.full((), float("inf"), dtype=torch.float64,
+                                                  device=x.device)).amin()
+        high = torch.where(finite, xf, torch.full((), float("-inf"), dtype=torch.float64,
+                                                   device=x.device)).amax()
+        vector = torch.stack([
+            torch.full((), float(xf.numel()), dtype=torch.float64, device=x.device),
+            low, high, clean.sum(), clean.square().sum(), nonfinite.to(torch.float64),
+        ])
+        if self._acc is None:
+            self._acc = vector
+            self._meta = (str(x.dtype).replace("torch.", ""), tuple(x.shape), is_float)
+        else:
+            self._acc = torch.stack([
+                self._acc[COUNT] + vector[COUNT],
+                torch.minimum(self._acc[MIN], vector[MIN]),
+                torch.maximum(self._acc[MAX], vector[MAX]),
+                self._acc[SUM] + vector[SUM],
+                self._acc[SUMSQ] + vector[SUMSQ],
+                self._acc[NONFINITE] + vector[NONFINITE],
+            ])
+
+    def put(self, batch: DeviceBatch) -> bool:
+        if self._acc is None:
+            return False
+        batch.put("data", self._acc)
+        return True
+
+    def result(self, host: dict[str, np.ndarray]) -> DataStats | None:
+        if self._meta is None or "data" not in host:
+            self.reset()
+            return None
+        acc = host["data"]
+        finite_count = max(acc[COUNT] - acc[NONFINITE], 1.0)
+        mean = acc[SUM] / finite_count
+        var = max(acc[SUMSQ] / finite_count - mean * mean, 0.0)
+        dtype, shape, is_float = self._meta
+        self.reset()
+        return DataStats(
+            dtype=dtype, shape=shape, min=float(acc[MIN]), max=float(acc[MAX]),
+            mean=float(mean), std=float(np.sqrt(var)), nonfinite=int(acc[NONFINITE]),
+            is_float=is_float,
+        )
+
+    def reset(self) -> None:
+        self._acc = None
+        self._meta = None

@@ -1,0 +1,75 @@
+"""Gradient statistics per parameter, computed with foreach kernels and no host sync."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .transfer import DeviceBatch, group_by_device_dtype
+
+
+@torch.no_grad()
+def put_grad_stats(
+    params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch
+) -> list[torch.Tensor | None]:
+    """Queue L2 norm and max |grad| of each parameter's gradient; return the grads read.
+
+    Parameters whose `.grad` is None get no entry (their fields stay NaN).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.full((3,), 2.0)
+        >>> b = DeviceBatch(); _ = put_grad_stats([p], [0], b)
+        >>> b.fetch({"grad_norm": 1, "grad_max": 1})["grad_max"].tolist()
+        [2.0]
+    """
+    grads = [p.grad for p in params]
+    present = [(g, i) for g, i in zip(grads, indices) if g is not None and not g.is_sparse]
+    if present:
+        tensors, idx = zip(*present)
+        for group, group_idx in group_by_device_dtype(tensors, idx):
+            batch.put("grad_norm", torch.stack(torch._foreach_norm(group, 2)), group_idx)
+            batch.put("grad_max", torch.stack(torch._foreach_norm(group, float("inf"))), group_idx)
+    return grads
+
+
+@torch.no_grad()
+def put_param_norms(
+    params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch, field: str
+) -> None:
+    """Queue the L2 norm of each parameter's values as `field`."""
+    for group, group_idx in group_by_device_dtype([p.detach() for p in params], indices):
+        batch.put(field, torch.stack(torch._foreach_norm(group, 2)), group_idx)
+
+
+@torch.no_grad()
+def put_stale_grad_norms(
+    params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch
+) -> None:
+    """Queue the norm of whatever gradient is already present when a backward pass starts.
+
+    After an optimizer step, a gradient that was cleared is None or all zeros (norm 0); a
+    positive norm means the previous step's gradient is still there and the coming backward
+    will add onto it.
+    """
+    present = [(p.grad, i) for p, i in zip(params, indices) if p.grad is not None]
+    missing = [i for p, i in zip(params, indices) if p.grad is None]
+    if missing:
+        batch.put("stale_grad", torch.zeros(len(missing), dtype=torch.float64), missing)
+    if present:
+        tensors, idx = zip(*present)
+        for group, group_idx in group_by_device_dtype(tensors, idx):
+            batch.put("stale_grad", torch.stack(torch._foreach_norm(group, 2)), group_idx)
+
+
+@torch.no_grad()
+def put_nonfinite_counts(
+    grads: Sequence[torch.Tensor | None], indices: Sequence[int], batch: DeviceBatch
+) -> None:
+    """Queue the exact count of non-finite elements of each given gradient.
+
+    Called only for gradients whose norm came back non-finite, so healthy steps pay nothing.
+    """
+    for grad, index in zip(grads, indices):
+        if grad is not None:
+            batch.put("grad_nonfinite", (~torch.isfinite(grad)).sum().reshape(1), [index])

@@ -1,0 +1,83 @@
+"""Collect on-device statistics during a step and bring them to the host in one transfer."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+class DeviceBatch:
+    """Named device tensors waiting for the step's single device-to-host transfer.
+
+    Example:
+        >>> batch = DeviceBatch()
+        >>> batch.put("norm", torch.tensor([3.0, 4.0]), indices=[2, 0])
+        >>> batch.fetch({"norm": 3})["norm"].tolist()
+        [4.0, nan, 3.0]
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, Sequence[int] | None, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, field: str, tensor: torch.Tensor, indices: Sequence[int] | None = None) -> None:
+        """Queue `tensor` (flattened) as `field`, optionally scattered to `indices`."""
+        self._items.append((field, indices, tensor.detach().reshape(-1)))
+
+    def fetch(self, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Transfer everything (one copy per device) and assemble the fields.
+
+        Fields with indices become arrays of length `sizes[field]` (missing entries NaN);
+        fields without indices are the concatenation of what was put.
+        """
+        sizes = sizes or {}
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for position, (_, _, tensor) in enumerate(self._items):
+            by_device[tensor.device].append(position)
+        host: list[np.ndarray | None] = [None] * len(self._items)
+        for device, positions in by_device.items():
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            parts = [self._items[p][2].to(dtype) for p in positions]
+            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+            values = flat.to("cpu").numpy() if device.type != "cpu" else flat.numpy()
+            offset = 0
+            for p, part in zip(positions, parts):
+                host[p] = values[offset : offset + part.numel()]
+                offset += part.numel()
+        out: dict[str, np.ndarray] = {}
+        pieces: dict[str, list[np.ndarray]] = defaultdict(list)
+        for (field, indices, _), values in zip(self._items, host):
+            if indices is None:
+                pieces[field].append(values)
+                continue
+            if field not in out:
+                out[field] = np.full(sizes.get(field, 0), np.nan)
+            out[field][np.asarray(indices, dtype=np.int64)] = values
+        for field, chunks in pieces.items():
+            out[field] = np.concatenate(chunks)
+        self._items.clear()
+        return out
+
+
+def group_by_device_dtype(
+    tensors: Sequence[torch.Tensor], indices: Sequence[int]
+) -> list[tuple[list[torch.Tensor], list[int]]]:
+    """Split tensors into (device, dtype) groups, as foreach kernels need.
+
+    Example:
+        >>> groups = group_by_device_dtype([torch.ones(2), torch.ones(2, dtype=torch.float64)], [0, 1])
+        >>> [idx for _, idx in groups]
+        [[0], [1]]
+    """
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
+    for tensor, index in zip(tensors, indices):
+        key = (tensor.device, tensor.dtype)
+        group = groups.setdefault(key, ([], []))
+        group[0].append(tensor)
+        group[1].append(index)
+    return list(groups.values())
