@@ -34,6 +34,7 @@ class StepRecord:
     changed: np.ndarray
     stale_grad: np.ndarray
     not_in_optimizer: np.ndarray
+    requires_grad: np.ndarray
     backward_count: int
     loss_requires_grad: bool | None
     activations: dict[str, ActivationStats] = field(default_factory=dict)

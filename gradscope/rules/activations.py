@@ -1,1 +1,109 @@
-RULES: list = []
+"""Rules on activations: dead ReLU units and saturated sigmoid/tanh-like outputs."""
+
+from __future__ import annotations
+
+from . import evidence as ev
+from .base import Finding, rule
+from .common import WARMUP, WINDOW, fmt, persistent, ranked, usable
+from .context import RuleContext
+from .loss import DATA_SCALE, HIGH_UPDATE, SATURATED
+
+
+def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
+    """Modules over `limit` on `field` in every given record, worst first (latest values)."""
+    names = None
+    for r in records:
+        over = {n for n, s in r.activations.items()
+                if getattr(s, field) is not None and getattr(s, field) > limit}
+        names = over if names is None else names & over
+    last = records[-1].activations
+    return sorted(((n, getattr(last[n], field)) for n in names or ()), key=lambda x: -x[1])
+
+
+def _model_order(ctx: RuleContext, names: list[str]) -> list[str]:
+    order = {n: i for i, n in enumerate(ctx.layout.module_names)}
+    return sorted(names, key=lambda n: order.get(n, 0))
+
+
+@rule(sign="units-dead", severity="warning", title="Units that never activate (dead ReLUs)",
+      needs=("activations", "update_ratio", "param_norm"),
+      thresholds={"dead": SATURATED, "window": WINDOW, "warmup": WARMUP,
+                  "high_update": HIGH_UPDATE},
+      causes=("poor-init", "lr-too-high", "dead-units"))
+def units_dead(ctx: RuleContext) -> Finding | None:
+    """More than half of a ReLU layer's units output zero on every example of every batch."""
+    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.activations]
+    tail = persistent(records, ctx.t["window"], lambda r: True)
+    if tail is None:
+        return None
+    worst = _worst(tail, "dead_frac", ctx.t["dead"])
+    if not worst:
+        return None
+    first_dead = [r for r in ctx.first if r.activations]
+    dead_from_start = bool(first_dead) and any(
+        (s := first_dead[0].activations.get(n)) is not None and s.dead_frac is not None
+        and s.dead_frac > ctx.t["dead"] for n, _ in worst)
+    scores = [ev.lr_too_high(ctx, tail, ctx.t["high_update"])]
+    if dead_from_start:
+        scores.append(("poor-init", 1.0, "the units were already dead at the first recorded "
+                                         "step: biases/weights start them in the negative region"))
+    else:
+        scores.append(("dead-units", 0.5, "units died during training: large updates pushed "
+                                          "their pre-activations below zero for every input"))
+    name, frac = worst[0]
+    return Finding(
+        summary=f"{fmt(100 * frac)}% of the units of '{name}' are dead"
+                + (f" (and {len(worst) - 1} more layer(s))" if len(worst) > 1 else ""),
+        causes=ranked(scores), layers=_model_order(ctx, [n for n, _ in worst]),
+        first_step=tail[0].step,
+        evidence={"layer": name, "dead_fraction": frac, "layers_affected": len(worst)},
+        checks=[
+            "Lower the learning rate; dead units often come from one oversized update.",
+            "Check the biases/initialisation before these ReLUs (Kaiming init, bias 0).",
+            "Consider LeakyReLU/GELU, or normalisation before the activation.",
+        ],
+    )
+
+
+@rule(sign="activations-saturated", severity="warning",
+      title="Activations saturate at the flat ends of sigmoid/tanh",
+      needs=("activations", "data", "param_norm", "update_ratio"),
+      thresholds={"saturated": SATURATED, "window": WINDOW, "warmup": WARMUP,
+                  "data_scale": DATA_SCALE, "high_update": HIGH_UPDATE},
+      causes=("data-scale", "poor-init", "lr-too-high", "saturated-activations"))
+def activations_saturated(ctx: RuleContext) -> Finding | None:
+    """More than half of a bounded activation's outputs sit where its derivative is ~0."""
+    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.activations]
+    tail = persistent(records, ctx.t["window"], lambda r: True)
+    if tail is None:
+        return None
+    worst = _worst(tail, "saturated_frac", ctx.t["saturated"])
+    if not worst:
+        return None
+    scores = [ev.data_scale(tail, ctx.t["data_scale"]),
+              ev.lr_too_high(ctx, tail, ctx.t["high_update"])]
+    first = [r for r in ctx.first if r.activations]
+    if first and any((s := first[0].activations.get(n)) is not None
+                     and s.saturated_frac is not None and s.saturated_frac > ctx.t["saturated"]
+                     for n, _ in worst):
+        scores.append(("poor-init", 0.7, "outputs were saturated from the first recorded step: "
+                                         "pre-activations start too large"))
+    if not any(s > 0 for _, s, _ in scores):
+        scores.append(("saturated-activations", 0.5, "pre-activations drifted to large values"))
+    name, frac = worst[0]
+    return Finding(
+        summary=f"{fmt(100 * frac)}% of the outputs of '{name}' are saturated"
+                + (f" (and {len(worst) - 1} more layer(s))" if len(worst) > 1 else ""),
+        causes=ranked(scores), layers=_model_order(ctx, [n for n, _ in worst]),
+        first_step=tail[0].step,
+        evidence={"layer": name, "saturated_fraction": frac, "layers_affected": len(worst)},
+        checks=[
+            "Normalise the inputs (zero mean, unit variance).",
+            "Use Xavier/Glorot initialisation for tanh/sigmoid layers, or normalisation before "
+            "them.",
+            "Prefer ReLU/GELU in hidden layers; keep sigmoid/tanh for gates and outputs.",
+        ],
+    )
+
+
+RULES = [units_dead, activations_saturated]

@@ -82,7 +82,7 @@ def rule(
     needs: tuple[str, ...] = (),
     thresholds: dict[str, Threshold] | None = None,
     causes: tuple[str, ...] = (),
-    id: str | None = None,  # noqa: A002 - the public name of the rule id
+    id: str | None = None,
 ) -> Callable[[Callable[[RuleContext], Finding | None]], Rule]:
     """Declare a rule function with its metadata; the result plugs into `watch(rules=...)`.
 

@@ -48,6 +48,18 @@ class RuleContext:
     def first(self) -> list[StepRecord]:
         return self.history.first
 
+    @cached_property
+    def healthy_records(self) -> list[StepRecord]:
+        """Records before weights or the loss first went non-finite (later stats are noise)."""
+        out = []
+        for r in self.records:
+            weights = r.param_norm[~np.isnan(r.param_norm)]
+            loss_given = r.loss_requires_grad is not None or not np.isnan(r.loss)
+            if (loss_given and not np.isfinite(r.loss)) or not np.all(np.isfinite(weights)):
+                break
+            out.append(r)
+        return out
+
     @property
     def last(self) -> StepRecord | None:
         return self.records[-1] if self.records else None

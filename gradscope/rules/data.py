@@ -1,1 +1,62 @@
-RULES: list = []
+"""Rule on the input batches: non-finite values, non-float dtypes, extreme scale."""
+
+from __future__ import annotations
+
+from .base import Finding, Threshold, rule
+from .common import fmt, ranked
+from .context import RuleContext
+from .loss import DATA_SCALE
+
+EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
+
+
+@rule(sign="data-suspect", severity="warning", title="Input batches look wrong",
+      needs=("data",),
+      thresholds={"scale": DATA_SCALE,
+                  "window": Threshold(3, "recorded steps with suspect inputs before it is "
+                                         "reported (non-finite inputs are reported at once)")},
+      causes=("data-nonfinite", "data-scale", "data-dtype"))
+def data_suspect(ctx: RuleContext) -> Finding | None:
+    """Inputs hold NaN/Inf, come as integers to a model without embeddings, or are huge."""
+    records = [r for r in ctx.records if r.data is not None]
+    if not records:
+        return None
+    nonfinite = [r for r in records if r.data.nonfinite > 0]
+    window = int(ctx.t["window"])
+    tail = records[-window:] if len(records) >= window else []
+    has_embedding = any(t in EMBEDDING_TYPES for t in ctx.layout.module_types.values())
+    wrong_dtype = bool(tail) and not has_embedding and all(not r.data.is_float for r in tail)
+    huge = bool(tail) and all(
+        r.data.is_float and max(abs(r.data.min), abs(r.data.max)) > ctx.t["scale"] for r in tail)
+    if not (nonfinite or wrong_dtype or huge):
+        return None
+    last = (nonfinite or tail)[-1].data
+    scores = []
+    if nonfinite:
+        scores.append(("data-nonfinite", 2.0,
+                       f"{last.nonfinite} NaN/Inf value(s) in the input at step "
+                       f"{nonfinite[-1].step}"))
+    if wrong_dtype:
+        scores.append(("data-dtype", 1.0,
+                       f"inputs arrive as {last.dtype} and the model has no embedding layer"))
+    if huge:
+        peak = max(abs(last.min), abs(last.max))
+        scores.append(("data-scale", 1.0,
+                       f"inputs reach |x| = {fmt(peak)} (mean {fmt(last.mean)}, std "
+                       f"{fmt(last.std)}); normalised data stays within a few units"))
+    first = (nonfinite or tail)[0]
+    return Finding(
+        summary=f"input batch: {scores[0][2]}",
+        causes=ranked(scores), severity="error" if nonfinite else None,
+        first_step=first.step,
+        evidence={"dtype": last.dtype, "min": last.min, "max": last.max, "mean": last.mean,
+                  "std": last.std, "nonfinite": last.nonfinite},
+        checks=[
+            "Check the data pipeline for missing values and divisions by zero.",
+            "Normalise features (subtract the mean, divide by the std of the training set).",
+            "Cast inputs to float (x.float()) unless the first layer is an embedding.",
+        ],
+    )
+
+
+RULES = [data_suspect]

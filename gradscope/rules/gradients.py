@@ -1,1 +1,356 @@
-RULES: list = []
+"""Rules on gradients: None, vanishing, exploding, accumulating, and layers that stall."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import evidence as ev
+from .base import Finding, Threshold, rule
+from .common import WARMUP, WINDOW, fmt, in_lr_warmup, persistent, ranked, usable
+from .context import RuleContext
+from .loss import HIGH_UPDATE, SATURATED
+
+NONE_WINDOW = Threshold(3, "recorded steps a parameter must lack a gradient before it is "
+                           "reported (a branch skipped once by control flow is not a bug)")
+
+
+@rule(sign="grad-none", severity="warning", title="Gradients are None for trainable parameters",
+      needs=("grad_none", "requires_grad", "loss_requires_grad", "activations"),
+      thresholds={"window": NONE_WINDOW},
+      causes=("detached-graph", "requires-grad-off"))
+def grad_none(ctx: RuleContext) -> Finding | None:
+    """Parameters that should train get no gradient at all."""
+    records = [r for r in ctx.records if not r.overflow]
+    window = int(ctx.t["window"])
+    if len(records) < window:
+        return None
+    tail = records[-window:]
+    watched_trainable = np.array([p.requires_grad for p in ctx.layout.params], dtype=bool)
+    none = np.logical_and.reduce([r.grad_none for r in tail])
+    turned_off = np.logical_and.reduce([watched_trainable & ~r.requires_grad for r in tail])
+    # A detached loss passed to step() is only a problem when nothing got a gradient (a loop
+    # that accumulates micro-batch losses may pass their detached sum on purpose).
+    loss_detached = all(r.loss_requires_grad is False and _no_grads(r) for r in tail)
+    if not none.any() and not turned_off.any() and not loss_detached:
+        return None
+    last = tail[-1]
+    scores = []
+    layers: list[str] = []
+    if loss_detached:
+        scores.append(ev.detached(ctx, tail))
+    if none.any():
+        idx = np.flatnonzero(none)
+        names = ctx.param_names(idx)
+        layers += _layers_of(ctx, idx)
+        ran = [layer for layer in _layers_of(ctx, idx)
+               if (layer in last.activations and last.activations[layer].calls > 0)]
+        where = (f"their modules ran in the forward pass ({', '.join(ran[:3])}), so the path "
+                 "from them to the loss is cut (.detach(), .item()/.numpy(), torch.no_grad, "
+                 "a non-differentiable op)") if ran else (
+                 "their modules never ran in a training forward: unused layers, or a path "
+                 "that leaves the autograd graph")
+        scores.append(("detached-graph", 1.0 + len(idx) / max(1, len(none)),
+                       f"{len(idx)} parameter(s) with requires_grad=True got no gradient in "
+                       f"{window} recorded steps (e.g. '{names[0]}'); {where}"))
+    if turned_off.any():
+        idx = np.flatnonzero(turned_off)
+        names = ctx.param_names(idx)
+        layers += _layers_of(ctx, idx)
+        scores.append(("requires-grad-off", 2.0,
+                       f"{len(idx)} parameter(s) that required grad when watching started now "
+                       f"have requires_grad=False (e.g. '{names[0]}')"))
+    all_none = (bool(last.requires_grad.any()) and bool(
+        last.grad_none[last.requires_grad].all())) or loss_detached
+    order = {name: i for i, name in enumerate(ctx.layout.layers)}
+    return Finding(
+        summary=(f"{int(none.sum() + turned_off.sum())} parameter(s) that should train have no "
+                 "gradient"),
+        causes=ranked(scores), severity="error" if all_none else None,
+        layers=sorted(set(layers), key=lambda name: order.get(name, 0)),
+        first_step=tail[0].step,
+        evidence={"params_without_grad": int(none.sum()),
+                  "params_requires_grad_turned_off": int(turned_off.sum()),
+                  "loss_requires_grad": last.loss_requires_grad},
+        checks=[
+            "Follow the tensor from the named layers to the loss: look for .detach(), .data, "
+            ".item(), .numpy(), torch.no_grad() or ops on Python numbers in between.",
+            "Check that requires_grad was not switched off (freezing code that runs too early "
+            "or on the wrong layers).",
+            "If the layer is meant to be unused, remove it or freeze it before watching.",
+        ],
+    )
+
+
+def _no_grads(record) -> bool:
+    trainable = record.requires_grad
+    return bool(trainable.any()) and bool(record.grad_none[trainable].all())
+
+
+def _layers_of(ctx: RuleContext, param_indices) -> list[str]:
+    return [ctx.layout.params[int(i)].layer for i in param_indices]
+
+
+@rule(sign="grad-vanishing", severity="warning", title="Gradients vanish toward the early layers",
+      needs=("grad_norm", "activations", "param_norm"),
+      thresholds={"ratio": Threshold(1e-3, "first/last layer gradient-norm ratio below which "
+                                           "early layers have vanished (AUTOTRAINER)"),
+                  "first_norm": Threshold(1e-4, "first-layer gradient norm below which it "
+                                                "learns practically nothing (AUTOTRAINER)"),
+                  "window": WINDOW, "warmup": WARMUP, "saturated": SATURATED},
+      causes=("saturated-activations", "dead-units", "poor-init"))
+def grad_vanishing(ctx: RuleContext) -> Finding | None:
+    """Early layers receive orders of magnitude less gradient than the last ones."""
+    grads = ctx.layer_grad
+    if grads.shape[1] < 2:
+        return None
+    records = usable(ctx.healthy_records, ctx.t["warmup"])
+    ids = {id(r) for r in records}
+    keep = np.array([id(r) in ids for r in ctx.records], dtype=bool) if records else None
+    if keep is None or keep.sum() < ctx.t["window"]:
+        return None
+    tail = grads[keep][-int(ctx.t["window"]):]
+    measured = ~np.isnan(tail).any(axis=0)
+    cols = np.flatnonzero(measured)
+    if cols.size < 2:
+        return None
+    first, last = tail[:, cols[0]], tail[:, cols[-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = first / last
+    if not (np.all(ratio < ctx.t["ratio"]) and np.all(first < ctx.t["first_norm"])):
+        return None
+    latest = tail[-1, cols]
+    vanished = [int(c) for c, g in zip(cols, latest) if g < latest[-1] * ctx.t["ratio"]]
+    recs = records[-int(ctx.t["window"]):]
+    scores = [ev.saturation(ctx, recs, ctx.t["saturated"]),
+              ev.dead_units(ctx, recs, ctx.t["saturated"]), _small_init(ctx, recs),
+              _squashing_depth(ctx)]
+    if not any(s > 0 for _, s, _ in scores):
+        scores.append(("poor-init", 0.3, "no saturated or dead activations were seen: the "
+                       "per-layer gain of the initialisation/architecture shrinks the signal"))
+    first_name = ctx.layout.layers[cols[0]] or "(root)"
+    last_name = ctx.layout.layers[cols[-1]] or "(root)"
+    return Finding(
+        summary=(f"layer '{first_name}' grad norm {fmt(latest[0])} vs '{last_name}' "
+                 f"{fmt(latest[-1])}, ratio {fmt(latest[0] / latest[-1])}"),
+        causes=ranked(scores), layers=ctx.layer_names(vanished or [cols[0]]),
+        first_step=recs[0].step,
+        evidence={"first_layer": first_name, "first_layer_grad_norm": float(latest[0]),
+                  "last_layer": last_name, "last_layer_grad_norm": float(latest[-1]),
+                  "ratio": float(latest[0] / latest[-1])},
+        checks=[
+            "Replace sigmoid/tanh hidden activations with ReLU/GELU, or add normalisation "
+            "(BatchNorm/LayerNorm) between layers.",
+            "Use an initialisation matched to the activation (Kaiming for ReLU, Xavier for "
+            "tanh) so each layer keeps the signal's scale.",
+            "Add skip (residual) connections so early layers get a direct gradient path.",
+        ],
+    )
+
+
+SQUASHING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")
+
+
+def _squashing_depth(ctx: RuleContext) -> tuple[str, float, str]:
+    """Stacked sigmoid/tanh layers: each scales the backward signal by its slope (<= 1/4 for
+    sigmoid), so a deep stack shrinks early gradients geometrically."""
+    kinds = [t for t in ctx.layout.module_types.values() if t in SQUASHING]
+    if len(kinds) < 3:
+        return ("saturated-activations", 0.0, "")
+    return ("saturated-activations", min(1.5, 0.5 + 0.1 * len(kinds)),
+            f"{len(kinds)} stacked {kinds[0]}-like activations: their slope is at most "
+            f"{'0.25' if 'Sigmoid' in kinds[0] else '1'} and smaller away from 0, so each one "
+            "shrinks the gradient passed to the layers before it")
+
+
+def _small_init(ctx: RuleContext, records) -> tuple[str, float, str]:
+    weights = records[-1].layer_param_norm(ctx.layout)
+    sizes = np.zeros(len(ctx.layout.layers))
+    for p, layer in zip(ctx.layout.params, ctx.layout.param_layer):
+        sizes[layer] += p.numel
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rms = weights / np.sqrt(np.maximum(sizes, 1))
+    fan = np.array([max(1, _fan_in(ctx, i)) for i in range(len(ctx.layout.layers))])
+    expected = 1.0 / np.sqrt(fan)
+    small = np.flatnonzero(rms < 0.1 * expected)
+    if small.size == 0:
+        return ("poor-init", 0.0, "")
+    return ("poor-init", 0.8 * small.size / len(rms),
+            f"{small.size} layer(s) have weights ten times smaller than a 1/sqrt(fan_in) "
+            f"initialisation (e.g. '{ctx.layout.layers[small[0]]}')")
+
+
+def _fan_in(ctx: RuleContext, layer: int) -> int:
+    for p, owner in zip(ctx.layout.params, ctx.layout.param_layer):
+        if owner == layer and len(p.shape) >= 2:
+            return int(np.prod(p.shape[1:]))
+    return 1
+
+
+@rule(sign="grad-exploding", severity="warning", title="Gradient norms explode",
+      needs=("grad_norm", "update_ratio", "stale_grad"),
+      thresholds={"growth": Threshold(100, "growth of the total gradient norm over its early "
+                                           "median that counts as exploding (two orders)"),
+                  "spike": Threshold(10, "a recorded step whose total gradient norm is ten "
+                                         "times the window median is a spike"),
+                  "spikes": Threshold(2, "spikes within the window before it is reported"),
+                  "window": WINDOW, "warmup": WARMUP, "high_update": HIGH_UPDATE},
+      causes=("lr-too-high", "poor-init", "missing-zero-grad", "outlier-batches"))
+def grad_exploding(ctx: RuleContext) -> Finding | None:
+    """Total gradient norm grows by orders of magnitude or spikes repeatedly."""
+    records = [r for r in ctx.healthy_records if not r.overflow]
+    totals = np.array([_total(r) for r in records])
+    if totals.size < ctx.t["window"]:
+        return None
+    first = [_total(r) for r in ctx.first if not r.overflow]
+    first = [t for t in first if np.isfinite(t) and t > 0][:3]
+    if not first:
+        return None
+    early = float(np.median(first))
+    tail = totals[-int(ctx.t["window"]):]
+    growth = tail / early
+    grew = bool(np.all((growth >= ctx.t["growth"]) | ~np.isfinite(tail)))
+    med = float(np.nanmedian(np.where(np.isfinite(totals), totals, np.nan))) if np.isfinite(
+        totals).any() else float("nan")
+    spiking = tail >= ctx.t["spike"] * med if med > 0 else np.zeros(tail.size, dtype=bool)
+    # A gradient spike that the loss does not feel is a rare informative batch, not an
+    # explosion: count only spikes where the loss jumped too (>= 2x the window median).
+    tail_loss = np.array([r.loss for r in records[-tail.size:]])
+    loss_med = float(np.nanmedian(tail_loss)) if np.isfinite(tail_loss).any() else np.nan
+    with np.errstate(invalid="ignore"):
+        spikes = int(np.sum(spiking & ((tail_loss >= 2 * loss_med) | ~np.isfinite(tail_loss))))
+    late = [r for r in records if r.step >= ctx.t["warmup"]]
+    if not grew and (spikes < ctx.t["spikes"] or len(late) < ctx.t["window"]):
+        return None
+    recs = records[-int(ctx.t["window"]):]
+    scores = [ev.lr_too_high(ctx, recs, ctx.t["high_update"])]
+    stale = [r for r in recs if np.nansum(r.stale_grad) > 0]
+    if stale:
+        scores.append(("missing-zero-grad", 2.0,
+                       f"gradients were not cleared before {len(stale)} of the last "
+                       f"{len(recs)} recorded steps, so they add up step after step"))
+    if early > 1e3:
+        scores.append(("poor-init", 0.6, f"gradient norm was already {fmt(early)} at the "
+                                         "first steps: weights start too large"))
+    layer = ctx.layer_grad[-1]
+    worst = int(np.nanargmax(np.where(np.isfinite(layer), layer, -1))) if layer.size else 0
+    peak = float(np.nanmax(np.where(np.isfinite(tail), tail, np.nan))) if np.isfinite(
+        tail).any() else float("inf")
+    return Finding(
+        summary=(f"total gradient norm {fmt(peak)} vs {fmt(early)} at the start "
+                 f"({fmt(peak / early)}x)" + (f", {spikes} spikes" if spikes else "")),
+        causes=ranked(scores) or ranked([("lr-too-high", 0.3, "no other cause found; large "
+                                          "steps are the usual reason")]),
+        layers=ctx.layer_names([worst]), first_step=recs[0].step,
+        evidence={"grad_norm_start": early, "grad_norm_peak": peak,
+                  "growth": peak / early, "spikes": spikes},
+        checks=[
+            "Clip gradients (torch.nn.utils.clip_grad_norm_) and lower the learning rate.",
+            "Check that optimizer.zero_grad() runs every step.",
+            "Add normalisation layers or rescale the initialisation of the largest layers.",
+        ],
+    )
+
+
+def _total(record) -> float:
+    if np.all(np.isnan(record.grad_norm)):
+        return float("nan")
+    return float(np.sqrt(np.nansum(record.grad_norm ** 2)))
+
+
+@rule(sign="grad-accumulating", severity="warning",
+      title="Gradients accumulate across optimizer steps",
+      needs=("stale_grad",),
+      thresholds={"window": Threshold(2, "recorded steps with uncleared gradients before it is "
+                                         "reported: twice rules out a one-off manual step")},
+      causes=("missing-zero-grad",))
+def grad_accumulating(ctx: RuleContext) -> Finding | None:
+    """Gradients from the previous optimizer step were still there when backward ran again."""
+    checked = [r for r in ctx.records if not np.all(np.isnan(r.stale_grad))]
+    tail = persistent(checked, ctx.t["window"], lambda r: bool(np.nansum(r.stale_grad) > 0))
+    if tail is None:
+        return None
+    last = tail[-1]
+    idx = np.flatnonzero(np.nan_to_num(last.stale_grad) > 0)
+    stale = float(np.sqrt(np.nansum(last.stale_grad ** 2)))
+    grad = _total(last)
+    return Finding(
+        summary=(f"{idx.size} parameter(s) still held the previous step's gradient (norm "
+                 f"{fmt(stale)}) when backward started; the gradient used was {fmt(grad)}"),
+        causes=ranked([("missing-zero-grad", 1.0,
+                        f"at the first backward after an optimizer step the old gradients had "
+                        f"norm {fmt(stale)} instead of 0 in {len(tail)} recorded steps in a row")]),
+        layers=ctx.layer_names({ctx.layout.param_layer[i] for i in idx}),
+        first_step=tail[0].step,
+        evidence={"stale_grad_norm": stale, "grad_norm": grad, "params": int(idx.size)},
+        checks=[
+            "Call optimizer.zero_grad() (or model.zero_grad()) once per optimizer step, before "
+            "the first backward of the step.",
+            "If you accumulate on purpose over micro-batches, clear after each optimizer.step().",
+        ],
+    )
+
+
+@rule(sign="layers-stalled", severity="warning", title="Some layers learn and others do not",
+      needs=("update_ratio", "grad_norm", "activations", "param_norm"),
+      thresholds={"stall": Threshold(1e-3, "a layer whose update ratio is below this fraction "
+                                           "of the median layer's has stalled (1000x slower)"),
+                  "window": WINDOW, "warmup": WARMUP, "saturated": SATURATED},
+      causes=("vanishing-gradients", "saturated-activations", "dead-units", "poor-init",
+              "missing-from-optimizer"))
+def layers_stalled(ctx: RuleContext) -> Finding | None:
+    """A part of the model barely moves while the rest trains normally."""
+    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.stepped]
+    if len(records) < ctx.t["window"] or in_lr_warmup(records[-int(ctx.t["window"]):]):
+        return None
+    recs = records[-int(ctx.t["window"]):]
+    ratios = np.vstack([r.layer_update_ratio(ctx.layout) for r in recs])
+    trainable = _trainable_layers(ctx, recs[-1])
+    ratios = ratios[:, trainable]
+    if ratios.shape[1] < 2 or np.isnan(ratios).all():
+        return None
+    with np.errstate(all="ignore"):
+        median = np.nanmedian(ratios, axis=1, keepdims=True)
+        stalled = np.all(ratios < ctx.t["stall"] * median, axis=0)
+    healthy = np.all(median[:, 0] > 1e-5)
+    if not stalled.any() or stalled.all() or not healthy:
+        return None
+    layers = np.asarray(trainable)[stalled]
+    grads = recs[-1].layer_grad_norm(ctx.layout)
+    ref = float(np.nanmedian(grads[trainable]))
+    scores = []
+    small = [i for i in layers if grads[i] < ctx.t["stall"] * ref]
+    if small:
+        scores.append(("vanishing-gradients", 1.0,
+                       f"layer '{ctx.layout.layers[small[0]]}' grad norm {fmt(grads[small[0]])} "
+                       f"vs median layer {fmt(ref)}"))
+    scores += [ev.saturation(ctx, recs, ctx.t["saturated"]),
+               ev.dead_units(ctx, recs, ctx.t["saturated"]),
+               ev.frozen_by_optimizer(ctx, recs), _small_init(ctx, recs)]
+    names = ctx.layer_names(layers)
+    worst = float(np.nanmin(ratios[-1, stalled])) if stalled.any() else float("nan")
+    return Finding(
+        summary=(f"{len(names)} layer(s) update {fmt(worst)} of their weights per step vs "
+                 f"{fmt(float(median[-1, 0]))} for the median layer"),
+        causes=ranked(scores) or ranked([("vanishing-gradients", 0.3,
+                                          "no specific blockage found")]),
+        layers=names, first_step=recs[0].step,
+        evidence={"stalled_layers": len(names), "stalled_update_ratio": worst,
+                  "median_update_ratio": float(median[-1, 0])},
+        checks=[
+            "Compare per-layer gradient norms: a gap of orders of magnitude means the signal "
+            "is blocked between the loss and these layers.",
+            "Check initialisation, skip connections and activation saturation around them.",
+            "Check that these layers' parameters are in the optimizer with a non-zero lr.",
+        ],
+    )
+
+
+def _trainable_layers(ctx: RuleContext, record) -> list[int]:
+    layers = set()
+    for i, layer in enumerate(ctx.layout.param_layer):
+        if record.requires_grad[i] and not np.isnan(record.grad_norm[i]):
+            layers.add(layer)
+    return sorted(layers)
+
+
+RULES = [grad_none, layers_stalled, grad_vanishing, grad_exploding, grad_accumulating]

@@ -1,1 +1,266 @@
-RULES: list = []
+"""Rules on the loss curve: flat from the start, non-finite, unstable across batches."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from . import evidence as ev
+from .base import Finding, Threshold, rule
+from .common import WARMUP, fmt, ranked, usable
+from .context import RuleContext
+
+MIN_STEPS = Threshold(50, "steps before a loss can be called flat: fewer say little about a trend")
+FLAT_CHANGE = Threshold(
+    0.01, "relative drop of the loss (early median vs recent median) below which it counts as "
+    "flat: a model that learns anything drops well over 1% in its first few dozen steps")
+LOW_UPDATE = Threshold(
+    1e-5, "update/weight ratio below which steps are too small to move the loss: two orders "
+    "under the ~1e-3 of healthy training (CS231n)")
+HIGH_UPDATE = Threshold(
+    1e-2, "update/weight ratio above which steps are too large: ten times the healthy ~1e-3")
+TINY_GRAD = Threshold(
+    1e-7, "total gradient L2 norm below which no layer gets a usable signal (float32 weights "
+    "cannot even register steps that small at ordinary learning rates)")
+UNSTABLE_SPAN = 200  # recent steps the instability rule looks at
+SATURATED = Threshold(0.5, "fraction of a layer's outputs saturated/dead that blocks most of its "
+                           "gradient (the >50%-of-a-layer rule used by AUTOTRAINER)")
+DATA_SCALE = Threshold(1e3, "largest |input| considered normalised data; beyond it inputs "
+                            "saturate or blow up the first layers")
+
+
+def _flatness(ctx: RuleContext) -> tuple[float, float, float, int, int, float] | None:
+    """(start loss, best and latest 10-step medians, steps seen, first step, batch noise).
+
+    Batch noise is the median step-to-step change of the loss (about one standard deviation
+    of a batch loss). The best of many rolling medians of a flat, noisy loss dips about one
+    such unit below the start, and the start median itself is uncertain by about half a unit
+    more, so a drop counts as learning only beyond twice the noise.
+    """
+    values, steps = ctx.history.loss_values, ctx.history.loss_steps
+    n = len(values)
+    if n < 13:
+        return None
+    start = float(np.median([values[i] for i in range(5)]))
+    _, tail = ctx.losses
+    rolling = np.median(sliding_window_view(tail, 10), axis=1)
+    noise = float(np.median(np.abs(np.diff(tail)))) if len(tail) > 1 else 0.0
+    return start, float(rolling.min()), float(rolling[-1]), n, int(steps[0]), noise
+
+
+@rule(sign="loss-flat", severity="warning", title="Loss is flat from the start",
+      needs=("loss", "grad_norm", "update_ratio", "activations"),
+      thresholds={"min_steps": MIN_STEPS, "change": FLAT_CHANGE, "warmup": WARMUP,
+                  "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
+      causes=("lr-too-low", "broken-gradient-flow", "saturated-activations", "dead-units",
+              "missing-from-optimizer", "detached-graph"))
+def loss_flat(ctx: RuleContext) -> Finding | None:
+    """The loss has not moved since training started."""
+    _, tail = ctx.losses
+    if not np.isfinite(tail).all():
+        return None
+    flat = _flatness(ctx)
+    if flat is None:
+        return None
+    early, best, late, count, start, noise = flat
+    if count < ctx.t["min_steps"] or abs(early) < 1e-12:
+        return None
+    drop = (early - best) / abs(early)
+    allowance = max(ctx.t["change"], 2 * noise / abs(early))
+    if drop >= allowance or (late - early) / abs(early) > 0.5:
+        return None  # it improved at some point, or it is diverging (other rules cover that)
+    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
+    if not records:
+        return None
+    t = ctx.t
+    causes = ranked([
+        ev.lr_too_low(ctx, records, t["low_update"], t["tiny_grad"]),
+        ev.near_zero_gradients(ctx, records, t["tiny_grad"]),
+        ev.saturation(ctx, records, t["saturated"]),
+        ev.dead_units(ctx, records, t["saturated"]),
+        ev.frozen_by_optimizer(ctx, records),
+        ev.detached(ctx, records),
+    ])
+    ratio = ev.update_ratio_median(ctx, records)
+    return Finding(
+        summary=(f"loss went from {fmt(early)} to {fmt(late)} over {count} steps and never "
+                 f"fell more than {fmt(100 * max(drop, 0.0))}% below where it started"),
+        causes=causes,
+        evidence={"loss_early": early, "loss_recent": late, "relative_change": drop,
+                  "steps": count, "update_ratio_median": ratio,
+                  "grad_norm_median": ev.grad_total_median(records)},
+        checks=[
+            "Print the update/weight ratio per layer: ~1e-3 is healthy; far below means the "
+            "learning rate (or its schedule) is too small.",
+            "Check that gradient norms are not ~0 in every layer (a broken graph, saturated or "
+            "dead activations).",
+            "Overfit a single small batch: if the loss cannot go down there, the model, loss or "
+            "optimizer wiring is broken.",
+        ],
+        first_step=start,
+    )
+
+
+@rule(sign="loss-nonfinite", severity="error", title="Loss became NaN or Inf",
+      needs=("loss", "grad_norm", "activations", "data"),
+      thresholds={"growth": Threshold(100, "growth of the total gradient norm over its early "
+                                           "median that counts as exploding (two orders)"),
+                  "high_update": HIGH_UPDATE, "data_scale": DATA_SCALE},
+      causes=("invalid-math", "data-nonfinite", "exploding-gradients", "lr-too-high",
+              "data-scale"))
+def loss_nonfinite(ctx: RuleContext) -> Finding | None:
+    """A loss value is NaN or Inf."""
+    steps, losses = ctx.losses
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size == 0:
+        return None
+    first_bad = int(steps[bad[0]])
+    records = ctx.records or []
+    before = [r for r in records if r.step < first_bad]
+    around = [r for r in records if r.step >= first_bad] or records[-1:]
+    scores = []
+    if around:
+        scores.append(ev.data_nonfinite(around))
+        origin = next((r for r in around if r.nonfinite_origin is not None), None)
+        if origin is not None:
+            module = origin.nonfinite_origin
+            kind = ctx.layout.module_types.get(module, "module")
+            weights_bad = _weights_nonfinite(ctx, origin, module)
+            if not weights_bad:
+                scores.append(("invalid-math", 2.0,
+                               f"'{module}' ({kind}) produced NaN/Inf from finite inputs at step "
+                               f"{origin.step}: look for log/sqrt/division/exp in it"))
+            else:
+                scores.append(("exploding-gradients", 1.0,
+                               f"the weights of '{module}' ({kind}) are already NaN/Inf at step "
+                               f"{origin.step}: an earlier update blew them up"))
+    growth = _grad_growth(ctx, before or records)
+    if growth is not None and growth[0] >= ctx.t["growth"]:
+        scores.append(("exploding-gradients", 1.5,
+                       f"total gradient norm grew {fmt(growth[0])}x (from {fmt(growth[1])} to "
+                       f"{fmt(growth[2])}) before the loss went non-finite"))
+    if before:
+        scores.append(ev.lr_too_high(ctx, before[-5:], ctx.t["high_update"]))
+        scores.append(ev.data_scale(before[-1:], ctx.t["data_scale"]))
+    causes = ranked(scores)
+    layers = [c.evidence.split("'")[1] for c in causes[:1] if c.id == "invalid-math"]
+    return Finding(
+        summary=f"loss is {losses[bad[0]]} from step {first_bad} "
+                f"({bad.size} of the last {len(losses)} steps)",
+        causes=causes, layers=layers, first_step=first_bad,
+        evidence={"first_nonfinite_step": first_bad, "nonfinite_steps": int(bad.size)},
+        checks=[
+            "Look at the module named as origin: guard log/sqrt/division with a small epsilon "
+            "or clamp, and keep exp/softmax inputs bounded.",
+            "Check the inputs and targets of the first bad step for NaN/Inf and extreme values.",
+            "If gradient norms grew first: lower the learning rate, clip gradients "
+            "(clip_grad_norm_) and add normalisation.",
+        ],
+    )
+
+
+def _weights_nonfinite(ctx: RuleContext, record, module: str) -> bool:
+    idx = [i for i, p in enumerate(ctx.layout.params) if p.layer == module]
+    return bool(idx) and bool(np.any(~np.isfinite(record.param_norm[idx])))
+
+
+def _grad_growth(ctx: RuleContext, records) -> tuple[float, float, float] | None:
+    totals = [float(np.sqrt(np.nansum(r.grad_norm ** 2))) for r in ctx.first + list(records)
+              if np.any(~np.isnan(r.grad_norm))]
+    finite = [t for t in totals if np.isfinite(t) and t > 0]
+    if len(finite) < 2:
+        return None
+    early = float(np.median(finite[:3]))
+    peak = max(finite)
+    return (peak / early, early, peak) if early > 0 else None
+
+
+@rule(sign="training-unstable", severity="warning", title="Training is unstable across batches",
+      needs=("loss", "grad_norm", "update_ratio", "data"),
+      thresholds={"spike": Threshold(2.0, "a step whose loss is at least twice the median of "
+                                          "the 20 steps before it is a spike"),
+                  "jump": Threshold(0.1, "a spike must also rise by at least this fraction "
+                                         "of the loss at the start of training"),
+                  "spikes": Threshold(3, "spikes within the recent window before training is "
+                                         "called unstable (a single outlier is not a pattern)"),
+                  "warmup": WARMUP, "high_update": HIGH_UPDATE,
+                  "grad_spike": Threshold(10, "a total gradient norm ten times the window "
+                                              "median counts as a gradient spike"),
+                  "small_batch": Threshold(8, "batch size at or below which batch statistics "
+                                              "and gradient estimates are very noisy")},
+      causes=("lr-too-high", "outlier-batches", "bad-batch-statistics", "small-batch"))
+def training_unstable(ctx: RuleContext) -> Finding | None:
+    """The loss swings or spikes from batch to batch instead of trending down."""
+    steps, losses = ctx.losses
+    keep = (steps >= ctx.t["warmup"]) & np.isfinite(losses)
+    steps, losses = steps[keep][-UNSTABLE_SPAN:], losses[keep][-UNSTABLE_SPAN:]
+    if len(losses) < 40:
+        return None
+    base = np.median(sliding_window_view(losses[:-1], 20), axis=1)
+    ratio = np.where(base > 0, losses[20:] / np.where(base > 0, base, 1.0), 0.0)
+    # A jump must also matter on the scale of the whole run: once a loss is near zero,
+    # doubling it is noise (0.01 -> 0.02), not instability.
+    first = ctx.history.loss_values
+    scale = abs(float(np.median([first[i] for i in range(min(5, len(first)))])))
+    big = (losses[20:] - base) >= ctx.t["jump"] * scale
+    spikes = (np.flatnonzero((ratio >= ctx.t["spike"]) & big) + 20).tolist()
+    if len(spikes) < ctx.t["spikes"]:
+        return None
+    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
+    scores = []
+    if records:
+        scores.append(ev.lr_too_high(ctx, records, ctx.t["high_update"]))
+        totals = np.array([float(np.sqrt(np.nansum(r.grad_norm ** 2))) for r in records])
+        totals = totals[np.isfinite(totals)]
+        if totals.size >= 3 and np.median(totals) > 0:
+            jump = float(totals.max() / np.median(totals))
+            if jump >= ctx.t["grad_spike"]:
+                scores.append(("lr-too-high", 0.5,
+                               f"gradient norm spikes to {fmt(jump)}x its median"))
+        scores.append(_outliers(records, {int(steps[i]) for i in spikes}))
+        scores.append(_batch_stats(ctx, records, ctx.t["small_batch"]))
+    causes = ranked(scores)
+    return Finding(
+        summary=(f"{len(spikes)} loss spikes (>= {fmt(ctx.t['spike'])}x the recent median) in "
+                 f"the last {len(losses)} steps"),
+        causes=causes, first_step=int(steps[spikes[0]]),
+        evidence={"spikes": len(spikes), "steps": len(losses),
+                  "largest_spike": float(ratio.max())},
+        checks=[
+            "Lower the learning rate (try 3-10x smaller) or add warm-up; clip gradient norms.",
+            "Look at the batches of the spike steps for outliers or bad labels.",
+            "With BatchNorm and small batches, increase the batch size or use GroupNorm/"
+            "LayerNorm.",
+        ],
+    )
+
+
+def _outliers(records, spike_steps: set[int]) -> tuple[str, float, str]:
+    stds = [(r.step, r.data.std) for r in records if r.data is not None and r.data.is_float]
+    if len(stds) < 5:
+        return ("outlier-batches", 0.0, "")
+    values = np.array([s for _, s in stds])
+    med = np.median(values)
+    mad = np.median(np.abs(values - med)) or (abs(med) * 0.05 + 1e-12)
+    odd = [step for step, s in stds if abs(s - med) / mad > 10]
+    if not odd:
+        return ("outlier-batches", 0.0, "")
+    hit = len([s for s in odd if s in spike_steps or s - 1 in spike_steps])
+    score = 0.5 + hit
+    return ("outlier-batches", score,
+            f"{len(odd)} batch(es) with input spread far from the usual (e.g. step {odd[0]})")
+
+
+def _batch_stats(ctx: RuleContext, records, small: float) -> tuple[str, float, str]:
+    size = next((r.data.shape[0] for r in reversed(records)
+                 if r.data is not None and r.data.shape), None)
+    if size is None or size > small:
+        return ("small-batch", 0.0, "")
+    has_bn = any("BatchNorm" in t for t in ctx.layout.module_types.values())
+    if has_bn:
+        return ("bad-batch-statistics", 1.0,
+                f"batch size {size} with BatchNorm layers: per-batch mean/var are very noisy")
+    return ("small-batch", 0.7, f"batch size {size}: gradient estimates are very noisy")
+
+
+RULES = [loss_flat, loss_nonfinite, training_unstable]

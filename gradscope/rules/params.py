@@ -1,1 +1,95 @@
-RULES: list = []
+"""Rule on parameters that do not change although the optimizer steps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Finding, Threshold, rule
+from .common import fmt, ranked
+from .context import RuleContext
+
+FROZEN_WINDOW = Threshold(3, "optimizer steps (recorded) in a row without any change before "
+                             "a parameter is called frozen")
+
+
+@rule(sign="params-frozen", severity="warning", title="Parameters do not change",
+      needs=("changed", "grad_norm", "not_in_optimizer", "requires_grad", "lrs"),
+      thresholds={"window": FROZEN_WINDOW,
+                  "tiny_relative_grad": Threshold(
+                      1e-6, "gradient/weight norm ratio below which an update at an ordinary "
+                            "learning rate falls under float32 resolution (~1.2e-7 relative)")},
+      causes=("missing-from-optimizer", "vanishing-gradients", "lr-too-low",
+              "frozen-on-purpose"))
+def params_frozen(ctx: RuleContext) -> Finding | None:
+    """Parameters keep their values across optimizer steps."""
+    stepped = [r for r in ctx.records if r.stepped]
+    window = int(ctx.t["window"])
+    if len(stepped) < window:
+        return _frozen_on_purpose(ctx)
+    tail = stepped[-window:]
+    has_grad = np.logical_and.reduce([(r.grad_norm > 0) & np.isfinite(r.grad_norm)
+                                      for r in tail])
+    unchanged = np.logical_and.reduce([r.changed == 0 for r in tail])
+    trainable = tail[-1].requires_grad
+    frozen = unchanged & has_grad & trainable
+    if not frozen.any():
+        return _frozen_on_purpose(ctx)
+    idx = np.flatnonzero(frozen)
+    last = tail[-1]
+    names = ctx.param_names(idx)
+    missing = idx[last.not_in_optimizer[idx]]
+    scores = []
+    if missing.size:
+        scores.append(("missing-from-optimizer", 2.0 * missing.size / idx.size,
+                       f"{missing.size} of them are in no optimizer param group (e.g. "
+                       f"'{ctx.layout.params[missing[0]].name}')"))
+    in_opt = idx[~last.not_in_optimizer[idx]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = last.grad_norm[in_opt] / last.param_norm[in_opt]
+    tiny = in_opt[relative < ctx.t["tiny_relative_grad"]]
+    if tiny.size:
+        scores.append(("vanishing-gradients", 2.0 * tiny.size / idx.size,
+                       f"{tiny.size} of them get gradients below "
+                       f"{fmt(ctx.t['tiny_relative_grad'])} of their weight norm (e.g. "
+                       f"'{ctx.layout.params[tiny[0]].name}': {fmt(float(relative[0]))}), so "
+                       "each update is lost to float rounding"))
+        in_opt = np.setdiff1d(in_opt, tiny)
+    if in_opt.size:
+        lrs = [lr for lr in last.lrs if np.isfinite(lr)]
+        zero_lr = any(lr == 0 for lr in lrs)
+        scores.append(("lr-too-low", 1.5 if zero_lr else 1.0,
+                       f"{in_opt.size} of them are in the optimizer but did not move "
+                       f"(learning rate(s) {', '.join(fmt(lr) for lr in lrs) or 'unknown'}): "
+                       "steps below float precision or a zero learning rate"))
+    order = {name: i for i, name in enumerate(ctx.layout.layers)}
+    layers = sorted({ctx.layout.params[i].layer for i in idx}, key=lambda n: order.get(n, 0))
+    return Finding(
+        summary=(f"{idx.size} parameter(s) received gradients but did not change in {window} "
+                 f"optimizer steps (e.g. '{names[0]}')"),
+        causes=ranked(scores), layers=layers, first_step=tail[0].step,
+        evidence={"frozen_params": int(idx.size), "not_in_optimizer": int(missing.size)},
+        checks=[
+            "Build the optimizer from model.parameters() after the model is complete (layers "
+            "added later are not in it).",
+            "Check the learning rate of each param group, including schedulers that decay to 0.",
+        ],
+    )
+
+
+def _frozen_on_purpose(ctx: RuleContext) -> Finding | None:
+    frozen = [p for p in ctx.layout.params if not p.requires_grad]
+    if not frozen or not ctx.records:
+        return None
+    return Finding(
+        summary=(f"{len(frozen)} parameter(s) were frozen (requires_grad=False) before watching "
+                 "started; they are not expected to change"),
+        causes=ranked([("frozen-on-purpose", 1.0,
+                        f"e.g. '{frozen[0].name}' had requires_grad=False from the start")]),
+        layers=sorted({p.layer for p in frozen}), severity="info",
+        first_step=ctx.records[0].step,
+        evidence={"frozen_params": len(frozen)},
+        checks=["Nothing to do if freezing these layers is intended (fine-tuning)."],
+    )
+
+
+RULES = [params_frozen]

@@ -1,0 +1,101 @@
+"""Small helpers the built-in rules share: number formatting, persistence, ranking causes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..diagnosis import Cause
+from ..history import StepRecord
+from .base import Threshold
+from .context import RuleContext
+
+#: Thresholds most rules share.
+WINDOW = Threshold(
+    5, "recorded steps a condition must hold before it is reported: one bad batch is noise, "
+    "five in a row is a pattern")
+WARMUP = Threshold(
+    20, "steps at the start of training that warning rules ignore: early steps are "
+    "transient (initial loss drop, optimizer state filling, learning-rate warm-up)")
+HEALTHY_UPDATE = 1e-3  # update/weight ratio of a healthily training layer (Karpathy, CS231n)
+
+
+def fmt(value: float) -> str:
+    """Compact number for evidence text.
+
+    Example:
+        >>> fmt(0.000123456), fmt(12.5), fmt(float("nan"))
+        ('1.2e-04', '12.5', 'nan')
+    """
+    if value is None or not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        return f"{value:.1e}"
+    return f"{value:.3g}"
+
+
+def usable(records: Sequence[StepRecord], warmup: float) -> list[StepRecord]:
+    """Records past warm-up that are not AMP overflow-skipped steps."""
+    return [r for r in records if r.step >= warmup and not r.overflow]
+
+
+def persistent(records: Sequence[StepRecord], window: float,
+               condition: Callable[[StepRecord], bool]) -> list[StepRecord] | None:
+    """The last `window` records if `condition` holds on each of them, else None."""
+    n = int(window)
+    if n <= 0 or len(records) < n:
+        return None
+    tail = list(records[-n:])
+    return tail if all(condition(r) for r in tail) else None
+
+
+def in_lr_warmup(records: Sequence[StepRecord]) -> bool:
+    """True while a learning rate is still rising across the given records (warm-up)."""
+    if len(records) < 2 or not records[-1].lrs or not records[0].lrs:
+        return False
+    first, last = records[0].lrs, records[-1].lrs
+    return any(b > a * 1.01 for a, b in zip(first, last) if math.isfinite(a) and math.isfinite(b))
+
+
+def ranked(scores: Iterable[tuple[str, float, str]]) -> list[Cause]:
+    """Causes with positive scores (repeated ids summed), normalised to sum to 1, best first.
+
+    Example:
+        >>> [c.id for c in ranked([("a", 1.0, ""), ("b", 3.0, ""), ("c", 0.0, "")])]
+        ['b', 'a']
+    """
+    merged: dict[str, tuple[float, str]] = {}
+    for cid, s, ev in scores:
+        if s > 0:
+            old_score, old_text = merged.get(cid, (0.0, ""))
+            merged[cid] = (old_score + s, "; ".join(t for t in (old_text, ev) if t))
+    kept = [(cid, s, ev) for cid, (s, ev) in merged.items()]
+    total = sum(s for _, s, _ in kept) or 1.0
+    causes = [Cause(cid, round(s / total, 3), ev) for cid, s, ev in kept]
+    return sorted(causes, key=lambda c: -c.likelihood)
+
+
+def median_finite(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """Median ignoring NaN/inf (NaN when nothing is finite)."""
+    array = np.where(np.isfinite(values), values, np.nan)
+    if array.size == 0:
+        return np.nan
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(array, axis=axis)
+
+
+def layer_kind(ctx: RuleContext, layer: str) -> str:
+    return ctx.layout.module_types.get(layer, "")
+
+
+def batch_size(records: Sequence[StepRecord]) -> int | None:
+    for r in reversed(records):
+        if r.data is not None and r.data.shape:
+            return int(r.data.shape[0])
+    return None

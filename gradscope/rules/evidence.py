@@ -1,0 +1,136 @@
+"""Checks that several rules run to rank causes: each returns (cause id, score, evidence text).
+
+A score of 0 means the check found nothing; scores are combined by `common.ranked`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..history import StepRecord
+from .common import HEALTHY_UPDATE, fmt, median_finite
+from .context import RuleContext
+
+Score = tuple[str, float, str]
+
+
+def update_ratio_median(ctx: RuleContext, records: Sequence[StepRecord]) -> float:
+    values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
+    if not values:
+        return float("nan")
+    return float(median_finite(np.vstack(values)))
+
+
+def grad_total_median(records: Sequence[StepRecord]) -> float:
+    totals = [float(np.sqrt(np.nansum(r.grad_norm ** 2))) for r in records
+              if np.any(~np.isnan(r.grad_norm))]
+    return float(np.median(totals)) if totals else float("nan")
+
+
+def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
+               tiny_grad: float) -> Score:
+    ratio = update_ratio_median(ctx, records)
+    grads = grad_total_median(records)
+    if not np.isfinite(ratio) or ratio >= low or not grads >= tiny_grad:
+        return ("lr-too-low", 0.0, "")
+    lrs = records[-1].lrs
+    lr_text = f" at learning rate {fmt(lrs[0])}" if lrs else ""
+    score = min(1.0, np.log10(HEALTHY_UPDATE / max(ratio, 1e-30)) / 4)
+    return ("lr-too-low", float(score) + 0.2,
+            f"median update/weight ratio {fmt(ratio)}{lr_text} while gradients are present "
+            f"(total norm {fmt(grads)}); a learning layer moves about {fmt(HEALTHY_UPDATE)} of "
+            "its weight norm per step")
+
+
+def lr_too_high(ctx: RuleContext, records: Sequence[StepRecord], high: float) -> Score:
+    ratio = update_ratio_median(ctx, records)
+    if not np.isfinite(ratio) or ratio <= high:
+        return ("lr-too-high", 0.0, "")
+    lrs = records[-1].lrs
+    lr_text = f" at learning rate {fmt(lrs[0])}" if lrs else ""
+    score = min(1.0, np.log10(ratio / HEALTHY_UPDATE) / 2)
+    return ("lr-too-high", float(score),
+            f"median update/weight ratio {fmt(ratio)}{lr_text}, far above the healthy "
+            f"~{fmt(HEALTHY_UPDATE)}: each step rewrites a large part of the weights")
+
+
+def near_zero_gradients(ctx: RuleContext, records: Sequence[StepRecord], tiny: float) -> Score:
+    grads = grad_total_median(records)
+    if not np.isfinite(grads) or grads >= tiny:
+        return ("broken-gradient-flow", 0.0, "")
+    return ("broken-gradient-flow", 1.0,
+            f"total gradient norm {fmt(grads)} in every recorded step: almost no signal reaches "
+            "any layer")
+
+
+def saturation(ctx: RuleContext, records: Sequence[StepRecord], limit: float) -> Score:
+    worst, where = 0.0, ""
+    for name, stats in records[-1].activations.items():
+        if stats.saturated_frac is not None and stats.saturated_frac > worst:
+            worst, where = stats.saturated_frac, name
+    if worst <= limit:
+        return ("saturated-activations", 0.0, "")
+    return ("saturated-activations", 1.0 + worst,
+            f"{fmt(100 * worst)}% of the outputs of '{where}' sit at the flat ends of its "
+            "activation, where its derivative is nearly zero")
+
+
+def dead_units(ctx: RuleContext, records: Sequence[StepRecord], limit: float) -> Score:
+    worst, where = 0.0, ""
+    for name, stats in records[-1].activations.items():
+        if stats.dead_frac is not None and stats.dead_frac > worst:
+            worst, where = stats.dead_frac, name
+    if worst <= limit:
+        return ("dead-units", 0.0, "")
+    return ("dead-units", 1.0 + worst,
+            f"{fmt(100 * worst)}% of the units of '{where}' never activated on a whole batch, so "
+            "no gradient flows through them")
+
+
+def data_scale(records: Sequence[StepRecord], limit: float) -> Score:
+    data = records[-1].data
+    if data is None or not data.is_float:
+        return ("data-scale", 0.0, "")
+    peak = max(abs(data.min), abs(data.max))
+    if not np.isfinite(peak) or peak <= limit:
+        return ("data-scale", 0.0, "")
+    return ("data-scale", min(1.0, float(np.log10(peak / limit)) + 0.3),
+            f"input values reach {fmt(peak)} (std {fmt(data.std)}); unnormalised inputs push "
+            "pre-activations far from zero")
+
+
+def data_nonfinite(records: Sequence[StepRecord]) -> Score:
+    bad = [r for r in records if r.data is not None and r.data.nonfinite > 0]
+    if not bad:
+        return ("data-nonfinite", 0.0, "")
+    return ("data-nonfinite", 3.0,
+            f"the input batch already held {bad[0].data.nonfinite} NaN/Inf values at step "
+            f"{bad[0].step}")
+
+
+def frozen_by_optimizer(ctx: RuleContext, records: Sequence[StepRecord]) -> Score:
+    last = records[-1]
+    missing = np.flatnonzero(last.not_in_optimizer & ~np.isnan(last.grad_norm))
+    if missing.size == 0:
+        return ("missing-from-optimizer", 0.0, "")
+    names = ctx.param_names(missing)
+    return ("missing-from-optimizer", 1.0,
+            f"{len(names)} parameter(s) receive gradients but are in no optimizer param group "
+            f"(e.g. '{names[0]}')")
+
+
+def detached(ctx: RuleContext, records: Sequence[StepRecord]) -> Score:
+    last = records[-1]
+    trainable = last.requires_grad
+    nothing = bool(trainable.any()) and bool(last.grad_none[trainable].all())
+    if last.loss_requires_grad is False and nothing:
+        return ("detached-graph", 2.0,
+                "the loss passed to step() does not require grad: it was computed from "
+                "detached tensors or under torch.no_grad()")
+    if trainable.any() and last.grad_none[trainable].mean() > 0.5:
+        return ("detached-graph", 1.0,
+                f"{int(last.grad_none.sum())} of {int(trainable.sum())} trainable parameters "
+                "got no gradient")
+    return ("detached-graph", 0.0, "")
