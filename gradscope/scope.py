@@ -28,7 +28,8 @@ from .signals.grads import (
 from .signals.transfer import DeviceBatch
 from .signals.updates import UpdateTracker
 
-_WATCHED: weakref.WeakKeyDictionary[nn.Module, Scope] = weakref.WeakKeyDictionary()
+# model -> its open scope, both held weakly: a model nobody uses any more can be collected
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Scope]] = weakref.WeakKeyDictionary()
 
 
 def _as_optimizers(model: nn.Module, optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -68,7 +69,8 @@ class Scope:
                 f"watch() needs a torch.nn.Module as its first argument, got "
                 f"{type(model).__name__}; pass your model, e.g. gradscope.watch(model, optimizer)."
             )
-        if model in _WATCHED:
+        open_scope = _WATCHED[model]() if model in _WATCHED else None
+        if open_scope is not None and not open_scope.closed:
             raise GradscopeError(
                 "this model is already watched by an open scope; call close() on that scope "
                 "first, or keep using it instead of calling watch() again."
@@ -118,17 +120,18 @@ class Scope:
         except BaseException:
             self._detach()
             raise
-        _WATCHED[model] = self
+        _WATCHED[model] = weakref.ref(self)
         self._recording = True
         self._begin_step()
 
     # ----------------------------------------------------------------- attach / detach
     def _attach(self) -> None:
         for opt in self.optimizers:
+            # each signal inside is guarded on its own: one failing never stops the others
             self._hooks.add(opt.register_step_pre_hook(
-                self._guard.wrap("gradients", self._on_optimizer_pre)))
+                self._guard.wrap("optimizer", self._on_optimizer_pre)))
             self._hooks.add(opt.register_step_post_hook(
-                self._guard.wrap("updates", self._on_optimizer_post)))
+                self._guard.wrap("optimizer", self._on_optimizer_post)))
 
     def _make_sinks(self) -> list[Any]:
         from .report.sinks import make_sinks
@@ -183,7 +186,12 @@ class Scope:
         self._backward_count += 1
         if self._backward_count == 1 and self._prev_stepped and not self._stale_checked:
             self._stale_checked = True
-            indices = [i for i, p in enumerate(self.layout.tensors) if p.requires_grad]
+            # Parameters outside every optimizer are never cleared by optimizer.zero_grad()
+            # and never stepped, so leftover gradient there is harmless: check the others.
+            held = {id(p) for opt in self.optimizers for g in opt.param_groups
+                    for p in g["params"]}
+            indices = [i for i, p in enumerate(self.layout.tensors)
+                       if p.requires_grad and (not held or id(p) in held)]
             put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
 
     def _optimizer_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:
@@ -199,9 +207,18 @@ class Scope:
         if self._closed or not self._recording:
             return
         indices = self._optimizer_indices(optimizer)
-        self._read_grads(indices)
-        self._updates.before(indices)
+        self._guard.call("gradients", self._read_grads, indices)
+        self._guard.call("updates", self._updates.before, indices)
         self._stepping[id(optimizer)] = indices
+        if self._orphans is None:
+            self._orphans = self._params_outside_optimizers()
+            self._guard.call("updates", self._updates.before, self._orphans)
+
+    def _params_outside_optimizers(self) -> list[int]:
+        """Trainable parameters in no optimizer: their change is measured over the whole step."""
+        held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        return [i for i, p in enumerate(self.layout.tensors)
+                if p.requires_grad and id(p) not in held]
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed:
@@ -210,8 +227,8 @@ class Scope:
         if not self._recording:
             return
         indices = self._stepping.pop(id(optimizer), [])
-        for i in self._updates.after(indices, self._batch):
-            self._unchanged.add(i)
+        untouched = self._guard.call("updates", self._updates.after, indices, self._batch)
+        self._unchanged.update(untouched or [])
 
     def _read_grads(self, indices: list[int]) -> None:
         if not indices:
@@ -233,6 +250,7 @@ class Scope:
         self._grad_none = np.zeros(n, dtype=bool)
         self._unchanged: set[int] = set()
         self._stepping: dict[int, list[int]] = {}
+        self._orphans: list[int] | None = None
         self._backward_count = 0
         self._stale_checked = False
         self._loss_requires_grad = None
@@ -283,10 +301,12 @@ class Scope:
 
     def _finish_step(self, loss: torch.Tensor | float) -> None:
         self._pending_losses.append((self._step, loss))
-        if self._recording:
-            self._record_step()
+        if self._recording and not self._guard.is_off("record"):
+            self._guard.call("record", self._record_step)
+            self._batch = DeviceBatch()  # nothing a failed recording queued may leak onward
         elif len(self._pending_losses) >= 1000:
-            self._flush_losses(self._batch.fetch())
+            self._guard.call("loss", self._close_losses)
+        self._tensor_hooks.remove()  # this step's output-gradient hooks have done their job
         self._prev_stepped = self._stepped or not self.optimizers
         self._stepped = False
         self._reset_step_state()
@@ -329,20 +349,27 @@ class Scope:
     def _record_step(self) -> None:
         n = len(self.layout.params)
         remaining = [i for i in range(n) if i not in self._read]
-        self._read_grads(remaining)
+        self._guard.call("gradients", self._read_grads, remaining)
+        if self._orphans:
+            untouched = self._guard.call("updates", self._updates.after, self._orphans,
+                                         self._batch)
+            self._unchanged.update(untouched or [])
         self._put_losses()
-        act_names = self._activations.put(self._batch) if self._activations is not None else []
-        self._data.put(self._batch)
+        act_names: list[str] = []
+        if self._activations is not None:
+            act_names = self._guard.call("activations", self._activations.put, self._batch) or []
+        self._guard.call("data", self._data.put, self._batch)
         sizes = {f: n for f in ("grad_norm", "grad_max", "param_norm", "update_ratio",
                                 "changed", "stale_grad", "grad_nonfinite")}
         host = self._batch.fetch(sizes)
         losses = self._flush_losses(host)
         record = self._build_record(host, losses[-1] if losses else math.nan)
         if act_names and self._activations is not None:
-            record.activations = self._activations.results(host)
+            record.activations = self._guard.call(
+                "activations", self._activations.results, host) or {}
             record.nonfinite_origin = _nonfinite_origin(record.activations)
-        record.data = self._data.result(host)
-        self._count_nonfinite_grads(record)
+        record.data = self._guard.call("data", self._data.result, host)
+        self._guard.call("gradients", self._count_nonfinite_grads, record)
         self._held_grads = {}
         self.history.append(record)
         diagnoses = self.engine.update(self.history)
@@ -379,6 +406,7 @@ class Scope:
             changed=changed,
             stale_grad=host.get("stale_grad", nan.copy()),
             not_in_optimizer=not_in_optimizer,
+            requires_grad=np.array([p.requires_grad for p in self.layout.tensors], dtype=bool),
             backward_count=self._backward_count,
             loss_requires_grad=self._loss_requires_grad,
         )
@@ -390,6 +418,9 @@ class Scope:
                 if np.isnan(record.grad_norm[i]) and i in self._held_grads]
         if not bad:
             return
+        # NaN in grad_norm means "no gradient"; a gradient holding NaN is stored as inf.
+        record.grad_norm[bad] = np.inf
+        record.grad_max[bad] = np.inf
         put_nonfinite_counts([self._held_grads.get(i) for i in bad], bad, self._batch)
         counts = self._batch.fetch({"grad_nonfinite": len(record.grad_norm)})
         record.grad_nonfinite = np.nan_to_num(counts.get("grad_nonfinite",
@@ -399,6 +430,28 @@ class Scope:
                                         if record.grad_nonfinite[i] > 0]
 
     # ----------------------------------------------------------------- public API
+    def read_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Read gradients now, replacing what the optimizer's pre-hook read this step.
+
+        For loops where backward runs inside `optimizer.step(closure)` (Lightning, LBFGS):
+        call it after backward and before the update (e.g. in `on_before_optimizer_step`).
+
+        Example:
+            >>> import torch, gradscope
+            >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), 0.1)
+            >>> scope = gradscope.watch(model, opt)
+            >>> model(torch.ones(1, 2)).sum().backward(); scope.read_gradients(opt)
+            >>> scope.close()
+        """
+        if self._closed or not self._recording:
+            return
+        if optimizer is None:
+            indices = list(range(len(self.layout.params)))
+        else:
+            indices = [self._index[id(p)] for g in optimizer.param_groups for p in g["params"]
+                       if id(p) in self._index]
+        self._guard.call("gradients", self._read_grads, indices)
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -428,7 +481,8 @@ class Scope:
         self._detach()
         self._held_grads = {}
         self._updates.reset()
-        if _WATCHED.get(self.model) is self:
+        ref = _WATCHED.get(self.model)
+        if ref is not None and ref() is self:
             del _WATCHED[self.model]
         if self._pending_losses:
             self._guard.call("step", self._close_losses)
@@ -476,10 +530,17 @@ class Scope:
 
 
 def _nonfinite_origin(activations: dict[str, ActivationStats]) -> str | None:
-    """The first module (in completion order) whose output went non-finite from finite inputs."""
-    candidates = [(s.order, name) for name, s in activations.items()
-                  if s.nonfinite_frac > 0 and s.input_nonfinite == 0]
-    return min(candidates)[1] if candidates else None
+    """The first module (in completion order) whose output went non-finite from finite inputs.
+
+    A container is a candidate only when none of its submodules is one (its NaN came from
+    its own code, not from a child), so the innermost origin wins whatever the hook order.
+    """
+    found = {name: s.order for name, s in activations.items()
+             if s.nonfinite_frac > 0 and s.input_nonfinite == 0}
+    inner = [(order, name) for name, order in found.items()
+             if not any(other != name and (name == "" or other.startswith(name + "."))
+                        for other in found)]
+    return min(inner)[1] if inner else None
 
 
 def watch(model: nn.Module, optimizer: Any = None, **options: Any) -> Scope:
@@ -490,7 +551,8 @@ def watch(model: nn.Module, optimizer: Any = None, **options: Any) -> Scope:
 
     Example:
         >>> import torch, gradscope
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> with gradscope.watch(model, opt, every=1) as scope:
         ...     for _ in range(3):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +18,13 @@ from .transfer import DeviceBatch
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 #: Fraction of a bounded activation's range, at either end, counted as saturated.
 SATURATION_MARGIN = 0.01
+#: Modules whose presence means 3-d activations are (batch, channels, length) maps.
+CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
+#: From this many elements on, CPU sums share one float64 copy (faster than two casts).
+_CPU_SHARED_CAST = 32768
 
-# Per-module accumulator layout (float64, on the module's device).
-SUM, SUMSQ, ZEROS, NONFINITE, SATURATED, IN_NONFINITE = range(6)
+# Per-module accumulator layout (float64 on the host, summed over the calls of a step).
+SUM, SUMSQ, ZEROS, NONFINITE, SATURATED, IN_NONFINITE, DEAD = range(7)
 
 
 @dataclass(frozen=True)
@@ -55,16 +59,30 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
 def _float_leaves(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value] if value.is_floating_point() else []
+    if type(value) is tuple and all(isinstance(t, torch.Tensor) for t in value):
+        return [t for t in value if t.is_floating_point()]  # the common case, without pytree
     if hasattr(value, "values") and hasattr(value, "keys") and not isinstance(value, dict):
         value = dict(value)  # mapping-like outputs (e.g. transformers' ModelOutput)
     return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _nonfinite(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for t in tensors:
-        total = total + (t.numel() - torch.isfinite(t).sum())
-    return total
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """`x` as one row (a view with a leading dim of 1) and the dims to reduce it over.
+
+    Reductions over those dims give shape-(1,) results, which concatenate cheaply.
+    """
+    if x.dim() == 0:
+        return x.reshape(1, 1), (1,)
+    return x.unsqueeze(0), tuple(range(1, x.dim() + 1))
+
+
+def _sums(row: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and sum of squares of the elements, accumulated in float64, each of shape (1,)."""
+    if row.device.type == "cpu" and row.numel() >= _CPU_SHARED_CAST:
+        flat = row.to(torch.float64).reshape(-1)
+        return flat.sum().reshape(1), torch.dot(flat, flat).reshape(1)
+    return (row.sum(dim=dims, dtype=torch.float64),
+            torch.linalg.vector_norm(row, dim=dims, dtype=torch.float64).square())
 
 
 def in_backward() -> bool:
@@ -72,11 +90,30 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _Parts:
+    """The shape-(1,) statistics of one device, with where each one goes on the host.
+
+    Float parts are added as they are; a count part adds `offset + sign * value`.
+    """
+
+    def __init__(self) -> None:
+        self.floats: list[torch.Tensor] = []
+        self.float_slots: list[tuple[int, int]] = []
+        self.counts: list[torch.Tensor] = []
+        self.count_slots: list[tuple[int, int, int, int]] = []
+
+
 class ActivationCollector:
     """Forward hooks on every module, attached only for the steps that are recorded.
 
     Leaf modules get full statistics; containers only non-finite counts (for the NaN origin).
-    Nothing keeps a reference to an activation after its hook returns.
+    Nothing keeps a reference to an activation after its hook returns. Only training forwards
+    count (train mode, grad enabled). A forward re-run during backward (activation
+    checkpointing) counts only for a module that had no such forward this step: the
+    reentrant variant runs the first forward under no_grad.
+
+    Each statistic is a shape-(1,) tensor; `put()` concatenates them once per device and the
+    host adds up the calls of each module, so a hook launches only the reductions themselves.
     """
 
     def __init__(self, model: nn.Module, guard: Guard, track_nonfinite: bool = True) -> None:
@@ -88,7 +125,14 @@ class ActivationCollector:
         self._by_name = dict(self._modules)
         self._leaf = {name: not any(True for _ in m.children()) for name, m in self._modules}
         self._numel: dict[str, int] = {}
-        self._acc: dict[str, torch.Tensor] = {}
+        self._out_numel: dict[str, int] = {}
+        self._recomputed: set[str] = set()
+        self._channels_first_3d = any(isinstance(m, CONV1D_FAMILY) for m in model.modules())
+        self._parts: dict[torch.device, _Parts] = {}
+        self._fields: list[tuple[torch.device, str, str]] = []
+        # non-finite counts of outputs already measured this step, reused when the same
+        # tensor (same version: not modified in place since) is the next module's input
+        self._counted: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
         self._active: dict[tuple[str, int], torch.Tensor] = {}
         self._calls: dict[str, int] = {}
         self._order: dict[str, int] = {}
@@ -108,6 +152,7 @@ class ActivationCollector:
 
     def detach(self) -> None:
         self._hooks.remove()
+        self._counted.clear()
 
     def _make_hook(self, name: str):
         leaf = self._leaf[name]
@@ -115,8 +160,12 @@ class ActivationCollector:
         relu = leaf and isinstance(self._by_name[name], RELU_FAMILY)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not module.training or not torch.is_grad_enabled() or in_backward():
+            if not module.training or not torch.is_grad_enabled():
                 return
+            if in_backward():  # checkpoint recomputation
+                if name in self._calls and name not in self._recomputed:
+                    return
+                self._recomputed.add(name)
             outputs = _float_leaves(output)
             if not outputs:
                 return
@@ -125,43 +174,54 @@ class ActivationCollector:
 
         return hook
 
+    def _nonfinite_count(self, t: torch.Tensor) -> torch.Tensor:
+        """Number of NaN/Inf elements of `t`, shape (1,): x - x is 0 exactly when x is finite."""
+        seen = self._counted.get(id(t))
+        if seen is not None and seen[0]() is t and seen[1] == t._version:
+            return seen[2]
+        row, dims = _rows(t.detach())
+        count = torch.count_nonzero(row - row, dim=dims)
+        self._counted[id(t)] = (weakref.ref(t), t._version, count)
+        return count
+
     def _record(self, name, leaf, bounds, relu, args, outputs) -> None:
         primary = outputs[0]
-        device = primary.device
         self._calls[name] = self._calls.get(name, 0) + 1
-        self._order.setdefault(name, len(self._order))
+        row = self._order.setdefault(name, len(self._order))  # first-call order = its row
         x = primary.detach()
-        self._numel[name] = self._numel.get(name, 0) + x.numel()
+        numel = x.numel()
+        self._numel[name] = self._numel.get(name, 0) + numel
+        self._out_numel[name] = self._out_numel.get(name, 0) + sum(t.numel() for t in outputs)
+        parts = self._parts.get(x.device)
+        if parts is None:
+            parts = self._parts[x.device] = _Parts()
+        counts, count_slots = parts.counts, parts.count_slots
         if leaf:
-            parts = [
-                x.sum(dtype=torch.float64),
-                torch.linalg.vector_norm(x, dtype=torch.float64).square(),
-                (x == 0).sum(),
-            ]
-        else:
-            zero = torch.zeros((), dtype=torch.float64, device=device)
-            parts = [zero, zero, zero]
-        parts.append(_nonfinite([t.detach() for t in outputs], device))
-        if bounds is not None:
-            low, high = bounds
-            margin = SATURATION_MARGIN * (high - low)
-            parts.append(((x <= low + margin) | (x >= high - margin)).sum())
-        else:
-            parts.append(torch.zeros((), dtype=torch.float64, device=device))
+            xr, dims = _rows(x)
+            total, squares = _sums(xr, dims)
+            parts.floats += (total, squares)
+            parts.float_slots += ((row, SUM), (row, SUMSQ))
+            counts.append(torch.count_nonzero(xr, dim=dims))
+            count_slots.append((row, ZEROS, -1, numel))
+            if bounds is not None:
+                low, high = bounds
+                margin = SATURATION_MARGIN * (high - low)
+                counts.append(torch.count_nonzero((xr <= low + margin) | (xr >= high - margin),
+                                                  dim=dims))
+                count_slots.append((row, SATURATED, 1, 0))
+        for t in outputs:
+            counts.append(self._nonfinite_count(t))
+            count_slots.append((row, NONFINITE, 1, 0))
         if self._track_nonfinite:
-            parts.append(_nonfinite(_float_leaves(args), device))
-        else:
-            parts.append(torch.zeros((), dtype=torch.float64, device=device))
-        vector = torch.stack([p.to(torch.float64) for p in parts])
-        if name in self._acc:
-            self._acc[name] += vector
-        else:
-            self._acc[name] = vector
+            for t in _float_leaves(args):
+                counts.append(self._nonfinite_count(t))
+                count_slots.append((row, IN_NONFINITE, 1, 0))
         if relu and x.dim() >= 1:
             self._record_units(name, x)
 
     def _record_units(self, name: str, x: torch.Tensor) -> None:
-        if x.dim() >= 3:  # conv-style maps: units are channels (dim 1)
+        if x.dim() >= 4 or (x.dim() == 3 and self._channels_first_3d):
+            # conv maps (batch, channels, ...): units are channels (dim 1)
             dims = [d for d in range(x.dim()) if d != 1]
             units = x.shape[1]
         else:
@@ -175,48 +235,70 @@ class ActivationCollector:
             self._active[key] = active
 
     def put(self, batch: DeviceBatch) -> list[str]:
-        """Queue the accumulated statistics; return the module names in queue order."""
-        names = list(self._acc)
-        for name in names:
-            batch.put("act:" + name, self._acc[name])
+        """Queue the accumulated statistics; return the names of the modules measured."""
         for (name, units), active in self._active.items():
-            batch.put(f"units:{name}:{units}", (~active).sum().reshape(1))
-        return names
+            parts = self._parts.setdefault(active.device, _Parts())
+            parts.counts.append(torch.count_nonzero(active.reshape(1, -1), dim=1))
+            parts.count_slots.append((self._order[name], DEAD, -1, units))
+        self._fields = []
+        for index, (device, parts) in enumerate(self._parts.items()):
+            floats, counts = f"act:{index}:floats", f"act:{index}:counts"
+            if parts.floats:
+                batch.put(floats, torch.cat(parts.floats))
+            if parts.counts:
+                batch.put(counts, torch.cat(parts.counts))
+            self._fields.append((device, floats, counts))
+        return list(self._order)
+
+    def _accumulate(self, host: dict[str, np.ndarray]) -> np.ndarray:
+        acc = np.zeros((len(self._order), DEAD + 1))
+        for device, floats, counts in self._fields:
+            parts = self._parts[device]
+            if parts.floats:
+                rows, cols = np.asarray(parts.float_slots, dtype=np.int64).T
+                np.add.at(acc, (rows, cols), host[floats])
+            if parts.counts:
+                rows, cols, signs, offsets = np.asarray(parts.count_slots, dtype=np.int64).T
+                np.add.at(acc, (rows, cols), offsets + signs * host[counts])
+        return acc
 
     def results(self, host: dict[str, np.ndarray]) -> dict[str, ActivationStats]:
-        """Turn fetched accumulators into per-module statistics, and reset for the next step."""
-        dead: dict[str, list[int]] = {}
-        for name, units in self._active:
-            count = int(host[f"units:{name}:{units}"][0])
-            total = dead.setdefault(name, [0, 0])
-            total[0] += count
-            total[1] += units
+        """Turn fetched statistics into per-module statistics, and reset for the next step."""
+        acc = self._accumulate(host)
+        units: dict[str, int] = {}
+        for name, count in self._active:
+            units[name] = units.get(name, 0) + count
         stats: dict[str, ActivationStats] = {}
-        for name in self._acc:
-            acc = host["act:" + name]
+        for name, row in self._order.items():
+            a = acc[row]
             n = float(max(self._numel.get(name, 0), 1))
-            mean = acc[SUM] / n
-            var = max(acc[SUMSQ] / n - mean * mean, 0.0)
+            n_out = float(max(self._out_numel.get(name, 0), 1))
+            mean = a[SUM] / n
+            var = max(a[SUMSQ] / n - mean * mean, 0.0)
             leaf = self._leaf[name]
             bounds = _bounds(self._by_name[name]) is not None
             stats[name] = ActivationStats(
                 mean=float(mean) if leaf else float("nan"),
                 std=float(np.sqrt(var)) if leaf else float("nan"),
-                zero_frac=float(acc[ZEROS] / n) if leaf else float("nan"),
-                nonfinite_frac=float(acc[NONFINITE] / n),
-                saturated_frac=float(acc[SATURATED] / n) if bounds else None,
-                dead_frac=(dead[name][0] / dead[name][1]) if name in dead else None,
-                input_nonfinite=int(acc[IN_NONFINITE]),
+                zero_frac=float(a[ZEROS] / n) if leaf else float("nan"),
+                nonfinite_frac=float(a[NONFINITE] / n_out),
+                saturated_frac=float(a[SATURATED] / n) if bounds else None,
+                dead_frac=(float(a[DEAD]) / units[name]) if name in units else None,
+                input_nonfinite=int(a[IN_NONFINITE]),
                 calls=self._calls.get(name, 0),
-                order=self._order.get(name, -1),
+                order=row,
                 leaf=leaf,
             )
         self.reset()
         return stats
 
     def reset(self) -> None:
-        self._acc.clear()
+        self._parts.clear()
+        self._fields = []
+        self._counted.clear()
         self._numel.clear()
+        self._out_numel.clear()
+        self._recomputed.clear()
         self._active.clear()
         self._calls.clear()
         self._order.clear()

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .distributed import is_sharded, local_tensor, put_sharded_grad_stats, put_sharded_norms
 from .transfer import DeviceBatch, group_by_device_dtype
 
 
@@ -25,6 +26,10 @@ def put_grad_stats(
     """
     grads = [p.grad for p in params]
     present = [(g, i) for g, i in zip(grads, indices) if g is not None and not g.is_sparse]
+    sharded = [(g, i) for g, i in present if is_sharded(g)]
+    if sharded:  # FSDP2 shards: combined across ranks in one collective
+        put_sharded_grad_stats([g for g, _ in sharded], [i for _, i in sharded], batch)
+        present = [(local_tensor(g), i) for g, i in present if not is_sharded(g)]
     if present:
         tensors, idx = zip(*present)
         for group, group_idx in group_by_device_dtype(tensors, idx):
@@ -38,6 +43,11 @@ def put_param_norms(
     params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch, field: str
 ) -> None:
     """Queue the L2 norm of each parameter's values as `field`."""
+    if any(is_sharded(p) for p in params):  # FSDP2 shards: combined in one collective
+        sharded = [(p, i) for p, i in zip(params, indices) if is_sharded(p)]
+        put_sharded_norms([p for p, _ in sharded], [i for _, i in sharded], batch, field)
+        kept = [(local_tensor(p), i) for p, i in zip(params, indices) if not is_sharded(p)]
+        params, indices = [p for p, _ in kept], [i for _, i in kept]
     for group, group_idx in group_by_device_dtype([p.detach() for p in params], indices):
         batch.put(field, torch.stack(torch._foreach_norm(group, 2)), group_idx)
 
@@ -52,7 +62,8 @@ def put_stale_grad_norms(
     positive norm means the previous step's gradient is still there and the coming backward
     will add onto it.
     """
-    present = [(p.grad, i) for p, i in zip(params, indices) if p.grad is not None]
+    # this rank's shard is enough to tell "left over" from "cleared" (no collective here)
+    present = [(local_tensor(p.grad), i) for p, i in zip(params, indices) if p.grad is not None]
     missing = [i for p, i in zip(params, indices) if p.grad is None]
     if missing:
         batch.put("stale_grad", torch.zeros(len(missing), dtype=torch.float64), missing)
@@ -71,5 +82,6 @@ def put_nonfinite_counts(
     Called only for gradients whose norm came back non-finite, so healthy steps pay nothing.
     """
     for grad, index in zip(grads, indices):
-        if grad is not None:
-            batch.put("grad_nonfinite", (~torch.isfinite(grad)).sum().reshape(1), [index])
+        if grad is not None:  # a sharded gradient: this rank's shard is counted
+            count = (~torch.isfinite(local_tensor(grad))).sum()
+            batch.put("grad_nonfinite", count.reshape(1), [index])

@@ -70,7 +70,8 @@ def group_by_device_dtype(
     """Split tensors into (device, dtype) groups, as foreach kernels need.
 
     Example:
-        >>> groups = group_by_device_dtype([torch.ones(2), torch.ones(2, dtype=torch.float64)], [0, 1])
+        >>> pair = [torch.ones(2), torch.ones(2, dtype=torch.float64)]
+        >>> groups = group_by_device_dtype(pair, [0, 1])
         >>> [idx for _, idx in groups]
         [[0], [1]]
     """
