@@ -7,13 +7,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, fmt, ranked, usable
+from .common import WARMUP, WINDOW, fmt, in_lr_warmup, ranked, usable
 from .context import RuleContext
 
 MIN_STEPS = Threshold(50, "steps before a loss can be called flat: fewer say little about a trend")
 FLAT_CHANGE = Threshold(
-    0.01, "relative drop of the loss (early median vs recent median) below which it counts as "
-    "flat: a model that learns anything drops well over 1% in its first few dozen steps")
+    0.01, "smallest relative drop from the starting loss (median of the first 5 steps) to the "
+    "best 10-step median that counts as learning; the allowance grows to twice the batch-to-"
+    "batch noise of the loss when that is larger. A model that learns anything drops well "
+    "over 1% in its first few dozen steps")
 LOW_UPDATE = Threshold(
     1e-5, "update/weight ratio below which steps are too small to move the loss: two orders "
     "under the ~1e-3 of healthy training (CS231n)")
@@ -70,8 +72,8 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
     if drop >= allowance or (late - early) / abs(early) > 0.5:
         return None  # it improved at some point, or it is diverging (other rules cover that)
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
-    if not records:
-        return None
+    if not records or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
+        return None  # no records yet, or the learning rate is still ramping up
     t = ctx.t
     causes = ranked([
         ev.lr_too_low(ctx, records, t["low_update"], t["tiny_grad"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Finding, Threshold, rule
-from .common import fmt, ranked
+from .common import fmt, in_lr_warmup, ranked
 from .context import RuleContext
 
 FROZEN_WINDOW = Threshold(3, "optimizer steps (recorded) in a row without any change before "
@@ -27,6 +27,8 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
     if len(stepped) < window:
         return _frozen_on_purpose(ctx)
     tail = stepped[-window:]
+    if in_lr_warmup(tail):
+        return _frozen_on_purpose(ctx)
     has_grad = np.logical_and.reduce([(r.grad_norm > 0) & np.isfinite(r.grad_norm)
                                       for r in tail])
     unchanged = np.logical_and.reduce([r.changed == 0 for r in tail])

@@ -1,0 +1,212 @@
+"""Rules on hand-made histories (no model): thresholds, persistence, false-alarm guards, the
+public API for switching rules off, tuning them and adding new ones, and docs/rules.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gradscope
+from gradscope.options import WatchOptions
+from gradscope.rules import RuleEngine, builtin_rules
+from gradscope.rules.catalog import render
+from rulekit import act, data, deep_layout, history, per_layer, record
+
+SIGNS = ["loss-flat", "loss-nonfinite", "grad-none", "layers-stalled", "training-unstable",
+         "grad-vanishing", "grad-exploding", "grad-accumulating", "params-frozen", "units-dead",
+         "activations-saturated", "values-nonfinite", "data-suspect"]
+
+
+def run(h, **options) -> list[gradscope.Diagnosis]:
+    engine = RuleEngine.from_options(WatchOptions.from_kwargs(options))
+    engine.update(h)
+    return engine.diagnoses()
+
+
+def signs(diagnoses, severities=("warning", "error")) -> set[str]:
+    return {d.sign for d in diagnoses if d.severity in severities}
+
+
+def vanishing_history(first_norm: float, steps: int = 30):
+    layout = deep_layout(4)
+    grads = per_layer(layout, [first_norm, 1e-3, 1e-2, 1.0])
+    return history(layout, [record(layout, s, grad_norm=grads) for s in range(steps)])
+
+
+def test_every_sign_has_a_rule_with_documented_thresholds():
+    rules = builtin_rules()
+    assert {r.sign for r in rules} == set(SIGNS)
+    for r in rules:
+        assert r.title and r.description and r.needs, r.id
+        for name, threshold in r.thresholds.items():
+            assert threshold.source, f"{r.id}.{name} has no source"
+
+
+def test_grad_vanishing_uses_the_autotrainer_thresholds():
+    assert "grad-vanishing" in signs(run(vanishing_history(5e-5)))  # ratio 5e-5, norm < 1e-4
+    assert "grad-vanishing" not in signs(run(vanishing_history(2e-3)))  # ratio 2e-3 > 1e-3
+
+
+def test_threshold_override_changes_the_outcome():
+    h = vanishing_history(5e-5)
+    assert "grad-vanishing" not in signs(run(h, thresholds={"grad-vanishing": {"ratio": 1e-6}}))
+
+
+def test_condition_must_persist_for_the_window():
+    layout = deep_layout(4)
+    bad = per_layer(layout, [5e-5, 1e-3, 1e-2, 1.0])
+    good = per_layer(layout, [0.5, 0.5, 0.5, 1.0])
+    records = [record(layout, s, grad_norm=bad if s >= 27 else good) for s in range(30)]
+    assert "grad-vanishing" not in signs(run(history(layout, records))), "3 bad steps < window 5"
+    records = [record(layout, s, grad_norm=bad if s >= 25 else good) for s in range(30)]
+    assert "grad-vanishing" in signs(run(history(layout, records)))
+
+
+def test_first_steps_of_training_raise_no_warning():
+    layout = deep_layout(4)
+    bad = per_layer(layout, [5e-5, 1e-3, 1e-2, 1.0])
+    records = [record(layout, s, grad_norm=bad) for s in range(10)]
+    assert signs(run(history(layout, records))) == set()
+
+
+def test_disable_rules_and_select_rules():
+    h = vanishing_history(5e-5)
+    assert "grad-vanishing" not in signs(run(h, disable_rules=["grad-vanishing"]))
+    only = run(h, rules=["grad-vanishing"])
+    assert {d.sign for d in only} == {"grad-vanishing"}
+
+
+def test_unknown_rule_or_threshold_is_a_clear_error():
+    with pytest.raises(gradscope.GradscopeError, match="unknown rule 'nope'"):
+        RuleEngine.from_options(WatchOptions.from_kwargs({"rules": ["nope"]}))
+    with pytest.raises(gradscope.GradscopeError, match="no threshold 'bogus'"):
+        RuleEngine.from_options(WatchOptions.from_kwargs(
+            {"thresholds": {"grad-vanishing": {"bogus": 1}}}))
+    with pytest.raises(gradscope.GradscopeError, match="unknown rule"):
+        RuleEngine.from_options(WatchOptions.from_kwargs({"thresholds": {"nope": {}}}))
+
+
+def test_user_rule_through_watch():
+    @gradscope.rule(sign="grad-exploding", severity="warning", title="Head too large",
+                    thresholds={"limit": gradscope.Threshold(0.5, "my limit")})
+    def head_too_large(ctx):
+        last = ctx.last
+        norm = last.layer_grad_norm(ctx.layout)[-1] if last else 0.0
+        if not norm > ctx.t["limit"]:
+            return None
+        return gradscope.Finding(summary=f"head norm {norm:.3g}",
+                                 causes=[gradscope.Cause("lr-too-high", 1.0, "big head")])
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, opt, every=1, rules=[head_too_large],
+                         thresholds={"head-too-large": {"limit": 1e-9}}) as scope:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean() * 100
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+    [d] = scope.diagnose()
+    assert (d.rule, d.sign, d.cause, d.first_step, d.last_step) == (
+        "head-too-large", "grad-exploding", "lr-too-high", 0, 2)
+
+
+def test_amp_overflow_steps_are_not_alarms_unless_they_persist():
+    layout = deep_layout(2)
+    n = len(layout.params)
+    inf = np.full(n, np.inf)
+
+    def overflow(s):
+        return record(layout, s, stepped=False, skipped=True, grad_norm=inf,
+                      grad_nonfinite=np.ones(n), changed=np.full(n, np.nan),
+                      update_ratio=np.full(n, np.nan))
+
+    records = [overflow(s) if s in (0, 1, 2, 15) else record(layout, s) for s in range(40)]
+    assert signs(run(history(layout, records))) == set()
+    records = [overflow(s) if s >= 20 else record(layout, s) for s in range(40)]
+    assert "values-nonfinite" in signs(run(history(layout, records)))
+
+
+def test_learning_rate_warmup_is_not_flat_loss_or_frozen():
+    layout = deep_layout(2)
+    n = len(layout.params)
+    records = [record(layout, s, lrs=[1e-6 * (s + 1)], loss=2.0,
+                      update_ratio=np.full(n, 1e-8 * (s + 1)), changed=np.zeros(n))
+               for s in range(80)]
+    assert signs(run(history(layout, records))) == set()
+
+
+def test_noisy_but_decreasing_loss_is_not_unstable():
+    rng = np.random.default_rng(0)
+    steps = 300
+    losses = 2.0 * np.exp(-np.arange(steps) / 150) * (1 + 0.3 * rng.standard_normal(steps))
+    layout = deep_layout(2)
+    records = [record(layout, s, loss=float(losses[s])) for s in range(steps)]
+    assert signs(run(history(layout, records, losses))) == set()
+
+
+def test_loss_spikes_are_unstable():
+    rng = np.random.default_rng(0)
+    losses = 1.0 + 0.05 * rng.standard_normal(200)
+    losses[[60, 90, 120, 150]] = 5.0
+    layout = deep_layout(2)
+    n = len(layout.params)
+    records = [record(layout, s, loss=float(losses[s]), update_ratio=np.full(n, 0.2))
+               for s in range(200)]
+    [d] = [d for d in run(history(layout, records, losses)) if d.sign == "training-unstable"]
+    assert d.cause == "lr-too-high" and d.evidence["spikes"] == 4
+
+
+def test_frozen_on_purpose_is_info_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with gradscope.watch(model, opt, every=1) as scope:
+        for _ in range(30):
+            opt.zero_grad()
+            loss = (model(torch.randn(16, 4)) - 1).pow(2).mean()
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+    diagnoses = scope.diagnose()
+    assert signs(diagnoses) == set()
+    [info] = [d for d in diagnoses if d.sign == "params-frozen"]
+    assert info.severity == "info" and info.layers == ["0"]
+
+
+def test_nonfinite_origin_and_data_checks_from_records():
+    layout = deep_layout(2)
+    acts = {"0": act(order=0), "1": act(nonfinite=0.5, order=1)}
+    records = [record(layout, s) for s in range(5)]
+    records.append(record(layout, 5, loss=float("nan"), activations=acts,
+                          nonfinite_origin="1"))
+    found = {d.sign: d for d in run(history(layout, records))}
+    assert found["values-nonfinite"].cause == "invalid-math"
+    assert found["loss-nonfinite"].cause == "invalid-math"
+    assert found["loss-nonfinite"].layers == ["1"]
+    records = [record(layout, s, data=data(nonfinite=3 if s == 4 else 0)) for s in range(6)]
+    found = {d.sign: d for d in run(history(layout, records))}
+    assert found["data-suspect"].cause == "data-nonfinite"
+    assert found["data-suspect"].severity == "error"
+
+
+def test_a_rule_that_raises_is_switched_off_not_fatal():
+    @gradscope.rule(sign="loss-flat", severity="warning", title="broken")
+    def broken(ctx):
+        raise ValueError("bug in a user rule")
+
+    engine = RuleEngine([broken, *builtin_rules()])
+    layout = deep_layout(2)
+    with pytest.warns(gradscope.GradscopeWarning, match="broken"):
+        engine.update(history(layout, [record(layout, 0)]))
+    engine.update(history(layout, [record(layout, 0)]))  # switched off: no second warning
+
+
+def test_rules_doc_is_up_to_date():
+    path = Path(__file__).parent.parent / "docs" / "rules.md"
+    assert path.read_text() == render(), (
+        "docs/rules.md is out of date: run python -m gradscope.rules.catalog > docs/rules.md")
