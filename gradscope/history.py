@@ -41,38 +41,126 @@ class StepRecord:
     data: DataStats | None = None
     nonfinite_origin: str | None = None
     nonfinite_grad_params: list[str] = field(default_factory=list)
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def overflow(self) -> bool:
         """An optimizer step skipped because gradients were non-finite (AMP loss scaling)."""
-        return self.skipped and bool(np.any(self.grad_nonfinite > 0))
+        return self.skipped and self._cached(
+            "any_nonfinite_grad", lambda: bool(np.any(self.grad_nonfinite > 0)))
 
     def layer_grad_norm(self, layout: ModelLayout) -> np.ndarray:
         """Gradient L2 norm per layer (module owning the parameters), in model order."""
-        return _per_layer(layout, self.grad_norm)
+        return self._cached("layer_grad", lambda: _per_layer(layout, self.grad_norm))
 
     def layer_param_norm(self, layout: ModelLayout) -> np.ndarray:
-        return _per_layer(layout, self.param_norm)
+        return self._cached("layer_param", lambda: _per_layer(layout, self.param_norm))
 
     def layer_update_ratio(self, layout: ModelLayout) -> np.ndarray:
         """Largest sampled update/weight ratio among each layer's parameters."""
-        out = np.full(len(layout.layers), np.nan)
-        for index, layer in enumerate(layout.param_layer):
-            value = self.update_ratio[index]
-            if np.isfinite(value) and not (value <= out[layer]):
-                out[layer] = value
-        return out
+
+        def compute() -> np.ndarray:
+            owners = layout.owners
+            finite = np.isfinite(self.update_ratio)
+            out = np.full(len(layout.layers), -np.inf)
+            np.maximum.at(out, owners[finite], self.update_ratio[finite])
+            out[np.isneginf(out)] = np.nan
+            return out
+
+        return self._cached("layer_update", compute)
+
+    def total_grad_norm(self) -> float:
+        """Global gradient L2 norm (inf if any gradient held NaN/Inf; NaN if none measured)."""
+
+        def compute() -> float:
+            measured = ~np.isnan(self.grad_norm)
+            if not measured.any():
+                return float("nan")
+            return float(np.sqrt(np.sum(self.grad_norm[measured] ** 2)))
+
+        return self._cached("total_grad", compute)
+
+    def weights_finite(self) -> bool:
+        """True when every measured parameter norm is finite."""
+        return self._cached("weights_finite", lambda: bool(
+            np.all(np.isfinite(self.param_norm[~np.isnan(self.param_norm)]))))
+
+    def modules_over(self, field: str, limit: float) -> dict[str, float]:
+        """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
+
+        positive = self._cached(f"positive:{field}", lambda: {
+            name: value for name, stats in self.activations.items()
+            if (value := getattr(stats, field)) is not None and value > 0})
+        if limit <= 0:
+            return positive
+        return self._cached(f"over:{field}:{limit}", lambda: {
+            name: value for name, value in positive.items() if value > limit})
+
+    def _cached(self, key: str, compute):
+        """Per-layer views are derived once per record (records are not changed once stored)."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
 
 def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:
     """Combine per-parameter L2 norms into per-layer L2 norms (NaN when none was measured)."""
-    owners = np.asarray(layout.param_layer, dtype=np.int64)
+    owners = layout.owners
     measured = ~np.isnan(per_param)
     squares = np.bincount(owners[measured], weights=per_param[measured] ** 2,
                           minlength=len(layout.layers))
     counts = np.bincount(owners[measured], minlength=len(layout.layers))
     with np.errstate(invalid="ignore"):
         return np.where(counts > 0, np.sqrt(squares), np.nan)
+
+
+class Ring:
+    """A fixed-capacity numeric ring (numpy-backed): cheap appends, O(k) tail and head slices.
+
+    Indexing, len(), iteration and `maxlen` behave like a `collections.deque(maxlen=...)`.
+
+    Example:
+        >>> r = Ring(3, np.int64); r.extend([1, 2, 3, 4])
+        >>> list(r), r[-1], r.tail(2).tolist()
+        ([2, 3, 4], 4, [3, 4])
+    """
+
+    def __init__(self, maxlen: int, dtype=np.float64) -> None:
+        self.maxlen = maxlen
+        self._data = np.zeros(maxlen, dtype=dtype)
+        self._count = 0  # total ever appended
+
+    def __len__(self) -> int:
+        return min(self._count, self.maxlen)
+
+    def extend(self, values) -> None:
+        for value in values:
+            self._data[self._count % self.maxlen] = value
+            self._count += 1
+
+    def _slot(self, index: int) -> int:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("ring index out of range")
+        return (self._count - n + index) % self.maxlen
+
+    def __getitem__(self, index: int):
+        return self._data[self._slot(index)].item()
+
+    def __iter__(self):
+        return iter(self.array().tolist())
+
+    def tail(self, count: int) -> np.ndarray:
+        """The last `count` values, oldest first."""
+        n = len(self)
+        count = max(0, min(count, n))
+        slots = (np.arange(self._count - count, self._count)) % self.maxlen
+        return self._data[slots]
+
+    def array(self) -> np.ndarray:
+        return self.tail(len(self))
 
 
 class History:
@@ -93,8 +181,8 @@ class History:
         self.capacity = capacity
         self._first: list[StepRecord] = []
         self._recent: deque[StepRecord] = deque(maxlen=capacity)
-        self.loss_steps: deque[int] = deque(maxlen=loss_capacity)
-        self.loss_values: deque[float] = deque(maxlen=loss_capacity)
+        self.loss_steps = Ring(loss_capacity, np.int64)
+        self.loss_values = Ring(loss_capacity, np.float64)
         self.total_recorded = 0
 
     def __len__(self) -> int:
@@ -137,4 +225,4 @@ class History:
 
     def losses(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, losses) of every step whose loss is still held."""
-        return np.asarray(self.loss_steps, dtype=np.int64), np.asarray(self.loss_values)
+        return self.loss_steps.array(), self.loss_values.array()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +36,18 @@ class ModelLayout:
     param_layer: list[int]
     module_names: list[str]
     module_types: dict[str, str]
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def static(self, key: str, compute):
+        """A value derived from the layout once (layouts do not change)."""
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
+
+    @property
+    def owners(self) -> np.ndarray:
+        """Layer index of each parameter, as an array."""
+        return self.static("owners", lambda: np.asarray(self.param_layer, dtype=np.int64))
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelLayout:

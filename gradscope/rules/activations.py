@@ -13,11 +13,10 @@ def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
     """Modules over `limit` on `field` in every given record, worst first (latest values)."""
     names = None
     for r in records:
-        over = {n for n, s in r.activations.items()
-                if getattr(s, field) is not None and getattr(s, field) > limit}
+        over = set(r.modules_over(field, limit))
         names = over if names is None else names & over
-    last = records[-1].activations
-    return sorted(((n, getattr(last[n], field)) for n in names or ()), key=lambda x: -x[1])
+    last = records[-1].modules_over(field, limit)
+    return sorted(((n, last[n]) for n in names or ()), key=lambda x: -x[1])
 
 
 def _model_order(ctx: RuleContext, names: list[str]) -> list[str]:

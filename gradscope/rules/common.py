@@ -77,6 +77,21 @@ def ranked(scores: Iterable[tuple[str, float, str]]) -> list[Cause]:
     return sorted(causes, key=lambda c: -c.likelihood)
 
 
+def fast_median(values) -> float:
+    """Median of a small 1-D sequence (NaN when empty); cheaper than np.median for short inputs.
+
+    Example:
+        >>> fast_median([3.0, 1.0, 2.0, 10.0])
+        2.5
+    """
+    ordered = np.sort(np.asarray(values, dtype=float))
+    n = ordered.size
+    if n == 0:
+        return float("nan")
+    mid = n // 2
+    return float(ordered[mid]) if n % 2 else float(0.5 * (ordered[mid - 1] + ordered[mid]))
+
+
 def median_finite(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
     """Median ignoring NaN/inf (NaN when nothing is finite)."""
     array = np.where(np.isfinite(values), values, np.nan)

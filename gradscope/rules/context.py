@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,9 +11,9 @@ from ..history import History, StepRecord
 from ..layout import ModelLayout
 
 #: How many recent recorded steps rules may look at (bounds the cost of an evaluation).
-LOOKBACK = 64
+LOOKBACK = 32
 #: How many recent per-step losses rules may look at.
-LOSS_LOOKBACK = 512
+LOSS_LOOKBACK = 256
 
 
 class RuleContext:
@@ -28,71 +28,78 @@ class RuleContext:
         []
     """
 
-    def __init__(self, history: History, thresholds: dict[str, Any] | None = None) -> None:
+    def __init__(self, history: History, thresholds: dict[str, Any] | None = None,
+                 shared: dict[str, Any] | None = None) -> None:
         self.history = history
         self.layout: ModelLayout = history.layout
         self.t: dict[str, Any] = dict(thresholds or {})
+        self._shared: dict[str, Any] = {} if shared is None else shared
 
     def with_thresholds(self, thresholds: dict[str, Any]) -> RuleContext:
-        """The same view with another rule's thresholds (shares the cached arrays)."""
-        clone = object.__new__(RuleContext)
-        clone.__dict__.update(self.__dict__)
-        clone.t = dict(thresholds)
-        return clone
+        """The same view with another rule's thresholds (shares the derived arrays)."""
+        return RuleContext(self.history, thresholds, self._shared)
 
-    @cached_property
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """A value derived once per evaluation and shared by every rule."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
+    @property
     def records(self) -> list[StepRecord]:
-        return self.history.recent(LOOKBACK)
+        return self.memo("records", lambda: self.history.recent(LOOKBACK))
 
-    @cached_property
+    @property
     def first(self) -> list[StepRecord]:
-        return self.history.first
+        return self.memo("first", lambda: self.history.first)
 
-    @cached_property
+    @property
     def healthy_records(self) -> list[StepRecord]:
         """Records before weights or the loss first went non-finite (later stats are noise)."""
-        out = []
-        for r in self.records:
-            weights = r.param_norm[~np.isnan(r.param_norm)]
-            loss_given = r.loss_requires_grad is not None or not np.isnan(r.loss)
-            if (loss_given and not np.isfinite(r.loss)) or not np.all(np.isfinite(weights)):
-                break
-            out.append(r)
-        return out
+
+        def compute() -> list[StepRecord]:
+            out = []
+            for r in self.records:
+                loss_given = r.loss_requires_grad is not None or not np.isnan(r.loss)
+                if (loss_given and not np.isfinite(r.loss)) or not r.weights_finite():
+                    break
+                out.append(r)
+            return out
+
+        return self.memo("healthy", compute)
 
     @property
     def last(self) -> StepRecord | None:
         return self.records[-1] if self.records else None
 
-    @cached_property
+    @property
     def steps(self) -> np.ndarray:
-        return np.array([r.step for r in self.records], dtype=np.int64)
+        return self.memo("steps", lambda: np.array([r.step for r in self.records],
+                                                   dtype=np.int64))
 
-    @cached_property
+    @property
     def layer_grad(self) -> np.ndarray:
         """[records x layers] gradient L2 norm per layer."""
-        return self._stack(lambda r: r.layer_grad_norm(self.layout), len(self.layout.layers))
+        return self.memo("layer_grad", lambda: self._stack(
+            lambda r: r.layer_grad_norm(self.layout), len(self.layout.layers)))
 
-    @cached_property
+    @property
     def layer_weight(self) -> np.ndarray:
         """[records x layers] parameter L2 norm per layer."""
-        return self._stack(lambda r: r.layer_param_norm(self.layout), len(self.layout.layers))
+        return self.memo("layer_weight", lambda: self._stack(
+            lambda r: r.layer_param_norm(self.layout), len(self.layout.layers)))
 
-    @cached_property
+    @property
     def layer_update(self) -> np.ndarray:
         """[records x layers] largest sampled update/weight ratio per layer."""
-        return self._stack(lambda r: r.layer_update_ratio(self.layout), len(self.layout.layers))
+        return self.memo("layer_update", lambda: self._stack(
+            lambda r: r.layer_update_ratio(self.layout), len(self.layout.layers)))
 
-    @cached_property
+    @property
     def total_grad(self) -> np.ndarray:
         """Global gradient L2 norm per record (NaN where no gradient was measured)."""
-        grad = self._stack(lambda r: r.grad_norm, len(self.layout.params))
-        if grad.size == 0:
-            return np.zeros(0)
-        measured = ~np.isnan(grad)
-        with np.errstate(invalid="ignore", over="ignore"):
-            total = np.sqrt(np.nansum(grad ** 2, axis=1))
-        return np.where(measured.any(axis=1), total, np.nan)
+        return self.memo("total_grad", lambda: np.array(
+            [r.total_grad_norm() for r in self.records]))
 
     def _stack(self, get, width: int) -> np.ndarray:
         if not self.records:
@@ -101,17 +108,11 @@ class RuleContext:
 
     def loss_tail(self, count: int = LOSS_LOOKBACK) -> tuple[np.ndarray, np.ndarray]:
         """(steps, losses) of the last `count` steps whose loss is known."""
-        values = self.history.loss_values
-        steps = self.history.loss_steps
-        n = len(values)
-        k = min(count, n)
-        out_v = np.fromiter((values[i] for i in range(n - k, n)), dtype=float, count=k)
-        out_s = np.fromiter((steps[i] for i in range(n - k, n)), dtype=np.int64, count=k)
-        return out_s, out_v
+        return self.history.loss_steps.tail(count), self.history.loss_values.tail(count)
 
-    @cached_property
+    @property
     def losses(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.loss_tail()
+        return self.memo("losses", self.loss_tail)
 
     def layer_names(self, indices) -> list[str]:
         """Layer names for layer indices, in model order."""

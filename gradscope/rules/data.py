@@ -24,7 +24,8 @@ def data_suspect(ctx: RuleContext) -> Finding | None:
     nonfinite = [r for r in records if r.data.nonfinite > 0]
     window = int(ctx.t["window"])
     tail = records[-window:] if len(records) >= window else []
-    has_embedding = any(t in EMBEDDING_TYPES for t in ctx.layout.module_types.values())
+    has_embedding = ctx.layout.static("has_embedding", lambda: any(
+        t in EMBEDDING_TYPES for t in ctx.layout.module_types.values()))
     wrong_dtype = bool(tail) and not has_embedding and all(not r.data.is_float for r in tail)
     huge = bool(tail) and all(
         r.data.is_float and max(abs(r.data.min), abs(r.data.max)) > ctx.t["scale"] for r in tail)

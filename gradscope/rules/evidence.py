@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..history import StepRecord
-from .common import HEALTHY_UPDATE, fmt, median_finite
+from .common import HEALTHY_UPDATE, fast_median, fmt, median_finite
 from .context import RuleContext
 
 Score = tuple[str, float, str]
@@ -24,9 +24,9 @@ def update_ratio_median(ctx: RuleContext, records: Sequence[StepRecord]) -> floa
 
 
 def grad_total_median(records: Sequence[StepRecord]) -> float:
-    totals = [float(np.sqrt(np.nansum(r.grad_norm ** 2))) for r in records
-              if np.any(~np.isnan(r.grad_norm))]
-    return float(np.median(totals)) if totals else float("nan")
+    totals = [r.total_grad_norm() for r in records]
+    totals = [t for t in totals if not np.isnan(t)]
+    return fast_median(totals)
 
 
 def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
@@ -66,10 +66,8 @@ def near_zero_gradients(ctx: RuleContext, records: Sequence[StepRecord], tiny: f
 
 
 def saturation(ctx: RuleContext, records: Sequence[StepRecord], limit: float) -> Score:
-    worst, where = 0.0, ""
-    for name, stats in records[-1].activations.items():
-        if stats.saturated_frac is not None and stats.saturated_frac > worst:
-            worst, where = stats.saturated_frac, name
+    over = records[-1].modules_over("saturated_frac", limit)
+    where, worst = max(over.items(), key=lambda kv: kv[1], default=("", 0.0))
     if worst <= limit:
         return ("saturated-activations", 0.0, "")
     return ("saturated-activations", 1.0 + worst,
@@ -78,10 +76,8 @@ def saturation(ctx: RuleContext, records: Sequence[StepRecord], limit: float) ->
 
 
 def dead_units(ctx: RuleContext, records: Sequence[StepRecord], limit: float) -> Score:
-    worst, where = 0.0, ""
-    for name, stats in records[-1].activations.items():
-        if stats.dead_frac is not None and stats.dead_frac > worst:
-            worst, where = stats.dead_frac, name
+    over = records[-1].modules_over("dead_frac", limit)
+    where, worst = max(over.items(), key=lambda kv: kv[1], default=("", 0.0))
     if worst <= limit:
         return ("dead-units", 0.0, "")
     return ("dead-units", 1.0 + worst,

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fmt, in_lr_warmup, persistent, ranked, usable
+from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, persistent, ranked, usable
 from .context import RuleContext
 from .loss import HIGH_UPDATE, SATURATED
 
@@ -100,27 +100,23 @@ def _layers_of(ctx: RuleContext, param_indices) -> list[str]:
       causes=("saturated-activations", "dead-units", "poor-init"))
 def grad_vanishing(ctx: RuleContext) -> Finding | None:
     """Early layers receive orders of magnitude less gradient than the last ones."""
-    grads = ctx.layer_grad
-    if grads.shape[1] < 2:
-        return None
     records = usable(ctx.healthy_records, ctx.t["warmup"])
-    ids = {id(r) for r in records}
-    keep = np.array([id(r) in ids for r in ctx.records], dtype=bool) if records else None
-    if keep is None or keep.sum() < ctx.t["window"]:
+    window = int(ctx.t["window"])
+    if len(records) < window:
         return None
-    tail = grads[keep][-int(ctx.t["window"]):]
-    measured = ~np.isnan(tail).any(axis=0)
-    cols = np.flatnonzero(measured)
-    if cols.size < 2:
+    recs = records[-window:]
+    ends = [_first_last_grad(ctx, r) for r in recs]
+    if any(e is None for e in ends):
         return None
-    first, last = tail[:, cols[0]], tail[:, cols[-1]]
+    first = np.array([e[0] for e in ends])
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = first / last
+        ratio = first / np.array([e[1] for e in ends])
     if not (np.all(ratio < ctx.t["ratio"]) and np.all(first < ctx.t["first_norm"])):
         return None
-    latest = tail[-1, cols]
+    grads = recs[-1].layer_grad_norm(ctx.layout)
+    cols = np.flatnonzero(~np.isnan(grads))
+    latest = grads[cols]
     vanished = [int(c) for c, g in zip(cols, latest) if g < latest[-1] * ctx.t["ratio"]]
-    recs = records[-int(ctx.t["window"]):]
     scores = [ev.saturation(ctx, recs, ctx.t["saturated"]),
               ev.dead_units(ctx, recs, ctx.t["saturated"]), _small_init(ctx, recs),
               _squashing_depth(ctx)]
@@ -145,6 +141,17 @@ def grad_vanishing(ctx: RuleContext) -> Finding | None:
             "Add skip (residual) connections so early layers get a direct gradient path.",
         ],
     )
+
+
+def _first_last_grad(ctx: RuleContext, record) -> tuple[float, float] | None:
+    """Gradient norm of the first and of the last layer that has one (cached per record)."""
+
+    def compute():
+        grads = record.layer_grad_norm(ctx.layout)
+        cols = np.flatnonzero(~np.isnan(grads))
+        return (float(grads[cols[0]]), float(grads[cols[-1]])) if cols.size >= 2 else None
+
+    return record._cached("first_last_grad", compute)
 
 
 SQUASHING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")
@@ -205,25 +212,31 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
     first = [t for t in first if np.isfinite(t) and t > 0][:3]
     if not first:
         return None
-    early = float(np.median(first))
+    early = fast_median(first)
     tail = totals[-int(ctx.t["window"]):]
-    growth = tail / early
-    grew = bool(np.all((growth >= ctx.t["growth"]) | ~np.isfinite(tail)))
-    med = float(np.nanmedian(np.where(np.isfinite(totals), totals, np.nan))) if np.isfinite(
-        totals).any() else float("nan")
-    spiking = tail >= ctx.t["spike"] * med if med > 0 else np.zeros(tail.size, dtype=bool)
-    # A gradient spike that the loss does not feel is a rare informative batch, not an
-    # explosion: count only spikes where the loss jumped too (>= 2x the window median).
-    tail_loss = np.array([r.loss for r in records[-tail.size:]])
-    loss_med = float(np.nanmedian(tail_loss)) if np.isfinite(tail_loss).any() else np.nan
     with np.errstate(invalid="ignore"):
-        spikes = int(np.sum(spiking & ((tail_loss >= 2 * loss_med) | ~np.isfinite(tail_loss))))
-    late = [r for r in records if r.step >= ctx.t["warmup"]]
-    if not grew and (spikes < ctx.t["spikes"] or len(late) < ctx.t["window"]):
-        return None
+        grew = bool(np.all((tail >= ctx.t["growth"] * early) | ~np.isfinite(tail)))
+    spikes = 0
+    if not grew:
+        finite = totals[np.isfinite(totals)]
+        med = fast_median(finite)
+        if not med > 0 or not np.any(tail >= ctx.t["spike"] * med):
+            return None
+        spiking = tail >= ctx.t["spike"] * med
+        # A gradient spike that the loss does not feel is a rare informative batch, not an
+        # explosion: count only spikes where the loss jumped too (>= 2x the window median).
+        tail_loss = np.array([r.loss for r in records[-tail.size:]])
+        finite_loss = tail_loss[np.isfinite(tail_loss)]
+        loss_med = fast_median(finite_loss)
+        with np.errstate(invalid="ignore"):
+            spikes = int(np.sum(spiking & ((tail_loss >= 2 * loss_med)
+                                           | ~np.isfinite(tail_loss))))
+        late = [r for r in records if r.step >= ctx.t["warmup"]]
+        if spikes < ctx.t["spikes"] or len(late) < ctx.t["window"]:
+            return None
     recs = records[-int(ctx.t["window"]):]
     scores = [ev.lr_too_high(ctx, recs, ctx.t["high_update"])]
-    stale = [r for r in recs if np.nansum(r.stale_grad) > 0]
+    stale = [r for r in recs if _stale_total(r) > 0]
     if stale:
         scores.append(("missing-zero-grad", 2.0,
                        f"gradients were not cleared before {len(stale)} of the last "
@@ -231,7 +244,7 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
     if early > 1e3:
         scores.append(("poor-init", 0.6, f"gradient norm was already {fmt(early)} at the "
                                          "first steps: weights start too large"))
-    layer = ctx.layer_grad[-1]
+    layer = recs[-1].layer_grad_norm(ctx.layout)
     worst = int(np.nanargmax(np.where(np.isfinite(layer), layer, -1))) if layer.size else 0
     peak = float(np.nanmax(np.where(np.isfinite(tail), tail, np.nan))) if np.isfinite(
         tail).any() else float("inf")
@@ -252,9 +265,7 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
 
 
 def _total(record) -> float:
-    if np.all(np.isnan(record.grad_norm)):
-        return float("nan")
-    return float(np.sqrt(np.nansum(record.grad_norm ** 2)))
+    return record.total_grad_norm()
 
 
 @rule(sign="grad-accumulating", severity="warning",
@@ -265,8 +276,8 @@ def _total(record) -> float:
       causes=("missing-zero-grad",))
 def grad_accumulating(ctx: RuleContext) -> Finding | None:
     """Gradients from the previous optimizer step were still there when backward ran again."""
-    checked = [r for r in ctx.records if not np.all(np.isnan(r.stale_grad))]
-    tail = persistent(checked, ctx.t["window"], lambda r: bool(np.nansum(r.stale_grad) > 0))
+    checked = [r for r in ctx.records if not np.isnan(_stale_total(r))]
+    tail = persistent(checked, ctx.t["window"], lambda r: _stale_total(r) > 0)
     if tail is None:
         return None
     last = tail[-1]
@@ -290,6 +301,16 @@ def grad_accumulating(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _stale_total(record) -> float:
+    """Sum of leftover gradient norms at backward start (NaN when it was not checked)."""
+
+    def compute() -> float:
+        checked = ~np.isnan(record.stale_grad)
+        return float(record.stale_grad[checked].sum()) if checked.any() else float("nan")
+
+    return record._cached("stale_total", compute)
+
+
 @rule(sign="layers-stalled", severity="warning", title="Some layers learn and others do not",
       needs=("update_ratio", "grad_norm", "activations", "param_norm"),
       thresholds={"stall": Threshold(1e-3, "a layer whose update ratio is below this fraction "
@@ -303,17 +324,18 @@ def layers_stalled(ctx: RuleContext) -> Finding | None:
     if len(records) < ctx.t["window"] or in_lr_warmup(records[-int(ctx.t["window"]):]):
         return None
     recs = records[-int(ctx.t["window"]):]
-    ratios = np.vstack([r.layer_update_ratio(ctx.layout) for r in recs])
-    trainable = _trainable_layers(ctx, recs[-1])
-    ratios = ratios[:, trainable]
-    if ratios.shape[1] < 2 or np.isnan(ratios).all():
+    views = [_stall_view(ctx, r, ctx.t["stall"]) for r in recs]
+    if any(v is None for v in views):
         return None
-    with np.errstate(all="ignore"):
-        median = np.nanmedian(ratios, axis=1, keepdims=True)
-        stalled = np.all(ratios < ctx.t["stall"] * median, axis=0)
-    healthy = np.all(median[:, 0] > 1e-5)
+    trainable = views[-1][0]
+    if any(not np.array_equal(v[0], trainable) for v in views):
+        return None  # the set of training layers changed inside the window
+    stalled = np.logical_and.reduce([v[2] for v in views])
+    healthy = all(v[1] > 1e-5 for v in views)
     if not stalled.any() or stalled.all() or not healthy:
         return None
+    ratios = np.vstack([r.layer_update_ratio(ctx.layout)[trainable] for r in recs])
+    median = np.array([[v[1]] for v in views])
     layers = np.asarray(trainable)[stalled]
     grads = recs[-1].layer_grad_norm(ctx.layout)
     ref = float(np.nanmedian(grads[trainable]))
@@ -345,12 +367,26 @@ def layers_stalled(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _stall_view(ctx: RuleContext, record, stall: float):
+    """(trainable layer indices, their median update ratio, stalled mask), cached per record."""
+
+    def compute():
+        trainable = np.asarray(_trainable_layers(ctx, record), dtype=np.int64)
+        ratios = record.layer_update_ratio(ctx.layout)[trainable]
+        finite = ratios[np.isfinite(ratios)]
+        if trainable.size < 2 or finite.size == 0:
+            return None
+        median = fast_median(finite)
+        with np.errstate(invalid="ignore"):
+            return trainable, median, ratios < stall * median
+
+    return record._cached(f"stall:{stall}", compute)
+
+
 def _trainable_layers(ctx: RuleContext, record) -> list[int]:
-    layers = set()
-    for i, layer in enumerate(ctx.layout.param_layer):
-        if record.requires_grad[i] and not np.isnan(record.grad_norm[i]):
-            layers.add(layer)
-    return sorted(layers)
+    keep = record.requires_grad & ~np.isnan(record.grad_norm)
+    counts = np.bincount(ctx.layout.owners[keep], minlength=len(ctx.layout.layers))
+    return np.flatnonzero(counts).tolist()
 
 
 RULES = [grad_none, layers_stalled, grad_vanishing, grad_exploding, grad_accumulating]

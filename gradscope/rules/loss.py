@@ -7,7 +7,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fmt, in_lr_warmup, ranked, usable
+from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked, usable
 from .context import RuleContext
 
 MIN_STEPS = Threshold(50, "steps before a loss can be called flat: fewer say little about a trend")
@@ -31,6 +31,20 @@ DATA_SCALE = Threshold(1e3, "largest |input| considered normalised data; beyond 
                             "saturate or blow up the first layers")
 
 
+def _rolling_mean(values: np.ndarray, width: int) -> np.ndarray:
+    """Mean of each run of `width` consecutive values (len(values) - width + 1 of them)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    return (sums[width:] - sums[:-width]) / width
+
+
+def _rolling_typical(values: np.ndarray, width: int) -> np.ndarray:
+    """Typical level of each run of `width` values: the geometric mean for positive losses
+    (a single spike moves it far less than the arithmetic mean), else the median."""
+    if np.all(values > 0):
+        return np.exp(_rolling_mean(np.log(values), width))
+    return np.median(sliding_window_view(values, width), axis=1)
+
+
 def _flatness(ctx: RuleContext) -> tuple[float, float, float, int, int, float] | None:
     """(start loss, best and latest 10-step medians, steps seen, first step, batch noise).
 
@@ -43,10 +57,10 @@ def _flatness(ctx: RuleContext) -> tuple[float, float, float, int, int, float] |
     n = len(values)
     if n < 13:
         return None
-    start = float(np.median([values[i] for i in range(5)]))
+    start = fast_median([values[i] for i in range(5)])
     _, tail = ctx.losses
-    rolling = np.median(sliding_window_view(tail, 10), axis=1)
-    noise = float(np.median(np.abs(np.diff(tail)))) if len(tail) > 1 else 0.0
+    rolling = _rolling_mean(tail, 10)
+    noise = fast_median(np.abs(np.diff(tail))) if len(tail) > 1 else 0.0
     return start, float(rolling.min()), float(rolling[-1]), n, int(steps[0]), noise
 
 
@@ -198,12 +212,12 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     steps, losses = steps[keep][-UNSTABLE_SPAN:], losses[keep][-UNSTABLE_SPAN:]
     if len(losses) < 40:
         return None
-    base = np.median(sliding_window_view(losses[:-1], 20), axis=1)
+    base = _rolling_typical(losses[:-1], 20)
     ratio = np.where(base > 0, losses[20:] / np.where(base > 0, base, 1.0), 0.0)
     # A jump must also matter on the scale of the whole run: once a loss is near zero,
     # doubling it is noise (0.01 -> 0.02), not instability.
     first = ctx.history.loss_values
-    scale = abs(float(np.median([first[i] for i in range(min(5, len(first)))])))
+    scale = abs(fast_median([first[i] for i in range(min(5, len(first)))]))
     big = (losses[20:] - base) >= ctx.t["jump"] * scale
     spikes = (np.flatnonzero((ratio >= ctx.t["spike"]) & big) + 20).tolist()
     if len(spikes) < ctx.t["spikes"]:

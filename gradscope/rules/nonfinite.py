@@ -74,11 +74,9 @@ def values_nonfinite(ctx: RuleContext) -> Finding | None:
 
 
 def _nonfinite(record) -> bool:
-    if record.nonfinite_origin is not None or record.nonfinite_grad_params:
-        return True
-    if np.any(~np.isfinite(record.param_norm[~np.isnan(record.param_norm)])):
-        return True
-    return any(s.nonfinite_frac > 0 for s in record.activations.values())
+    return record._cached("nonfinite_any", lambda: bool(
+        record.nonfinite_origin is not None or record.nonfinite_grad_params
+        or not record.weights_finite() or record.modules_over("nonfinite_frac", 0.0)))
 
 
 def _where(record) -> str:
