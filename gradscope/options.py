@@ -31,6 +31,7 @@ class WatchOptions:
     activations: bool = True
     nonfinite_origin: bool = True
     refresh_per_second: float = 4.0
+    all_ranks: bool = False
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> WatchOptions:

@@ -17,8 +17,15 @@ from .history import History, StepRecord
 from .hooks import Guard, HookSet
 from .layout import ModelLayout
 from .options import WatchOptions
-from .signals.activations import ActivationCollector, ActivationStats, _float_leaves, in_backward
+from .signals.activations import (
+    ActivationCollector,
+    ActivationStats,
+    _float_leaves,
+    compiling,
+    in_backward,
+)
 from .signals.data import DataCollector, first_tensor
+from .signals.distributed import is_rank_zero, is_sharded
 from .signals.grads import (
     put_grad_stats,
     put_nonfinite_counts,
@@ -100,6 +107,10 @@ class Scope:
             else None
         )
         self._data = DataCollector()
+        # sharded (FSDP2) gradients are combined by a collective on recorded steps, so every
+        # rank must record the same steps: no extra recording triggered by this rank's loss
+        self._sharded = any(is_sharded(t) for t in self.layout.tensors)
+        self._warned_no_forward = False
         self._step = 0
         self._closed = False
         self._pending_losses: list[tuple[int, torch.Tensor | float]] = []
@@ -136,7 +147,12 @@ class Scope:
     def _make_sinks(self) -> list[Any]:
         from .report.sinks import make_sinks
 
+        if not self._reports_here():
+            return []  # under torch.distributed only rank 0 shows and writes, by default
         return make_sinks(self)
+
+    def _reports_here(self) -> bool:
+        return self.options.all_ranks or is_rank_zero()
 
     def _detach(self) -> None:
         self._hooks.remove()
@@ -162,7 +178,8 @@ class Scope:
 
     # ----------------------------------------------------------------- hooks
     def _training_forward(self, module: nn.Module) -> bool:
-        return module.training and torch.is_grad_enabled() and not in_backward()
+        return (not compiling() and module.training and torch.is_grad_enabled()
+                and not in_backward())
 
     def _on_root_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._closed or not self._training_forward(module):
@@ -174,15 +191,19 @@ class Scope:
     def _on_root_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._closed or not self._training_forward(module):
             return
+        # every output that needs grad: the loss may come from any of them
         for leaf in _float_leaves(output):
             if leaf.requires_grad:
                 self._tensor_hooks.add(
                     leaf.register_hook(self._guard.wrap("accumulation", self._on_backward_start)))
-                return
 
     def _on_backward_start(self, grad: torch.Tensor) -> None:
         if self._closed:
             return
+        task = torch._C._current_graph_task_id()  # one id per backward() call
+        if task in self._backward_tasks:
+            return
+        self._backward_tasks.add(task)
         self._backward_count += 1
         if self._backward_count == 1 and self._prev_stepped and not self._stale_checked:
             self._stale_checked = True
@@ -208,6 +229,11 @@ class Scope:
             return
         indices = self._optimizer_indices(optimizer)
         self._guard.call("gradients", self._read_grads, indices)
+        # gradients read earlier by read_gradients() still get their update measured
+        early = [i for g in optimizer.param_groups for p in g["params"]
+                 if (i := self._index.get(id(p))) in self._read_early]
+        self._read_early.difference_update(early)
+        indices = indices + early
         self._guard.call("updates", self._updates.before, indices)
         self._stepping[id(optimizer)] = indices
         if self._orphans is None:
@@ -246,17 +272,20 @@ class Scope:
     def _reset_step_state(self) -> None:
         n = len(self.layout.params)
         self._read: set[int] = set()
+        self._read_early: set[int] = set()
         self._held_grads: dict[int, torch.Tensor] = {}
         self._grad_none = np.zeros(n, dtype=bool)
         self._unchanged: set[int] = set()
         self._stepping: dict[int, list[int]] = {}
         self._orphans: list[int] | None = None
         self._backward_count = 0
+        self._backward_tasks: set[int] = set()
         self._stale_checked = False
         self._loss_requires_grad = None
 
     def _should_record(self, step: int) -> bool:
-        return self._force_record or step % self.options.every == 0
+        forced = self._force_record and not self._sharded
+        return forced or step % self.options.every == 0
 
     def _begin_step(self) -> None:
         if self._recording:
@@ -359,6 +388,7 @@ class Scope:
         if self._activations is not None:
             act_names = self._guard.call("activations", self._activations.put, self._batch) or []
         self._guard.call("data", self._data.put, self._batch)
+        self._check_forward_seen(act_names)
         sizes = {f: n for f in ("grad_norm", "grad_max", "param_norm", "update_ratio",
                                 "changed", "stale_grad", "grad_nonfinite")}
         host = self._batch.fetch(sizes)
@@ -429,6 +459,49 @@ class Scope:
         record.nonfinite_grad_params = [names[i] for i in sorted(bad, reverse=True)
                                         if record.grad_nonfinite[i] > 0]
 
+    def _check_forward_seen(self, act_names: list[str]) -> None:
+        """Warn once when gradients were computed but no leaf module's forward hook ran."""
+        if self._activations is None:
+            return
+        calls, self._activations.hook_calls = self._activations.hook_calls, 0
+        if (self._warned_no_forward or calls or not self._held_grads
+                or self._guard.is_off("activations")):
+            return
+        self._warned_no_forward = True
+        warnings.warn(
+            "gradscope: gradients were computed but no forward of the model reached gradscope's "
+            "module hooks, so activation statistics (dead/saturated units, NaN origin) are not "
+            "recorded; this happens under torch.compile, whose compiled code runs no Python "
+            "hooks. Gradients, updates and the loss are still measured. For activation "
+            "statistics run a few steps without torch.compile; to keep input statistics, watch "
+            "the compiled module: gradscope.watch(torch.compile(model), optimizer).",
+            GradscopeWarning,
+            stacklevel=4,
+        )
+
+    def add_sink(self, sink: Any) -> None:
+        """Feed `sink` every recorded step: `sink.on_record(record, new_diagnoses)`, and
+        `sink.on_close()` at close (e.g. gradscope.integrations.tensorboard's exporter).
+
+        Example:
+            >>> import torch, gradscope
+            >>> class Count:
+            ...     n = 0
+            ...     def on_record(self, record, diagnoses): self.n += 1
+            ...     def on_close(self): pass
+            >>> model = torch.nn.Linear(2, 1); scope = gradscope.watch(model, every=1)
+            >>> sink = Count(); scope.add_sink(sink)
+            >>> model(torch.ones(1, 2)).sum().backward(); scope.step(); scope.close(); sink.n
+            1
+        """
+        if not (callable(getattr(sink, "on_record", None))
+                and callable(getattr(sink, "on_close", None))):
+            raise GradscopeError(
+                f"add_sink() needs an object with on_record(record, diagnoses) and on_close() "
+                f"methods, got {type(sink).__name__}."
+            )
+        self._sinks.append(sink)
+
     # ----------------------------------------------------------------- public API
     def read_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Read gradients now, replacing what the optimizer's pre-hook read this step.
@@ -450,6 +523,7 @@ class Scope:
         else:
             indices = [self._index[id(p)] for g in optimizer.param_groups for p in g["params"]
                        if id(p) in self._index]
+        self._read_early.update(indices)
         self._guard.call("gradients", self._read_grads, indices)
 
     @property
@@ -515,6 +589,10 @@ class Scope:
         """Print the final report (rich on a terminal, plain text to `file`); return its text."""
         from .report.summary import print_report
 
+        if file is None and not self._reports_here():
+            import io  # under torch.distributed only rank 0 prints, by default
+
+            file = io.StringIO()
         return print_report(self, file=file, width=width)
 
     def plot(self, path: str | Path, step: int | None = None) -> Path:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..hooks import Guard, HookSet
+from .reduce import nonfinite_count, sum_and_sumsq
 from .transfer import DeviceBatch
 
 #: Modules whose output units can die: never positive across a whole batch.
@@ -20,8 +21,6 @@ RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 SATURATION_MARGIN = 0.01
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
 CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
-#: From this many elements on, CPU sums share one float64 copy (faster than two casts).
-_CPU_SHARED_CAST = 32768
 
 # Per-module accumulator layout (float64 on the host, summed over the calls of a step).
 SUM, SUMSQ, ZEROS, NONFINITE, SATURATED, IN_NONFINITE, DEAD = range(7)
@@ -66,23 +65,14 @@ def _float_leaves(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """`x` as one row (a view with a leading dim of 1) and the dims to reduce it over.
+def compiling() -> bool:
+    """True while torch.compile traces the code: gradscope's forward hooks then do nothing.
 
-    Reductions over those dims give shape-(1,) results, which concatenate cheaply.
+    Compiled code does not run Python hooks on each call, and tracing them would split the
+    graph (or fail under fullgraph=True); the Scope warns when a recorded step saw no forward.
     """
-    if x.dim() == 0:
-        return x.reshape(1, 1), (1,)
-    return x.unsqueeze(0), tuple(range(1, x.dim() + 1))
-
-
-def _sums(row: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and sum of squares of the elements, accumulated in float64, each of shape (1,)."""
-    if row.device.type == "cpu" and row.numel() >= _CPU_SHARED_CAST:
-        flat = row.to(torch.float64).reshape(-1)
-        return flat.sum().reshape(1), torch.dot(flat, flat).reshape(1)
-    return (row.sum(dim=dims, dtype=torch.float64),
-            torch.linalg.vector_norm(row, dim=dims, dtype=torch.float64).square())
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
 
 
 def in_backward() -> bool:
@@ -91,7 +81,7 @@ def in_backward() -> bool:
 
 
 class _Parts:
-    """The shape-(1,) statistics of one device, with where each one goes on the host.
+    """The scalar statistics of one device, with where each one goes on the host.
 
     Float parts are added as they are; a count part adds `offset + sign * value`.
     """
@@ -112,8 +102,8 @@ class ActivationCollector:
     checkpointing) counts only for a module that had no such forward this step: the
     reentrant variant runs the first forward under no_grad.
 
-    Each statistic is a shape-(1,) tensor; `put()` concatenates them once per device and the
-    host adds up the calls of each module, so a hook launches only the reductions themselves.
+    Each statistic is a 0-d tensor; `put()` stacks them once per device and the host adds up
+    the calls of each module, so a hook launches only the reductions themselves.
     """
 
     def __init__(self, model: nn.Module, guard: Guard, track_nonfinite: bool = True) -> None:
@@ -121,6 +111,8 @@ class ActivationCollector:
         self._guard = guard
         self._track_nonfinite = track_nonfinite
         self._hooks = HookSet()
+        self.hook_calls = 0
+        self._wrapped: dict[str, Any] = {}
         self._modules = list(model.named_modules())
         self._by_name = dict(self._modules)
         self._leaf = {name: not any(True for _ in m.children()) for name, m in self._modules}
@@ -147,7 +139,10 @@ class ActivationCollector:
         for name, module in self._modules:
             if not self._leaf[name] and not self._track_nonfinite:
                 continue
-            hook = self._guard.wrap("activations", self._make_hook(name))
+            hook = self._wrapped.get(name)
+            if hook is None:  # built once, re-registered on each recorded step
+                hook = self._wrapped[name] = self._guard.wrap("activations",
+                                                              self._make_hook(name))
             self._hooks.add(module.register_forward_hook(hook))
 
     def detach(self) -> None:
@@ -160,6 +155,10 @@ class ActivationCollector:
         relu = leaf and isinstance(self._by_name[name], RELU_FAMILY)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if compiling():
+                return
+            # a leaf module's forward reached the hooks (inside compiled code none does)
+            self.hook_calls += leaf
             if not module.training or not torch.is_grad_enabled():
                 return
             if in_backward():  # checkpoint recomputation
@@ -175,12 +174,11 @@ class ActivationCollector:
         return hook
 
     def _nonfinite_count(self, t: torch.Tensor) -> torch.Tensor:
-        """Number of NaN/Inf elements of `t`, shape (1,): x - x is 0 exactly when x is finite."""
+        """Number of NaN/Inf elements of `t` (0-d), reused for a tensor already counted."""
         seen = self._counted.get(id(t))
         if seen is not None and seen[0]() is t and seen[1] == t._version:
             return seen[2]
-        row, dims = _rows(t.detach())
-        count = torch.count_nonzero(row - row, dim=dims)
+        count = nonfinite_count(t.detach())
         self._counted[id(t)] = (weakref.ref(t), t._version, count)
         return count
 
@@ -197,17 +195,15 @@ class ActivationCollector:
             parts = self._parts[x.device] = _Parts()
         counts, count_slots = parts.counts, parts.count_slots
         if leaf:
-            xr, dims = _rows(x)
-            total, squares = _sums(xr, dims)
+            total, squares = sum_and_sumsq(x)
             parts.floats += (total, squares)
             parts.float_slots += ((row, SUM), (row, SUMSQ))
-            counts.append(torch.count_nonzero(xr, dim=dims))
+            counts.append(torch.count_nonzero(x))
             count_slots.append((row, ZEROS, -1, numel))
             if bounds is not None:
                 low, high = bounds
                 margin = SATURATION_MARGIN * (high - low)
-                counts.append(torch.count_nonzero((xr <= low + margin) | (xr >= high - margin),
-                                                  dim=dims))
+                counts.append(torch.count_nonzero((x <= low + margin) | (x >= high - margin)))
                 count_slots.append((row, SATURATED, 1, 0))
         for t in outputs:
             counts.append(self._nonfinite_count(t))
@@ -238,15 +234,15 @@ class ActivationCollector:
         """Queue the accumulated statistics; return the names of the modules measured."""
         for (name, units), active in self._active.items():
             parts = self._parts.setdefault(active.device, _Parts())
-            parts.counts.append(torch.count_nonzero(active.reshape(1, -1), dim=1))
+            parts.counts.append(torch.count_nonzero(active))
             parts.count_slots.append((self._order[name], DEAD, -1, units))
         self._fields = []
         for index, (device, parts) in enumerate(self._parts.items()):
             floats, counts = f"act:{index}:floats", f"act:{index}:counts"
             if parts.floats:
-                batch.put(floats, torch.cat(parts.floats))
+                batch.put(floats, torch.stack(parts.floats))
             if parts.counts:
-                batch.put(counts, torch.cat(parts.counts))
+                batch.put(counts, torch.stack(parts.counts))
             self._fields.append((device, floats, counts))
         return list(self._order)
 
@@ -273,8 +269,9 @@ class ActivationCollector:
             a = acc[row]
             n = float(max(self._numel.get(name, 0), 1))
             n_out = float(max(self._out_numel.get(name, 0), 1))
-            mean = a[SUM] / n
-            var = max(a[SUMSQ] / n - mean * mean, 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
+                mean = a[SUM] / n
+                var = max(a[SUMSQ] / n - mean * mean, 0.0)
             leaf = self._leaf[name]
             bounds = _bounds(self._by_name[name]) is not None
             stats[name] = ActivationStats(

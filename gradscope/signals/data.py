@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
+from .reduce import nonfinite_count, sum_and_sumsq
 from .transfer import DeviceBatch
 
 COUNT, MIN, MAX, SUM, SUMSQ, NONFINITE = range(6)
@@ -54,17 +55,21 @@ class DataCollector:
         if x.numel() == 0 or x.is_complex():
             return
         is_float = x.is_floating_point()
-        xf = x.to(torch.float64)
-        finite = torch.isfinite(xf)
-        nonfinite = xf.numel() - finite.sum()
-        clean = torch.where(finite, xf, torch.zeros((), dtype=torch.float64, device=x.device))
-        low = torch.where(finite, xf, torch.full((), float("inf"), dtype=torch.float64,
-                                                  device=x.device)).amin()
-        high = torch.where(finite, xf, torch.full((), float("-inf"), dtype=torch.float64,
-                                                   device=x.device)).amax()
+        f64 = torch.float64
+        if is_float:  # min/max are exact in the input's dtype; only the sums need float64
+            inf = float("inf")
+            nonfinite = nonfinite_count(x)
+            clean = x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            low = x.nan_to_num(nan=inf, posinf=inf, neginf=inf).amin()
+            high = x.nan_to_num(nan=-inf, posinf=-inf, neginf=-inf).amax()
+        else:  # integer or bool: every value is finite
+            clean = x.to(f64)
+            nonfinite = torch.zeros((), dtype=torch.int64, device=x.device)
+            low, high = clean.amin(), clean.amax()
+        total, squares = sum_and_sumsq(clean)
         vector = torch.stack([
-            torch.full((), float(xf.numel()), dtype=torch.float64, device=x.device),
-            low, high, clean.sum(), clean.square().sum(), nonfinite.to(torch.float64),
+            torch.full((), float(x.numel()), dtype=f64, device=x.device),
+            low.to(f64), high.to(f64), total, squares, nonfinite.to(f64),
         ])
         if self._acc is None:
             self._acc = vector

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .distributed import local_tensor
 from .grads import put_param_norms
 from .transfer import DeviceBatch
+
+#: Tensors up to this many elements are concatenated whole and sampled with one gather;
+#: larger ones are sampled one by one (copying them whole would cost more than a launch).
+GATHER_WHOLE = 65536
 
 
 def sample_indices(numel: int, size: int, device: torch.device) -> torch.Tensor | None:
@@ -23,61 +28,184 @@ def sample_indices(numel: int, size: int, device: torch.device) -> torch.Tensor 
     return torch.linspace(0, numel - 1, size, device=device).round().long()
 
 
+def _width(length: int, size: int) -> int:
+    """Row width for a sample of `length` values: `size`, or the next power of two below it."""
+    if length >= size:
+        return size
+    return min(size, 1 << max(length - 1, 0).bit_length())
+
+
+@dataclass
+class _Bucket:
+    """Parameters of one device, dtype and row width, sampled into one [rows, width] matrix.
+
+    `whole` rows come from one gather over the concatenated tensors (padding points at a
+    trailing zero), `single` rows from one index_select each.
+    """
+
+    indices: list[int]  # parameter index of each row: whole rows first, then single rows
+    whole: list[int]
+    single: list[int]
+    gather: torch.Tensor | None  # [len(whole), width] positions in the concatenation
+    full_norm: list[int]  # rows whose sample is not the whole tensor: need a full-tensor norm
+    full_norm_rows: torch.Tensor  # the same, as a tensor on the device
+
+
+@dataclass
+class _Snapshot:
+    """Sampled values and norms of one bucket before the optimizer step."""
+
+    bucket: _Bucket
+    values: torch.Tensor  # float64 [rows, width]
+    base: torch.Tensor  # float64 [rows]: norm of the sampled values
+    norms: torch.Tensor | None  # float64 [len(full_norm)]: full-tensor norms
+
+
 class UpdateTracker:
     """Measures ||w_after - w_before|| / ||w_before|| on a sample, and whether w changed at all.
 
     `before()` runs in the optimizer's step pre-hook, `after()` in its post-hook. The exact
     "changed" flag combines the sampled difference with the full-tensor norm, both computed
     on the device (the version counter is no proof: fused optimizer kernels do not move it).
+    Where the sample is the whole tensor, its own norm is the full-tensor norm.
+
+    Parameters are batched by device, dtype and sample width: a step costs a few kernels per
+    batch (one gather, one norm over the rows), not a dozen per parameter.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], sample_size: int) -> None:
         self._params = list(params)
+        self._size = sample_size
         # a sharded (FSDP2) parameter is measured on this rank's shard: a sample all the same
         self._sample = [sample_indices(local_tensor(p).numel(), sample_size, p.device)
                         for p in self._params]
-        self._before: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._plans: dict[tuple[int, ...], list[_Bucket]] = {}
+        self._before: dict[int, tuple[_Snapshot, int]] = {}
 
-    def _values(self, index: int) -> torch.Tensor:
-        flat = local_tensor(self._params[index]).detach().reshape(-1)
-        sample = self._sample[index]
-        values = flat if sample is None else flat.index_select(0, sample)
-        return values.to(torch.float64, copy=True)
+    def _flat(self, index: int) -> torch.Tensor:
+        return local_tensor(self._params[index]).detach().reshape(-1)
+
+    def _plan(self, indices: Sequence[int]) -> list[_Bucket]:
+        key = tuple(indices)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 16:  # param groups change rarely; keep the cache small
+                self._plans.clear()
+            plan = self._plans[key] = self._make_plan(indices)
+        return plan
+
+    def _make_plan(self, indices: Sequence[int]) -> list[_Bucket]:
+        groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+        for i in indices:
+            local = local_tensor(self._params[i])
+            numel = local.numel()
+            if numel == 0:  # an empty shard: nothing to measure here
+                continue
+            key = (local.device, local.dtype, _width(min(numel, self._size), self._size))
+            groups.setdefault(key, []).append(i)
+        buckets = []
+        for (device, _, width), members in groups.items():
+            single = [i for i in members if self._sample[i] is not None
+                      and local_tensor(self._params[i]).numel() > GATHER_WHOLE]
+            chosen = set(single)
+            whole = [i for i in members if i not in chosen]
+            gather = None
+            if whole:
+                rows, offset = [], 0
+                sizes = [local_tensor(self._params[i]).numel() for i in whole]
+                total = sum(sizes)
+                for i, numel in zip(whole, sizes):
+                    sample = self._sample[i]
+                    pos = (torch.arange(numel, device=device) if sample is None
+                           else sample.to(device)) + offset
+                    pad = torch.full((width - pos.numel(),), total, dtype=torch.long,
+                                     device=device)
+                    rows.append(torch.cat([pos, pad]))
+                    offset += numel
+                gather = torch.stack(rows)
+            order = whole + single
+            full_norm = [row for row, i in enumerate(order) if self._sample[i] is not None]
+            where = torch.tensor(full_norm, dtype=torch.long, device=device)
+            buckets.append(_Bucket(order, whole, single, gather, full_norm, where))
+        return buckets
+
+    def _values(self, bucket: _Bucket) -> torch.Tensor:
+        """Sampled values of the bucket's parameters as a fresh float64 [rows, width] matrix."""
+        parts = []
+        if bucket.whole:
+            flats = [self._flat(i) for i in bucket.whole]
+            source = torch.cat([*flats, flats[0].new_zeros(1)])
+            parts.append(source[bucket.gather])
+        if bucket.single:
+            parts.append(torch.stack([self._flat(i).index_select(0, self._sample[i])
+                                      for i in bucket.single]))
+        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return values.to(torch.float64)  # a new tensor either way: indexing copies
+
+    def _full_norms(self, bucket: _Bucket) -> torch.Tensor | None:
+        if not bucket.full_norm:
+            return None
+        tensors = [local_tensor(self._params[bucket.indices[r]]).detach()
+                   for r in bucket.full_norm]
+        try:
+            norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+        except TypeError:  # older torch: no dtype argument
+            norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
+        return torch.stack(norms)
 
     @torch.no_grad()
     def before(self, indices: Sequence[int]) -> None:
-        for i in indices:
-            p = self._params[i]
-            if local_tensor(p).numel() == 0:  # an empty shard: nothing to measure here
-                continue
-            norm = torch.linalg.vector_norm(local_tensor(p).detach(), dtype=torch.float64)
-            self._before[i] = (self._values(i), norm, p._version)
+        for bucket in self._plan(indices):
+            values = self._values(bucket)
+            base = torch.linalg.vector_norm(values, dim=1)
+            snapshot = _Snapshot(bucket, values, base, self._full_norms(bucket))
+            for row, i in enumerate(bucket.indices):
+                self._before[i] = (snapshot, row)
 
     @torch.no_grad()
     def after(self, indices: Sequence[int], batch: DeviceBatch) -> list[int]:
         """Queue update ratios and change flags; return the indices known unchanged without
         measuring (always empty now that every tensor is measured; kept for callers)."""
-        untouched: list[int] = []
+        wanted: dict[int, tuple[_Snapshot, list[tuple[int, int]]]] = {}
         for i in indices:
-            if i not in self._before:
-                continue
-            old_values, old_norm, _ = self._before.pop(i)
-            p = self._params[i]
-            # An unmoved version counter does not prove "unchanged": fused optimizer kernels
-            # (e.g. AdamW(fused=True)) write in place without bumping it. Measure every time.
-            new_values = self._values(i)
-            diff = torch.linalg.vector_norm(new_values - old_values)
-            base = torch.linalg.vector_norm(old_values)
-            # ||w_before|| = 0 (e.g. a zero-initialised bias): the ratio is undefined (NaN) if
-            # the values moved, and 0 if they did not
-            undefined = torch.where(diff > 0, torch.nan, 0.0)
-            ratio = torch.where(base > 0, diff / base.clamp_min(torch.finfo(torch.float64).tiny),
-                                undefined.to(diff))
-            new_norm = torch.linalg.vector_norm(local_tensor(p).detach(), dtype=torch.float64)
-            changed = (diff > 0) | (new_norm != old_norm)
-            batch.put("update_ratio", ratio.reshape(1), [i])
-            batch.put("changed", changed.to(torch.float64).reshape(1), [i])
-        return untouched
+            entry = self._before.pop(i, None)
+            if entry is not None:
+                snapshot, row = entry
+                wanted.setdefault(id(snapshot), (snapshot, []))[1].append((row, i))
+        for snapshot, rows in wanted.values():
+            self._measure(snapshot, rows, batch)
+        return []
+
+    def _measure(self, snap: _Snapshot, rows: list[tuple[int, int]], batch: DeviceBatch) -> None:
+        # An unmoved version counter does not prove "unchanged": fused optimizer kernels
+        # (e.g. AdamW(fused=True)) write in place without bumping it. Measure every time.
+        bucket = snap.bucket
+        new_values = self._values(bucket)
+        diff = torch.linalg.vector_norm(new_values - snap.values, dim=1)
+        base = snap.base
+        # ||w_before|| = 0 (e.g. a zero-initialised bias): the ratio is undefined (NaN) if
+        # the values moved, and 0 if they did not
+        undefined = torch.where(diff > 0, torch.nan, 0.0)
+        ratio = torch.where(base > 0, diff / base.clamp_min(torch.finfo(torch.float64).tiny),
+                            undefined.to(diff))
+        # the norm of a whole-tensor sample is the full-tensor norm
+        if len(bucket.full_norm) == len(bucket.indices):
+            old_norm, new_norm = snap.norms, self._full_norms(bucket)
+        else:
+            old_norm, new_norm = base, torch.linalg.vector_norm(new_values, dim=1)
+            if bucket.full_norm:
+                where = bucket.full_norm_rows
+                old_norm = old_norm.index_copy(0, where, snap.norms)
+                new_norm = new_norm.index_copy(0, where, self._full_norms(bucket))
+        changed = ((diff > 0) | (new_norm != old_norm)).to(torch.float64)
+        targets = bucket.indices
+        if len(rows) < len(bucket.indices):
+            rows = sorted(rows)
+            pick = torch.tensor([r for r, _ in rows], dtype=torch.long, device=base.device)
+            ratio, changed = ratio.index_select(0, pick), changed.index_select(0, pick)
+            targets = [i for _, i in rows]
+        batch.put("update_ratio", ratio, targets)
+        batch.put("changed", changed, targets)
 
     def reset(self) -> None:
         self._before.clear()

@@ -1,0 +1,7 @@
+"""`python -m gradscope ...` runs the `gradscope` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

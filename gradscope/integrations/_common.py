@@ -1,0 +1,140 @@
+"""Pieces shared by the training-framework callbacks: the step loss, headline figures, safety."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch
+
+from ..errors import GradscopeWarning
+
+if TYPE_CHECKING:
+    from ..history import StepRecord
+    from ..scope import Scope
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StepLoss:
+    """Collects the loss of each micro-batch of one optimizer step, on the device.
+
+    `value("sum")` suits losses already divided by the number of micro-batches (Lightning's
+    accumulation); `value("mean")` suits per-micro-batch means. The result is detached; it
+    keeps only whether the original losses required grad, which gradscope records.
+
+    Example:
+        >>> acc = StepLoss(); acc.add(torch.tensor(1.0)); acc.add(torch.tensor(3.0))
+        >>> float(acc.value("mean"))
+        2.0
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[torch.Tensor] = []
+        self._requires_grad = False
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def add(self, loss: Any) -> None:
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+            self._requires_grad = self._requires_grad or loss.requires_grad
+            self._parts.append(loss.detach().reshape(()).float())
+
+    def value(self, how: str = "sum") -> torch.Tensor | None:
+        """The step's loss, or None when no micro-batch loss was seen; then clears."""
+        if not self._parts:
+            return None
+        with torch.no_grad():
+            stacked = torch.stack(self._parts)
+            total = stacked.sum() if how == "sum" else stacked.mean()
+        # a fresh leaf that says, as the real loss did, whether backward could run from it
+        total = total.detach().requires_grad_(self._requires_grad)
+        self.clear()
+        return total
+
+    def clear(self) -> None:
+        self._parts = []
+        self._requires_grad = False
+
+
+def headline(scope: Scope, record: StepRecord) -> dict[str, float]:
+    """A few figures worth logging per recorded step: total gradient norm, largest update
+    ratio, and the number of active warnings (and errors) diagnosed so far.
+
+    Example:
+        >>> import gradscope
+        >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), 0.1)
+        >>> scope = gradscope.watch(model, opt, every=1)
+        >>> model(torch.ones(4, 2)).sum().backward(); opt.step(); scope.step(1.0)
+        >>> figures = headline(scope, scope.history.last)
+        >>> figures["gradscope/grad_norm_total"] > 0, figures["gradscope/warnings"]
+        (True, 0.0)
+    """
+    grads = record.grad_norm[np.isfinite(record.grad_norm)]
+    total = float(np.sqrt(np.sum(np.square(grads)))) if grads.size else math.nan
+    if np.any(np.isinf(record.grad_norm)):
+        total = math.inf
+    ratios = record.update_ratio[np.isfinite(record.update_ratio)]
+    diagnoses = scope.diagnose()
+    return {
+        "gradscope/grad_norm_total": total,
+        "gradscope/update_ratio_max": float(ratios.max()) if ratios.size else math.nan,
+        "gradscope/warnings": float(sum(d.severity == "warning" for d in diagnoses)),
+        "gradscope/errors": float(sum(d.severity == "error" for d in diagnoses)),
+    }
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside a framework wrapper (Lightning, accelerate), or None.
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), 0.1)
+        >>> torch_optimizer(opt) is opt
+        True
+    """
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+class Once:
+    """Warns about a failing integration piece once, then keeps it switched off."""
+
+    def __init__(self) -> None:
+        self.off: dict[str, str] = {}
+
+    def run(self, piece: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if piece in self.off:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # gradscope must never stop training
+            self.off[piece] = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"gradscope: the {piece} step of the training callback failed "
+                f"({type(err).__name__}: {err}) and is switched off; training is not affected.",
+                GradscopeWarning,
+                stacklevel=3,
+            )
+            return None
+
+
+def guarded(piece: str) -> Callable[[F], F]:
+    """Decorate a callback method so an exception inside it warns once and never propagates."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._once.run(piece, fn, self, *args, **kwargs)
+
+        return method  # type: ignore[return-value]
+
+    return wrap

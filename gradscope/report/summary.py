@@ -1,0 +1,178 @@
+"""The final report: the run in numbers, then each diagnosis with its causes, layers and checks."""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Sequence
+from typing import IO, Any
+
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from ..diagnosis import Diagnosis
+from ..history import History
+from .views import fmt, fold_list, loss_summary, severity_sorted, total_steps
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold cyan"}
+DEFAULT_WIDTH = 100
+
+
+def _evidence_text(evidence: dict[str, Any], limit: int = 8) -> str:
+    parts = []
+    for key, value in list(evidence.items())[:limit]:
+        if isinstance(value, bool) or value is None:
+            shown = str(value)
+        elif isinstance(value, (int, float)):
+            shown = fmt(value) if isinstance(value, float) else str(value)
+        elif isinstance(value, (list, tuple)):
+            items = [fmt(v) if isinstance(v, float) else str(v) for v in value[:6]]
+            shown = "[" + ", ".join(items) + (", …" if len(value) > 6 else "") + "]"
+        else:
+            shown = str(value)
+        parts.append(f"{key} {shown}")
+    if len(evidence) > limit:
+        parts.append(f"(+{len(evidence) - limit} more)")
+    return " · ".join(parts)
+
+
+def _steps_text(d: Diagnosis) -> str:
+    if d.first_step == d.last_step:
+        return f"step {d.first_step}"
+    return f"steps {d.first_step}-{d.last_step}"
+
+
+def _bullets(items: Sequence[Text | str], marker: str = "-") -> Table:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for item in items:
+        grid.add_row(marker, item)
+    return grid
+
+
+def diagnosis_block(d: Diagnosis) -> RenderableType:
+    """One diagnosis: severity, sign and title, then causes, layers, evidence and checks."""
+    head = Text()
+    head.append(f"{d.severity.upper():<7}", style=SEVERITY_STYLE.get(d.severity, "bold"))
+    head.append(" ")
+    head.append(d.sign, style="bold")
+    head.append(f" · {d.title}")
+    head.append(f" · {_steps_text(d)}", style="dim")
+    body: list[RenderableType] = []
+    if d.summary:
+        body.append(Text(d.summary))
+    if d.causes:
+        body.append(Text("Likely causes", style="bold"))
+        rows = Table.grid(padding=(0, 1))
+        rows.add_column(justify="right", no_wrap=True)
+        rows.add_column(no_wrap=True)
+        rows.add_column(justify="right", no_wrap=True)
+        rows.add_column(overflow="fold")
+        for rank, cause in enumerate(d.causes, 1):
+            rows.add_row(f"{rank}.", Text(cause.id, style="bold" if rank == 1 else ""),
+                         f"{cause.likelihood * 100:.0f}%", Text(cause.evidence, style="dim"))
+        body.append(Padding(rows, (0, 0, 0, 2)))
+    facts = Table.grid(padding=(0, 1))
+    facts.add_column(no_wrap=True, style="bold")
+    facts.add_column(overflow="fold")
+    if d.layers:
+        facts.add_row("Layers", f"({len(d.layers)}) {fold_list(d.layers)}")
+    if d.evidence:
+        facts.add_row("Evidence", _evidence_text(d.evidence))
+    if facts.row_count:
+        body.append(facts)
+    if d.checks:
+        body.append(Text("Check", style="bold"))
+        body.append(Padding(_bullets(d.checks), (0, 0, 0, 2)))
+    return Group(head, Padding(Group(*body), (0, 0, 0, 2)))
+
+
+def report_renderable(history: History, diagnoses: Sequence[Diagnosis], *,
+                      rules_checked: int | None = None,
+                      notes: Sequence[str] = ()) -> RenderableType:
+    """The whole report as one rich renderable (terminal or plain text alike)."""
+    layout = history.layout
+    steps = total_steps(history)
+    parts: list[RenderableType] = [Text("gradscope report", style="bold underline")]
+    numel = sum(p.numel for p in layout.params)
+    parts.append(Text(
+        f"{steps} steps, {history.total_recorded} recorded · {len(layout.layers)} layers · "
+        f"{len(layout.params)} parameter tensors ({numel:,} values)"))
+    losses = loss_summary(history)
+    if losses["first"] is None:
+        parts.append(Text("loss  not recorded (pass the loss to scope.step(loss))", style="dim"))
+    else:
+        line = Text("loss  ")
+        for label in ("first", "last", "best"):
+            item = losses[label]
+            if item is None:
+                continue
+            step, value = item
+            line.append(f"{label} ", style="bold")
+            line.append(f"{fmt(value, 4)} (step {step})   ")
+        line.rstrip()
+        parts.append(line)
+    for note in notes:
+        parts.append(Text(note, style="dim"))
+    parts.append(Text(""))
+    ordered = severity_sorted(diagnoses)
+    if not ordered:
+        checked = f" by {rules_checked} rules" if rules_checked is not None else ""
+        parts.append(Text(f"No problems found: {history.total_recorded} recorded steps "
+                          f"checked{checked}.", style="bold green"))
+        return Group(*parts)
+    counts = {}
+    for d in ordered:
+        counts[d.severity] = counts.get(d.severity, 0) + 1
+    summary = ", ".join(f"{counts[s]} {s}{'s' if counts[s] > 1 else ''}"
+                        for s in ("error", "warning", "info") if s in counts)
+    parts.append(Text(f"{len(ordered)} finding{'s' if len(ordered) > 1 else ''}: {summary}",
+                      style="bold"))
+    for d in ordered:
+        parts.append(Text(""))
+        parts.append(diagnosis_block(d))
+    return Group(*parts)
+
+
+def render_text(renderable: RenderableType, width: int = DEFAULT_WIDTH) -> str:
+    """Render to plain text at a fixed width (no colour, no trailing spaces)."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False,
+                      force_jupyter=False, legacy_windows=False, soft_wrap=False,
+                      emoji=False, highlight=False)
+    console.print(renderable)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+
+
+def emit_report(history: History, diagnoses: Sequence[Diagnosis], *, file: IO[str] | None = None,
+                width: int | None = None, rules_checked: int | None = None,
+                notes: Sequence[str] = ()) -> str:
+    """Print the report (colour on a terminal, plain text to a file or pipe); return its text."""
+    renderable = report_renderable(history, diagnoses, rules_checked=rules_checked, notes=notes)
+    target = file if file is not None else sys.stdout
+    console = Console(file=target, width=width, highlight=False, emoji=False)
+    if file is None and (console.is_terminal or console.is_jupyter):
+        console.print(renderable)
+        return render_text(renderable, width or console.width)
+    text = render_text(renderable, width or DEFAULT_WIDTH)
+    target.write(text)
+    target.flush()
+    return text
+
+
+def print_report(scope: Any, file: IO[str] | None = None, width: int | None = None) -> str:
+    """Print a Scope's final report and return its plain text.
+
+    Example:
+        >>> import io, torch, gradscope
+        >>> scope = gradscope.watch(torch.nn.Linear(2, 2)); scope.close()
+        >>> print_report(scope, file=io.StringIO()).splitlines()[0]
+        'gradscope report'
+    """
+    engine = getattr(scope, "engine", None)
+    rules = len(engine.rules) if engine is not None else None
+    return emit_report(scope.history, scope.diagnose(), file=file, width=width,
+                       rules_checked=rules)

@@ -1,0 +1,334 @@
+"""Plain data the reporters share: number formatting, name folding, per-layer rows, sparklines.
+
+Nothing here draws; the live view, the report and the plots read the same numbers from here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..diagnosis import SEVERITY_RANK, Diagnosis
+from ..history import History, StepRecord
+from ..layout import ModelLayout
+
+#: Update/weight ratio around which training usually moves at a healthy pace.
+UPDATE_RATIO_REFERENCE = 1e-3
+#: The band drawn around that reference (one decade either side).
+UPDATE_RATIO_BAND = (1e-4, 1e-2)
+
+SPARK_CHARS = "▁▂▃▄▅▆▇█"
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A short, fixed-style number: '-' when missing, scientific outside [1e-3, 1e5).
+
+    Example:
+        >>> fmt(0.012345), fmt(2.5e-9), fmt(float("nan")), fmt(float("inf")), fmt(0)
+        ('0.0123', '2.50e-09', '-', 'inf', '0')
+    """
+    if value is None:
+        return "-"
+    value = float(value)
+    if math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e5:
+        return f"{value:.{digits}g}"
+    return f"{value:.{max(digits - 1, 1)}e}"
+
+
+def fmt_frac(value: float | None) -> str:
+    """A fraction as a percentage ('-' when not measured).
+
+    Example:
+        >>> fmt_frac(0.5), fmt_frac(None), fmt_frac(0.0004)
+        ('50%', '-', '<1%')
+    """
+    if value is None or math.isnan(value):
+        return "-"
+    if 0 < value < 0.01:
+        return "<1%"
+    return f"{value * 100:.0f}%"
+
+
+def fold_name(name: str, width: int = 28) -> str:
+    """Shorten a qualified module name to `width` characters, keeping its head and tail.
+
+    Example:
+        >>> fold_name("transformer.h.11.mlp.c_proj", 20)
+        'tran…h.11.mlp.c_proj'
+    """
+    name = name or "(root)"
+    if len(name) <= width:
+        return name
+    tail = max(width * 3 // 4, 1)
+    head = max(width - tail - 1, 0)
+    return name[:head] + "…" + name[-tail:]
+
+
+def fold_list(names: Sequence[str], limit: int = 8) -> str:
+    """Names joined by ', ', cut after `limit` with how many were left out.
+
+    Example:
+        >>> fold_list(["a", "b", "c"], limit=2)
+        'a, b … (+1 more)'
+    """
+    names = [n or "(root)" for n in names]
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f" … (+{len(names) - limit} more)"
+
+
+def sparkline(values: Iterable[float], width: int = 24) -> str:
+    """A one-line trend of the last values (bucketed to `width`); '×' marks NaN/Inf.
+
+    Example:
+        >>> sparkline([3, 2, 1, 0])
+        '█▆▃▁'
+    """
+    data = np.asarray(list(values), dtype=float)
+    if data.size == 0:
+        return ""
+    if data.size > width:
+        edges = np.linspace(0, data.size, width + 1).astype(int)
+        buckets = [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
+        data = np.array([b.mean() if np.isfinite(b).all() else np.nan for b in buckets])
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return "×" * data.size
+    low, high = float(finite.min()), float(finite.max())
+    span = high - low
+    out = []
+    for v in data:
+        if not np.isfinite(v):
+            out.append("×")
+        elif span <= 0:
+            out.append(SPARK_CHARS[len(SPARK_CHARS) // 2])
+        else:
+            out.append(SPARK_CHARS[round((v - low) / span * (len(SPARK_CHARS) - 1))])
+    return "".join(out)
+
+
+def log_bar(value: float, low: float, high: float, width: int = 12) -> str:
+    """A bar whose length is log10(value) placed between log10(low) and log10(high).
+
+    Example:
+        >>> log_bar(1e-2, 1e-4, 1.0, width=4)
+        '██'
+    """
+    if not (np.isfinite(value) and value > 0 and low > 0 and high > low):
+        return ""
+    position = (math.log10(value) - math.log10(low)) / (math.log10(high) - math.log10(low))
+    eighths = round(min(max(position, 0.0), 1.0) * width * 8)
+    full, part = divmod(eighths, 8)
+    bar = "█" * full + (" ▏▎▍▌▋▊▉"[part] if part else "")
+    return bar or "▏"
+
+
+def severity_sorted(diagnoses: Iterable[Diagnosis]) -> list[Diagnosis]:
+    """Most severe first, then the earliest."""
+    return sorted(diagnoses, key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))
+
+
+def activation_owner(layout: ModelLayout, module: str) -> int | None:
+    """The parameter layer an activation module belongs to: the nearest one before it.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> activation_owner(ModelLayout.of(m), "1")
+        0
+    """
+    layers = {name: i for i, name in enumerate(layout.layers)}
+    if module in layers:
+        return layers[module]
+    order = layout.module_names
+    if module not in order:
+        return None
+    for name in reversed(order[: order.index(module)]):
+        if name in layers and name != "":
+            return layers[name]
+    return None
+
+
+def activation_fractions(layout: ModelLayout, record: StepRecord | None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(dead, saturated) fraction per layer from the activation modules that follow each layer.
+
+    NaN where the layer has no such activation (or none was measured at this step).
+    """
+    n = len(layout.layers)
+    dead = np.full(n, np.nan)
+    saturated = np.full(n, np.nan)
+    if record is None:
+        return dead, saturated
+    for name, stats in record.activations.items():
+        if stats.dead_frac is None and stats.saturated_frac is None:
+            continue
+        owner = activation_owner(layout, name)
+        if owner is None:
+            continue
+        if stats.dead_frac is not None:
+            dead[owner] = np.fmax(dead[owner], stats.dead_frac)
+        if stats.saturated_frac is not None:
+            saturated[owner] = np.fmax(saturated[owner], stats.saturated_frac)
+    return dead, saturated
+
+
+def layer_numel(layout: ModelLayout) -> np.ndarray:
+    """Number of elements of every layer (all its parameters together)."""
+    out = np.zeros(len(layout.layers))
+    for info, layer in zip(layout.params, layout.param_layer):
+        out[layer] += info.numel
+    return out
+
+
+def layer_grad_max(layout: ModelLayout, record: StepRecord) -> np.ndarray:
+    """Largest |grad| per layer (NaN when none of its parameters was measured)."""
+    out = np.full(len(layout.layers), np.nan)
+    for value, layer in zip(record.grad_max, layout.param_layer):
+        if not np.isnan(value):
+            out[layer] = np.fmax(out[layer], value)
+    return out
+
+
+def layer_update_ratio(layout: ModelLayout, record: StepRecord) -> np.ndarray:
+    """|Δw| / |w| of each layer as a whole: the tensors' sampled ratios weighted by their norms.
+
+    A zero-initialised bias has a huge ratio of its own; weighting by the norm keeps it from
+    hiding a weight matrix that does not move. NaN where no ratio was measured.
+
+    Example:
+        >>> import torch
+        >>> layout = ModelLayout.of(torch.nn.Linear(2, 2))
+        >>> r = StepRecord(0, 1.0, True, False, [], *[np.zeros(2)] * 4,
+        ...                np.array([3.0, 0.1]), np.array([1e-3, 1.0]), *[np.zeros(2)] * 3,
+        ...                np.ones(2, bool), 1, True)
+        >>> round(float(layer_update_ratio(layout, r)[0]), 4)
+        0.0333
+    """
+    n = len(layout.layers)
+    owners = np.asarray(layout.param_layer, dtype=np.int64)
+    ratio = np.asarray(record.update_ratio, dtype=float)
+    weight = np.asarray(record.param_norm, dtype=float)
+    ok = np.isfinite(ratio) & np.isfinite(weight)
+    moved = np.bincount(owners[ok], weights=(ratio[ok] * weight[ok]) ** 2, minlength=n)
+    base = np.bincount(owners[ok], weights=weight[ok] ** 2, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(base > 0, np.sqrt(moved) / np.sqrt(base), np.nan)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer's numbers at one recorded step."""
+
+    index: int
+    name: str
+    kind: str
+    grad_norm: float
+    update_ratio: float
+    dead: float
+    saturated: float
+    flagged: bool
+
+
+def layer_rows(history: History, record: StepRecord | None,
+               diagnoses: Sequence[Diagnosis] = ()) -> list[LayerRow]:
+    """Every layer's row at `record`, in model order."""
+    layout = history.layout
+    n = len(layout.layers)
+    if record is None:
+        nan = np.full(n, np.nan)
+        grad, ratio, dead, sat = nan, nan, nan, nan
+    else:
+        grad = record.layer_grad_norm(layout)
+        ratio = layer_update_ratio(layout, record)
+        dead, sat = activation_fractions(layout, record)
+    involved = {name for d in diagnoses for name in d.layers}
+    rows = []
+    for i, name in enumerate(layout.layers):
+        params = {p.name for p, layer in zip(layout.params, layout.param_layer) if layer == i}
+        rows.append(LayerRow(
+            index=i, name=name or "(root)", kind=layout.module_types.get(name, ""),
+            grad_norm=float(grad[i]), update_ratio=float(ratio[i]), dead=float(dead[i]),
+            saturated=float(sat[i]),
+            flagged=(name or "(root)") in involved or bool(params & involved),
+        ))
+    return rows
+
+
+def offender_score(row: LayerRow, median_grad: float) -> float:
+    """How unusual a layer looks (0 = ordinary); diagnosed layers always rank first."""
+    score = 0.0
+    if row.flagged:
+        score += 100.0
+    if np.isfinite(row.grad_norm) and row.grad_norm > 0 and median_grad > 0:
+        score = score + abs(math.log10(row.grad_norm / median_grad)) / 2
+    elif row.grad_norm == 0 or (not np.isnan(row.grad_norm) and np.isinf(row.grad_norm)):
+        score += 50.0
+    if np.isfinite(row.update_ratio) and row.update_ratio > 0:
+        score += abs(math.log10(row.update_ratio / UPDATE_RATIO_REFERENCE)) / 4
+    for frac in (row.dead, row.saturated):
+        if np.isfinite(frac):
+            score += 3 * frac
+    return score
+
+
+def fold_rows(rows: list[LayerRow], limit: int) -> tuple[list[LayerRow], int]:
+    """At most `limit` rows, in model order, and how many were cut: the first and last layer
+    (for scale) and the top offenders (diagnosed layers first, then the most unusual)."""
+    if len(rows) <= limit:
+        return rows, 0
+    grads = np.array([r.grad_norm for r in rows])
+    positive = grads[np.isfinite(grads) & (grads > 0)]
+    median = float(np.median(positive)) if positive.size else 0.0
+    ends = [rows[0], rows[-1]] if limit >= 4 else []
+    rest = [r for r in rows if r not in ends]
+    ranked = sorted(rest, key=lambda r: (-offender_score(r, median), r.index))
+    chosen = ends + ranked[: limit - len(ends)]
+    return sorted(chosen, key=lambda r: r.index), len(rows) - limit
+
+
+def loss_summary(history: History) -> dict[str, tuple[int, float] | None]:
+    """First, last and best (lowest finite) loss with their steps; None when unknown."""
+    steps, values = history.losses()
+    known = ~np.isnan(values)
+    steps, values = steps[known], values[known]
+    if values.size == 0:
+        return {"first": None, "last": None, "best": None}
+    finite = np.isfinite(values)
+    best = None
+    if finite.any():
+        i = int(np.argmin(np.where(finite, values, np.inf)))
+        best = (int(steps[i]), float(values[i]))
+    return {"first": (int(steps[0]), float(values[0])),
+            "last": (int(steps[-1]), float(values[-1])), "best": best}
+
+
+def total_steps(history: History) -> int:
+    """How many training steps the history covers (from the losses and the records)."""
+    steps, _ = history.losses()
+    last = history.last
+    candidates = [int(steps.max()) + 1] if steps.size else []
+    if last is not None:
+        candidates.append(last.step + 1)
+    return max(candidates, default=0)
+
+
+def record_at(history: History, step: int | None) -> StepRecord | None:
+    """The recorded step at or just before `step` (the last one when `step` is None)."""
+    records = history.records()
+    if not records:
+        return None
+    if step is None:
+        return records[-1]
+    earlier = [r for r in records if r.step <= step]
+    return earlier[-1] if earlier else records[0]

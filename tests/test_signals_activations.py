@@ -1,0 +1,238 @@
+"""Activation signals per module: mean/std/zero and non-finite fractions, saturation of
+bounded activations, dead ReLU units; which forwards count (train mode with grad only, each
+call of a shared module, checkpoint recomputation once)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradscope
+from gradscope.signals.activations import SATURATION_MARGIN
+
+
+class Capture:
+    """Test-side forward hooks that keep a copy of each named module's output."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        modules = dict(model.named_modules())
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.outputs[name].append(output.detach().clone())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _reference(outputs: list[torch.Tensor], bounds=None) -> dict[str, float]:
+    x = torch.cat([o.double().reshape(-1) for o in outputs])
+    ref = {
+        "mean": x.mean().item(),
+        "std": x.std(correction=0).item(),
+        "zero_frac": (x == 0).double().mean().item(),
+        "nonfinite_frac": (~torch.isfinite(x)).double().mean().item(),
+    }
+    if bounds is not None:
+        low, high = bounds
+        margin = SATURATION_MARGIN * (high - low)
+        ref["saturated_frac"] = ((x <= low + margin) | (x >= high - margin)).double().mean().item()
+    return ref
+
+
+def _assert_matches(stats, ref):
+    for key, value in ref.items():
+        assert getattr(stats, key) == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(6, 12)
+        self.sig = nn.Sigmoid()
+        self.lin2 = nn.Linear(12, 12)
+        self.tanh = nn.Tanh()
+        self.lin3 = nn.Linear(12, 10)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x):
+        x = self.tanh(self.lin2(self.sig(self.lin1(x))))
+        return self.head(self.relu(self.lin3(x)))
+
+
+def _train_step(model, scope, x):
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    scope.step(loss)
+
+
+def test_leaf_statistics_saturation_and_dead_units_match_reference():
+    model = Mixed()
+    with torch.no_grad():
+        model.lin1.weight.mul_(8)  # push the sigmoid into its flat ends
+        model.lin2.weight.mul_(8)
+        model.lin3.bias[:3] = -100.0  # units 0..2 of the ReLU can never be positive
+    names = ["lin1", "sig", "lin2", "tanh", "lin3", "relu", "head"]
+    capture = Capture(model, names)
+    scope = gradscope.watch(model, every=1)
+    _train_step(model, scope, torch.randn(32, 6))
+    scope.close()
+    capture.remove()
+    acts = scope.history.last.activations
+    for name in names:
+        bounds = {"sig": (0.0, 1.0), "tanh": (-1.0, 1.0)}.get(name)
+        ref = _reference(capture.outputs[name], bounds)
+        _assert_matches(acts[name], ref)
+        assert acts[name].calls == 1 and acts[name].leaf
+        if bounds is None:
+            assert acts[name].saturated_frac is None
+    assert 0.1 < acts["sig"].saturated_frac < 1.0
+    assert 0.1 < acts["tanh"].saturated_frac < 1.0
+    relu_out = capture.outputs["relu"][0]
+    dead = (relu_out <= 0).all(dim=0)
+    assert dead[:3].all()
+    assert acts["relu"].dead_frac == pytest.approx(dead.double().mean().item())
+    assert acts["lin3"].dead_frac is None  # only the ReLU family has units that die
+    root = acts[""]
+    assert not root.leaf and root.calls == 1
+
+
+@pytest.mark.parametrize("shape, dims", [((6, 5, 7, 7), (0, 2, 3)), ((6, 9, 5), (0, 1))],
+                         ids=["conv-map-channels", "sequence-last-dim"])
+def test_dead_units_per_channel_or_feature(shape, dims):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            if len(shape) == 4:
+                self.pre = nn.Conv2d(shape[1], 4, 3, padding=1)
+            else:
+                self.pre = nn.Linear(shape[-1], 4)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.relu(self.pre(x))
+
+    model = Net()
+    with torch.no_grad():
+        model.pre.bias[1] = -100.0
+    capture = Capture(model, ["relu"])
+    scope = gradscope.watch(model, every=1)
+    _train_step(model, scope, torch.randn(shape))
+    scope.close()
+    out = capture.outputs["relu"][0]
+    units_dead = (out.amax(dim=dims) <= 0)
+    assert units_dead.shape == (4,) and units_dead[1]
+    stats = scope.history.last.activations["relu"]
+    assert stats.dead_frac == pytest.approx(units_dead.double().mean().item())
+    _assert_matches(stats, _reference([out]))
+
+
+def test_eval_mode_and_no_grad_forwards_do_not_count():
+    model = Mixed()
+    capture = Capture(model, ["lin1", "relu"])
+    scope = gradscope.watch(model, every=1)
+    model.eval()
+    model(torch.randn(4, 6) * 100)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 6) * 100)
+    train_x = torch.randn(16, 6)
+    _train_step(model, scope, train_x)
+    scope.close()
+    capture.remove()
+    acts = scope.history.last.activations
+    for name in ("lin1", "relu"):
+        assert acts[name].calls == 1
+        _assert_matches(acts[name], _reference(capture.outputs[name][-1:]))
+    data = scope.history.last.data
+    assert data.shape == (16, 6) and data.max == pytest.approx(train_x.max().item())
+
+
+def test_module_called_twice_pools_both_calls():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(5, 5)
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self.shared(self.act(self.shared(x))))
+
+    model = Twice()
+    capture = Capture(model, ["shared", "act"])
+    scope = gradscope.watch(model, every=1)
+    _train_step(model, scope, torch.randn(8, 5))
+    scope.close()
+    acts = scope.history.last.activations
+    for name in ("shared", "act"):
+        assert len(capture.outputs[name]) == 2
+        assert acts[name].calls == 2
+        _assert_matches(acts[name], _reference(capture.outputs[name],
+                                               (-1.0, 1.0) if name == "act" else None))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, mode: bool | None) -> None:
+        super().__init__()
+        self.mode = mode
+        self.inp = nn.Linear(6, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.mode is None:
+            h = self.block(h)
+        else:
+            h = checkpoint(self.block, h, use_reentrant=self.mode)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_counts_each_module_once(reentrant):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    x = torch.randn(10, 6)
+    names = ["inp", "block.0", "block.1", "block.2", "block.3", "head"]
+    model.mode = None  # the reference: the same weights and input, no checkpoint
+    capture = Capture(model, names)
+    model(x)
+    capture.remove()
+    model.mode = reentrant
+    scope = gradscope.watch(model, every=1)
+    for _ in range(2):  # the second step must not carry anything over from the first
+        model.zero_grad()
+        _train_step(model, scope, x)
+    scope.close()
+    acts = scope.history.last.activations
+    for name in names:
+        assert acts[name].calls == 1, name
+        _assert_matches(acts[name], _reference(capture.outputs[name],
+                                               (-1.0, 1.0) if name == "block.1" else None))
+    assert acts["block"].calls == 1
+
+
+def test_activations_reset_between_recorded_steps():
+    model = Mixed()
+    scope = gradscope.watch(model, every=2)
+    xs = [torch.randn(4, 6) for _ in range(5)]
+    for x in xs:
+        _train_step(model, scope, x)
+    scope.close()
+    records = scope.history.records()
+    assert [r.step for r in records] == [0, 2, 4]
+    assert all(r.activations["lin1"].calls == 1 for r in records)
+
+
+def test_activations_can_be_switched_off():
+    model = Mixed()
+    scope = gradscope.watch(model, every=1, activations=False)
+    _train_step(model, scope, torch.randn(4, 6))
+    scope.close()
+    assert scope.history.last.activations == {}
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())

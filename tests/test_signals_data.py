@@ -1,0 +1,99 @@
+"""Input batch statistics: the first tensor the root module receives (positional or keyword),
+pooled over the training forwards of a step."""
+
+import pytest
+import torch
+from models import CASES
+from torch import nn
+
+import gradscope
+
+
+def _reference(xs):
+    x = torch.cat([t.reshape(-1) for t in xs]).double()
+    finite = x[torch.isfinite(x)]
+    return {"min": finite.min().item(), "max": finite.max().item(),
+            "mean": finite.mean().item(), "std": finite.std(correction=0).item(),
+            "nonfinite": int((~torch.isfinite(x)).sum())}
+
+
+def _check(data, ref):
+    for key, value in ref.items():
+        assert getattr(data, key) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_float_batch_statistics_match_reference():
+    model = nn.Sequential(nn.Linear(5, 3))
+    scope = gradscope.watch(model, every=1)
+    x = torch.randn(12, 5) * 30 + 7
+    model(x).sum().backward()
+    scope.step(0.0)
+    scope.close()
+    data = scope.history.last.data
+    assert data.dtype == "float32" and data.is_float and data.shape == (12, 5)
+    _check(data, _reference([x]))
+
+
+def test_micro_batches_are_pooled_and_nonfinite_is_excluded_from_moments():
+    model = nn.Linear(5, 1)
+    scope = gradscope.watch(model, every=1)
+    xs = [torch.randn(4, 5), torch.randn(4, 5) + 3]
+    xs[1][2, 1] = float("inf")
+    xs[0][0, 0] = float("nan")
+    for x in xs:
+        model(x).sum().backward()
+    scope.step(0.0)
+    scope.close()
+    data = scope.history.last.data
+    assert data.nonfinite == 2
+    _check(data, _reference(xs))
+
+
+def test_keyword_input_and_other_dtypes():
+    class KW(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1).double()
+
+        def forward(self, *, features):
+            return self.lin(features)
+
+    model = KW()
+    scope = gradscope.watch(model, every=1)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    model(features=x).sum().backward()
+    scope.step(0.0)
+    scope.close()
+    data = scope.history.last.data
+    assert data.dtype == "float64"
+    _check(data, _reference([x]))
+
+
+def test_integer_token_ids_for_gpt2():
+    case = CASES["gpt2"]
+    model = case.build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scope = gradscope.watch(model, opt, every=1)
+    batch = case.batches(1)[0]
+    loss = case.loss(model, batch)
+    loss.backward()
+    opt.step()
+    scope.step(loss)
+    scope.close()
+    data = scope.history.last.data
+    ids = batch["input_ids"]
+    assert data.dtype == "int64" and not data.is_float
+    assert data.shape == tuple(ids.shape)
+    _check(data, _reference([ids]))
+    assert data.max < model.config.vocab_size
+
+
+def test_eval_forward_leaves_no_data_and_unrecorded_steps_none():
+    model = nn.Linear(2, 1)
+    scope = gradscope.watch(model, every=1)
+    model.eval()
+    model(torch.ones(3, 2))
+    model.train()
+    scope.step(0.0)
+    scope.close()
+    assert scope.history.last.data is None

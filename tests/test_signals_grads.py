@@ -1,0 +1,166 @@
+"""Gradient signals: per-parameter norms, max |grad|, non-finite counts, parameter norms,
+per-layer norms, None gradients, parameters missing from the optimizer, detached losses.
+
+Every number is compared with plain torch computed in float64 on the same tensors.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from models import MLP
+from torch import nn
+
+import gradscope
+
+
+def _norm(t: torch.Tensor, ord: float = 2) -> float:
+    return torch.linalg.vector_norm(t.detach().double(), ord).item()
+
+
+def _step(model, opt, scope, x, y, before_step=None):
+    """One plain iteration; returns reference stats taken just before optimizer.step()."""
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if before_step is not None:
+        before_step(model)
+    ref = {
+        name: {
+            "grad_norm": _norm(p.grad) if p.grad is not None else np.nan,
+            "grad_max": _norm(p.grad, float("inf")) if p.grad is not None else np.nan,
+            "nonfinite": int((~torch.isfinite(p.grad)).sum()) if p.grad is not None else 0,
+            "param_norm": _norm(p),
+        }
+        for name, p in model.named_parameters()
+    }
+    opt.step()
+    scope.step(loss)
+    return ref
+
+
+def _batch(n=16):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_grad_and_param_norms_match_reference(with_optimizer):
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, opt if with_optimizer else None, every=1)
+    x, y = _batch()
+    refs = [_step(model, opt, scope, x, y) for _ in range(2)]
+    scope.close()
+    names = scope.layout.param_names
+    assert names == [n for n, _ in model.named_parameters()]
+    for record, ref in zip(scope.history.records(), refs):
+        for i, name in enumerate(names):
+            assert record.grad_norm[i] == pytest.approx(ref[name]["grad_norm"], rel=1e-6)
+            assert record.grad_max[i] == pytest.approx(ref[name]["grad_max"], rel=1e-6)
+            assert record.grad_nonfinite[i] == 0
+            if with_optimizer:  # read in the optimizer's pre-hook: before the update
+                assert record.param_norm[i] == pytest.approx(ref[name]["param_norm"], rel=1e-6)
+        assert record.nonfinite_grad_params == []
+        assert record.stepped is with_optimizer and record.skipped is False
+
+
+def test_layer_grad_norm_combines_its_parameters():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, opt, every=1)
+    ref = _step(model, opt, scope, *_batch())
+    scope.close()
+    layout = scope.layout
+    assert layout.layers == ["fc1", "fc2", "head"]
+    per_layer = scope.history.last.layer_grad_norm(layout)
+    for index, layer in enumerate(layout.layers):
+        expected = np.sqrt(sum(ref[f"{layer}.{kind}"]["grad_norm"] ** 2
+                               for kind in ("weight", "bias")))
+        assert per_layer[index] == pytest.approx(expected, rel=1e-6)
+    weights = scope.history.last.layer_param_norm(layout)
+    assert weights[0] == pytest.approx(np.hypot(ref["fc1.weight"]["param_norm"],
+                                                ref["fc1.bias"]["param_norm"]), rel=1e-6)
+
+
+def test_nonfinite_grads_are_counted_per_parameter():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, opt, every=1)
+
+    def poison(m):
+        m.fc2.weight.grad[0, 0] = float("inf")
+        m.fc2.weight.grad[1, 2] = float("nan")
+        m.head.bias.grad[0] = float("-inf")
+
+    ref = _step(model, opt, scope, *_batch(), before_step=poison)
+    scope.close()
+    record = scope.history.last
+    names = scope.layout.param_names
+    counts = dict(zip(names, record.grad_nonfinite))
+    assert counts == {name: ref[name]["nonfinite"] for name in names}
+    assert counts["fc2.weight"] == 2 and counts["head.bias"] == 1
+    assert sorted(record.nonfinite_grad_params) == ["fc2.weight", "head.bias"]
+    fc1 = names.index("fc1.weight")
+    assert record.grad_norm[fc1] == pytest.approx(ref["fc1.weight"]["grad_norm"], rel=1e-6)
+    assert not np.isfinite(record.grad_norm[names.index("fc2.weight")])
+
+
+class PartlyUsed(nn.Module):
+    """`unused` never reaches the loss; `frozen` has requires_grad=False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.frozen(self.used(x))
+
+
+def _train_partly_used(opt_params, loss_transform=lambda loss: loss):
+    model = PartlyUsed()
+    opt = torch.optim.Adam(opt_params(model), lr=1e-2)
+    scope = gradscope.watch(model, opt, every=1)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(torch.randn(5, 4)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        scope.step(loss_transform(loss))
+    scope.close()
+    return scope
+
+
+def test_none_gradients_only_for_trainable_params_outside_the_graph():
+    scope = _train_partly_used(lambda m: m.parameters())
+    record = scope.history.last
+    flagged = {n for n, none in zip(scope.layout.param_names, record.grad_none) if none}
+    assert flagged == {"unused.weight", "unused.bias"}  # frozen.* (requires_grad=False) not
+    assert not record.not_in_optimizer.any()
+    assert record.loss_requires_grad is True
+    unused = scope.layout.param_names.index("unused.weight")
+    assert np.isnan(record.grad_norm[unused])
+
+
+def test_not_in_optimizer_flags_trainable_params_left_out():
+    scope = _train_partly_used(lambda m: [m.used.weight, m.unused.weight, m.unused.bias])
+    record = scope.history.last
+    missing = {n for n, flag in zip(scope.layout.param_names, record.not_in_optimizer) if flag}
+    assert missing == {"used.bias"}  # frozen.* need no optimizer
+    used_bias = scope.layout.param_names.index("used.bias")
+    assert np.isfinite(record.grad_norm[used_bias])  # still read, at step()
+
+
+def test_loss_requires_grad_false_for_detached_loss():
+    scope = _train_partly_used(lambda m: m.parameters(), lambda loss: loss.detach())
+    assert all(r.loss_requires_grad is False for r in scope.history.records())
+    # a plain float gives no information either way
+    model = nn.Linear(2, 1)
+    with gradscope.watch(model, every=1) as floats:
+        model(torch.ones(1, 2)).sum().backward()
+        floats.step(1.5)
+    assert floats.history.last.loss_requires_grad is None
+    assert floats.history.last.loss == 1.5

@@ -1,0 +1,110 @@
+"""Update size: ||w_after - w_before|| / ||w_before|| from a fixed element sample, and the
+`changed` flag (did the optimizer step alter the values at all)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+
+
+def _ratio(before: torch.Tensor, after: torch.Tensor) -> float:
+    before, after = before.double(), after.double()
+    return (torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before)).item()
+
+
+def _one_step(model, opt, scope, x):
+    opt.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    scope.step(loss)
+    return {n: _ratio(before[n], p.detach()) for n, p in model.named_parameters()}
+
+
+def test_small_tensors_give_the_exact_ratio():
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))  # every tensor <= 256
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scope = gradscope.watch(model, opt, every=1, update_sample=256)
+    refs = [_one_step(model, opt, scope, torch.randn(8, 6)) for _ in range(3)]
+    scope.close()
+    for record, ref in zip(scope.history.records(), refs):
+        expected = [ref[n] for n in scope.layout.param_names]
+        np.testing.assert_allclose(record.update_ratio, expected, rtol=1e-9)
+        assert record.changed.tolist() == [1.0] * 4
+
+
+def test_large_tensors_give_a_close_sampled_ratio():
+    # 256 of 65536 weights are sampled. For roughly i.i.d. elements the relative standard error
+    # of a sampled sum of squares is about sqrt(Var(x^2) / E(x^2)^2 / 256) <= sqrt(2 / 256), i.e.
+    # under 9% for numerator and denominator each; 30% leaves more than two standard errors for
+    # their quotient, while any real mistake (wrong norm, missing sqrt, no sampling) is >2x off.
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scope = gradscope.watch(model, opt, every=1, update_sample=256)
+    refs = [_one_step(model, opt, scope, torch.randn(32, 256)) for _ in range(3)]
+    scope.close()
+    big = scope.layout.param_names.index("0.weight")
+    for record, ref in zip(scope.history.records(), refs):
+        assert record.update_ratio[big] == pytest.approx(ref["0.weight"], rel=0.3)
+        assert record.changed[big] == 1.0
+
+
+def test_zero_learning_rate_is_not_a_change_even_though_the_version_moves():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scope = gradscope.watch(model, opt, every=1)
+    version = model.weight._version
+    _one_step(model, opt, scope, torch.randn(5, 4))
+    scope.close()
+    assert model.weight._version > version  # SGD wrote to the tensor, with the same values
+    record = scope.history.last
+    assert record.changed.tolist() == [0.0, 0.0]
+    assert record.update_ratio.tolist() == [0.0, 0.0]
+
+
+def test_params_without_grad_are_untouched_by_adam():
+    model = nn.ModuleDict({"used": nn.Linear(4, 3), "unused": nn.Linear(4, 3)})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scope = gradscope.watch(model, opt, every=1)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model["used"](torch.randn(5, 4)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        scope.step(loss)
+    scope.close()
+    record = scope.history.last
+    changed = dict(zip(scope.layout.param_names, record.changed))
+    assert changed == {"used.weight": 1.0, "used.bias": 1.0,
+                       "unused.weight": 0.0, "unused.bias": 0.0}
+    ratio = dict(zip(scope.layout.param_names, record.update_ratio))
+    assert ratio["unused.weight"] == 0.0 and ratio["used.weight"] > 0
+
+
+def test_zero_initialised_tensor_has_no_ratio_but_is_changed():
+    model = nn.Linear(4, 3)
+    nn.init.zeros_(model.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, opt, every=1)
+    _one_step(model, opt, scope, torch.randn(5, 4))
+    scope.close()
+    record = scope.history.last
+    assert record.changed.tolist() == [1.0, 1.0]
+    assert np.isfinite(record.update_ratio[0])
+    assert np.isnan(record.update_ratio[1])  # ||w_before|| = 0: the ratio is undefined
+
+
+def test_update_ratio_is_only_measured_on_recorded_steps():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, opt, every=3)
+    refs = [_one_step(model, opt, scope, torch.randn(5, 4)) for _ in range(7)]
+    scope.close()
+    records = scope.history.records()
+    assert [r.step for r in records] == [0, 3, 6]
+    for record in records:
+        expected = [refs[record.step][n] for n in scope.layout.param_names]
+        np.testing.assert_allclose(record.update_ratio, expected, rtol=1e-9)
