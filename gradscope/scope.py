@@ -189,7 +189,9 @@ class Scope:
             self._data.observe(tensor)
 
     def _on_root_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._closed or not self._training_forward(module):
+        # Any forward whose output is later backpropagated counts, eval mode included
+        # (fine-tuning with dropout off); outputs that never get a backward cost nothing.
+        if self._closed or compiling() or not torch.is_grad_enabled() or in_backward():
             return
         # every output that needs grad: the loss may come from any of them
         for leaf in _float_leaves(output):

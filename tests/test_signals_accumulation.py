@@ -16,9 +16,11 @@ def _norms(model):
                      else 0.0 for p in model.parameters()])
 
 
-def _run(clear, steps=3, micro=1):
+def _run(clear, steps=3, micro=1, eval_mode=False):
     """Train with `clear(opt)` called once per optimizer step (or never, if None)."""
     model = MLP()
+    if eval_mode:
+        model.eval()  # fine-tuning with dropout off: still training
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scope = gradscope.watch(model, opt, every=1)
     gen = torch.Generator().manual_seed(3)
@@ -37,8 +39,9 @@ def _run(clear, steps=3, micro=1):
     return scope, leftovers
 
 
-def test_forgotten_zero_grad_shows_the_leftover_gradient():
-    scope, leftovers = _run(clear=None)
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_forgotten_zero_grad_shows_the_leftover_gradient(eval_mode):
+    scope, leftovers = _run(clear=None, eval_mode=eval_mode)
     records = scope.history.records()
     assert np.isnan(records[0].stale_grad).all()  # nothing stepped before the first step
     for record, before in zip(records[1:], leftovers[1:]):
