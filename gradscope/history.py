@@ -57,15 +57,21 @@ class StepRecord:
         return self._cached("layer_param", lambda: _per_layer(layout, self.param_norm))
 
     def layer_update_ratio(self, layout: ModelLayout) -> np.ndarray:
-        """Largest sampled update/weight ratio among each layer's parameters."""
+        """Update/weight ratio per layer: ||dW|| / ||W|| over all of the layer's parameters,
+        each parameter's sampled ratio weighted by its norm (so a small bias that moves a lot
+        does not stand for the whole layer). NaN where nothing was measured.
+        """
 
         def compute() -> np.ndarray:
             owners = layout.owners
-            finite = np.isfinite(self.update_ratio)
-            out = np.full(len(layout.layers), -np.inf)
-            np.maximum.at(out, owners[finite], self.update_ratio[finite])
-            out[np.isneginf(out)] = np.nan
-            return out
+            ok = np.isfinite(self.update_ratio) & np.isfinite(self.param_norm)
+            moved = np.bincount(owners[ok], weights=(self.update_ratio[ok]
+                                                     * self.param_norm[ok]) ** 2,
+                                minlength=len(layout.layers))
+            weight = np.bincount(owners[ok], weights=self.param_norm[ok] ** 2,
+                                 minlength=len(layout.layers))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(weight > 0, np.sqrt(moved / weight), np.nan)
 
         return self._cached("layer_update", compute)
 

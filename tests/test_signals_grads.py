@@ -164,3 +164,30 @@ def test_loss_requires_grad_false_for_detached_loss():
         floats.step(1.5)
     assert floats.history.last.loss_requires_grad is None
     assert floats.history.last.loss == 1.5
+
+
+def test_an_empty_parameter_does_not_switch_off_gradient_signals():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    model.register_parameter("empty", nn.Parameter(torch.empty(0)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, every=1) as scope:
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean() + model.empty.sum()
+        loss.backward()
+        opt.step()
+        scope.step(loss)
+    assert scope.failures == {}
+    record = scope.history.last
+    names = scope.layout.param_names
+    real = [i for i, name in enumerate(names) if name != "empty"]
+    assert np.isfinite(record.grad_norm[real]).all() and (record.grad_norm[real] > 0).all()
+
+
+def test_layer_update_ratio_weights_parameters_by_their_norm():
+    model = nn.Sequential(nn.Linear(64, 64))
+    layout = gradscope.history.ModelLayout.of(model)
+    from rulekit import record
+
+    rec = record(layout, 0, update_ratio=np.array([1e-3, 10.0]), param_norm=np.array([8.0, 1e-3]))
+    expected = np.sqrt((1e-3 * 8.0) ** 2 + (10.0 * 1e-3) ** 2) / np.sqrt(8.0 ** 2 + 1e-6)
+    np.testing.assert_allclose(rec.layer_update_ratio(layout), [expected])

@@ -169,6 +169,12 @@ def _squashing_depth(ctx: RuleContext) -> tuple[str, float, str]:
             "shrinks the gradient passed to the layers before it")
 
 
+#: Weight RMS below this fraction of 1/sqrt(fan_in) counts as a too-small initialisation.
+#: Deliberately small inits (GPT-2 scales residual projections by 1/sqrt(2 * n_layer)) stay
+#: well above it.
+SMALL_INIT = 0.05
+
+
 def _small_init(ctx: RuleContext, records) -> tuple[str, float, str]:
     weights = records[-1].layer_param_norm(ctx.layout)
     sizes = np.zeros(len(ctx.layout.layers))
@@ -178,12 +184,12 @@ def _small_init(ctx: RuleContext, records) -> tuple[str, float, str]:
         rms = weights / np.sqrt(np.maximum(sizes, 1))
     fan = np.array([max(1, _fan_in(ctx, i)) for i in range(len(ctx.layout.layers))])
     expected = 1.0 / np.sqrt(fan)
-    small = np.flatnonzero(rms < 0.1 * expected)
+    small = np.flatnonzero(rms < SMALL_INIT * expected)
     if small.size == 0:
         return ("poor-init", 0.0, "")
     return ("poor-init", 0.8 * small.size / len(rms),
-            f"{small.size} layer(s) have weights ten times smaller than a 1/sqrt(fan_in) "
-            f"initialisation (e.g. '{ctx.layout.layers[small[0]]}')")
+            f"{small.size} layer(s) have weights over {fmt(1 / SMALL_INIT)} times smaller than "
+            f"a 1/sqrt(fan_in) initialisation (e.g. '{ctx.layout.layers[small[0]]}')")
 
 
 def _fan_in(ctx: RuleContext, layer: int) -> int:

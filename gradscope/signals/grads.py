@@ -25,7 +25,8 @@ def put_grad_stats(
         [2.0]
     """
     grads = [p.grad for p in params]
-    present = [(g, i) for g, i in zip(grads, indices) if g is not None and not g.is_sparse]
+    present = [(g, i) for g, i in zip(grads, indices)
+               if g is not None and not g.is_sparse and g.numel() > 0]
     sharded = [(g, i) for g, i in present if is_sharded(g)]
     if sharded:  # FSDP2 shards: combined across ranks in one collective
         put_sharded_grad_stats([g for g, _ in sharded], [i for _, i in sharded], batch)
