@@ -65,24 +65,30 @@ def near_zero_gradients(ctx: RuleContext, records: Sequence[StepRecord], tiny: f
             "any layer")
 
 
-def saturation(ctx: RuleContext, records: Sequence[StepRecord], limit: float) -> Score:
-    over = records[-1].modules_over("saturated_frac", limit)
+def _worst_module(records: Sequence[StepRecord], field: str, limit: float, cause: str,
+                  text: str) -> Score:
+    """Score `cause` by the module with the largest `field` over `limit` in the last record.
+
+    A blocked layer explains weak gradients better than a generic cause, so the score is
+    1 + the blocked fraction.
+    """
+    over = records[-1].modules_over(field, limit)
     where, worst = max(over.items(), key=lambda kv: kv[1], default=("", 0.0))
     if worst <= limit:
-        return ("saturated-activations", 0.0, "")
-    return ("saturated-activations", 1.0 + worst,
-            f"{fmt(100 * worst)}% of the outputs of '{where}' sit at the flat ends of its "
-            "activation, where its derivative is nearly zero")
+        return (cause, 0.0, "")
+    return (cause, 1.0 + worst, text.format(percent=fmt(100 * worst), module=where))
+
+
+def saturation(ctx: RuleContext, records: Sequence[StepRecord], limit: float) -> Score:
+    return _worst_module(records, "saturated_frac", limit, "saturated-activations",
+                         "{percent}% of the outputs of '{module}' sit at the flat ends of its "
+                         "activation, where its derivative is nearly zero")
 
 
 def dead_units(ctx: RuleContext, records: Sequence[StepRecord], limit: float) -> Score:
-    over = records[-1].modules_over("dead_frac", limit)
-    where, worst = max(over.items(), key=lambda kv: kv[1], default=("", 0.0))
-    if worst <= limit:
-        return ("dead-units", 0.0, "")
-    return ("dead-units", 1.0 + worst,
-            f"{fmt(100 * worst)}% of the units of '{where}' never activated on a whole batch, so "
-            "no gradient flows through them")
+    return _worst_module(records, "dead_frac", limit, "dead-units",
+                         "{percent}% of the units of '{module}' never activated on a whole "
+                         "batch, so no gradient flows through them")
 
 
 def data_scale(records: Sequence[StepRecord], limit: float) -> Score:
