@@ -15,11 +15,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
-from rulekit import act, data, record  # noqa: E402
+from rulekit import act, data, record
 
-from gradscope.history import History  # noqa: E402
-from gradscope.layout import ModelLayout  # noqa: E402
-from gradscope.rules import RuleEngine, builtin_rules  # noqa: E402
+from gradscope.history import History
+from gradscope.layout import ModelLayout
+from gradscope.rules import RuleEngine, builtin_rules
 
 
 def main(layers: int = 200, steps: int = 10_000, evaluations: int = 200,

@@ -2,8 +2,10 @@
 
 Exit codes: 0 fine, 1 findings at or above the failing severity, 2 bad usage or unreadable input.
 
-Example:
-    >>> main(["rules", "--help"])  # doctest: +SKIP
+Example (shell)::
+
+    gradscope demo dead-relu --log-dir runs/dead
+    gradscope report runs/dead --fail-on warning
 """
 
 from __future__ import annotations
@@ -232,7 +234,12 @@ COMMANDS = {"demo": cmd_demo, "report": cmd_report, "plot": cmd_plot, "rules": c
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `gradscope` command with `argv` (default: sys.argv[1:]); return the exit code."""
+    """Run the `gradscope` command with `argv` (default: sys.argv[1:]); return the exit code.
+
+    Example:
+        >>> main(["report", "/no/such/dir"])
+        2
+    """
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

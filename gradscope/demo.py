@@ -141,7 +141,7 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s for s in (
         Scenario("vanishing", vanishing, ("grad-vanishing",), steps=80),
-        Scenario("exploding", exploding, ("grad-exploding", "loss-nonfinite")),
+        Scenario("exploding", exploding, ("grad-exploding", "loss-nonfinite"), steps=40),
         Scenario("dead-relu", dead_relu, ("units-dead",)),
         Scenario("forgot-zero-grad", forgot_zero_grad, ("grad-accumulating",)),
         Scenario("detached", detached, ("grad-none",)),

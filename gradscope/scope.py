@@ -627,7 +627,8 @@ def watch(model: nn.Module, optimizer: Any = None, **options: Any) -> Scope:
     """Attach gradscope to `model` (and the optimizer(s) that step it) and return a Scope.
 
     Options: live, every, log_dir, rules, disable_rules, thresholds, history_size,
-    update_sample, activations, nonfinite_origin, refresh_per_second.
+    update_sample, activations, nonfinite_origin, refresh_per_second, all_ranks (under
+    torch.distributed only rank 0 prints and writes the run log unless all_ranks=True).
 
     Example:
         >>> import torch, gradscope

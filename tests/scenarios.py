@@ -5,6 +5,7 @@ Each scenario trains on synthetic data on the CPU with gradscope attached and re
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -42,7 +43,7 @@ def _teacher_classes(n_in: int = 16, classes: int = 4, seed: int = 0):
 
 def mlp(widths: list[int], act: Callable[[], nn.Module] = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(act())

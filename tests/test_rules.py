@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rulekit import act, data, deep_layout, history, per_layer, record
 
 import gradscope
 from gradscope.options import WatchOptions
 from gradscope.rules import RuleEngine, builtin_rules
 from gradscope.rules.catalog import render
-from rulekit import act, data, deep_layout, history, per_layer, record
 
 SIGNS = ["loss-flat", "loss-nonfinite", "grad-none", "layers-stalled", "training-unstable",
          "grad-vanishing", "grad-exploding", "grad-accumulating", "params-frozen", "units-dead",

@@ -6,9 +6,8 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
-
 import scenarios as S
+import torch
 
 # scenario -> (expected sign, expected top cause)
 BROKEN = {

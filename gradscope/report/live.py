@@ -6,9 +6,12 @@ on the training thread (no background thread), so training is not slowed down.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from importlib.util import find_spec
 from typing import IO, Any
@@ -194,7 +197,7 @@ class LiveView:
         self.renders = 0
 
     def _width(self) -> int:
-        return max(min(self.console.width, 110), 60)
+        return max(min(self.console.width, 100), 60)
 
     def on_record(self, record: StepRecord, changed: list[Diagnosis]) -> None:
         if self.mode == "lines":
@@ -205,7 +208,17 @@ class LiveView:
         if now - self._last < self.interval:
             return
         self._last = now
-        self._render()
+        try:
+            self._render()
+        except Exception:
+            self._abandon()  # give the terminal back before the error switches this view off
+            raise
+
+    def _abandon(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            with contextlib.suppress(Exception):
+                live.stop()
 
     def _print_lines(self, record: StepRecord, changed: list[Diagnosis]) -> None:
         for d in changed:
@@ -219,8 +232,10 @@ class LiveView:
                            width=self._width())
         if self._live is None:
             self._live = Live(renderable, console=self.console, auto_refresh=False,
-                              transient=False, redirect_stdout=True, redirect_stderr=False)
+                              transient=False, redirect_stdout=True, redirect_stderr=True)
             self._live.start(refresh=True)
+            # a scope that is never closed must still give the terminal back at exit
+            atexit.register(_stop_at_exit, weakref.ref(self))
         else:
             self._live.update(renderable, refresh=True)
         self._dirty = False
@@ -239,6 +254,13 @@ class LiveView:
             if self._live is not None:
                 self._live.stop()
                 self._live = None
+
+
+def _stop_at_exit(ref: weakref.ReferenceType[LiveView]) -> None:
+    view = ref()
+    if view is not None and view._live is not None:
+        with contextlib.suppress(Exception):
+            view.on_close()
 
 
 def wants_live(live: Any, stream: IO[str] | None = None) -> tuple[bool, bool]:

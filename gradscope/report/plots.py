@@ -139,19 +139,23 @@ def draw_loss(ax: Axes, history: History, diagnoses: Sequence[Diagnosis],
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     steps, values = history.losses()
-    known = ~np.isnan(values)
-    if not known.any():
+    finite = np.isfinite(values)
+    if not finite.any() and np.isnan(values).all():
+        # NaN alone is also how a step without a loss is stored
         _empty(ax, "no loss recorded (pass the loss to scope.step(loss))")
         return
-    finite = np.isfinite(values)
-    ax.plot(steps[finite], values[finite], color="0.2", linewidth=1.0, label="loss")
+    ax.plot(steps[finite], values[finite], color="0.2", linewidth=1.0, label="loss",
+            marker="." if finite.sum() < 40 else None)
     good = values[finite]
     if good.size and good.min() > 0 and good.max() / good.min() > 100:
         ax.set_yscale("log")
-    bad = known & ~finite
+    bad = ~finite
     if bad.any():
         ax.plot(steps[bad], np.full(bad.sum(), good.max() if good.size else 1.0), "x",
-                color=SEVERITY_COLOR["error"], label="loss NaN/Inf")
+                color=SEVERITY_COLOR["error"], markersize=5, label="loss NaN/Inf")
+    if steps.size:
+        pad = max(0.5, (steps.max() - steps.min()) * 0.02)
+        ax.set_xlim(steps.min() - pad, steps.max() + pad)
     for d in severity_sorted(diagnoses):
         ax.axvline(d.first_step, color=SEVERITY_COLOR.get(d.severity, "0.5"), linestyle="--",
                    linewidth=1.2, label=f"{d.sign} from step {d.first_step}")
@@ -183,15 +187,21 @@ def draw_norms(ax: Axes, history: History, records: list[StepRecord], fig: Figur
     steps = np.array([r.step for r in records])
     if len(names) <= MAX_LINES:
         floor = positive.min() / 10 if positive.size else 1e-12
+        ceiling = positive.max() * 10 if positive.size else 1.0
         palette = _cmap("tab10")
         for i, name in enumerate(names):
             row = norms[i]
-            shown = np.where(row == 0, floor, row)
+            shown = np.where(row == 0, floor, np.where(np.isinf(row), np.nan, row))
             label = fold_name(name, 24)
-            if not np.isfinite(row).any():
+            if np.isnan(row).all():
                 label += " (no gradient)"
-            ax.plot(steps, shown, marker="." if len(steps) < 40 else None, linewidth=1.2,
+            few = np.isfinite(shown).sum() < 40
+            ax.plot(steps, shown, marker="." if few else None, linewidth=1.2,
                     color=palette(i % 10), linestyle="-" if i < 10 else "--", label=label)
+        blown = np.isinf(norms).any(axis=0)
+        if blown.any():
+            ax.plot(steps[blown], np.full(blown.sum(), ceiling), "x",
+                    color=SEVERITY_COLOR["error"], markersize=5, label="NaN/Inf gradient")
         ax.set_yscale("log")
         ax.set_ylabel("gradient L2 norm (log)")
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False,
@@ -207,8 +217,9 @@ def draw_norms(ax: Axes, history: History, records: list[StepRecord], fig: Figur
         high = positive.max() if positive.size else 1.0
         if high <= low:
             high = low * 10
-        cmap = _cmap("viridis").with_extremes(bad="#dddddd", under="black")
-        masked = np.ma.masked_invalid(np.where(norms == 0, low / 10, norms))
+        cmap = _cmap("viridis").with_extremes(bad="#dddddd", under="black", over="#d62728")
+        values = np.where(norms == 0, low / 10, np.where(np.isinf(norms), high * 10, norms))
+        masked = np.ma.masked_invalid(values)
         mesh = ax.pcolormesh(edges, np.arange(len(names) + 1) - 0.5, masked,
                              cmap=cmap, norm=LogNorm(vmin=low, vmax=high), shading="flat")
         ax.set_ylim(len(names) - 0.5, -0.5)
@@ -216,8 +227,11 @@ def draw_norms(ax: Axes, history: History, records: list[StepRecord], fig: Figur
         _layer_ticks(ax, names, axis="y", max_ticks=30)
         box = ax.get_position()
         cax = fig.add_axes((box.x1 + 0.01, box.y0, 0.012, box.height))
-        bar = fig.colorbar(mesh, cax=cax, extend="min" if (norms == 0).any() else "neither")
-        bar.set_label("gradient L2 norm (black: 0, grey: not measured)", fontsize=8)
+        zeros, blown = bool((norms == 0).any()), bool(np.isinf(norms).any())
+        extend = {(True, True): "both", (True, False): "min", (False, True): "max"}
+        bar = fig.colorbar(mesh, cax=cax, extend=extend.get((zeros, blown), "neither"))
+        bar.set_label("gradient L2 norm (black: 0, red: NaN/Inf, grey: not measured)",
+                      fontsize=8)
     if marked_step is not None:
         ax.axvline(marked_step, color="0.6", linestyle=":", linewidth=1)
 
@@ -236,7 +250,8 @@ def _edges(steps: np.ndarray) -> np.ndarray:
                            [steps[-1] + (steps[-1] - mids[-1])]])
 
 
-def draw_flow(ax: Axes, history: History, record: StepRecord | None) -> None:
+def draw_flow(ax: Axes, history: History, record: StepRecord | None,
+              note: str = "") -> None:
     """(b) max and mean |grad| per layer in model order at one recorded step.
 
     Mean |grad| is estimated as the layer's L2 norm / sqrt(numel), i.e. the root mean square
@@ -244,7 +259,7 @@ def draw_flow(ax: Axes, history: History, record: StepRecord | None) -> None:
     """
     layout = history.layout
     names = [name or "(root)" for name in layout.layers]
-    _title(ax, TITLES["flow"].format(step=record.step if record else "-"))
+    _title(ax, TITLES["flow"].format(step=record.step if record else "-") + note)
     ax.set_xlabel("layer")
     ax.set_ylabel("|gradient| (log)")
     if record is None or not names:
@@ -257,7 +272,9 @@ def draw_flow(ax: Axes, history: History, record: StepRecord | None) -> None:
     x = np.arange(len(names))
     values = _positive(np.concatenate([mean, peak]))
     if values.size == 0:
-        _empty(ax, f"no non-zero gradient at step {record.step}")
+        blown = np.isinf(record.grad_norm).any()
+        _empty(ax, f"every gradient at step {record.step} is NaN/Inf" if blown
+               else f"no non-zero gradient at step {record.step}")
         _layer_ticks(ax, names)
         return
     floor = values.min() / 10
@@ -276,11 +293,12 @@ def draw_flow(ax: Axes, history: History, record: StepRecord | None) -> None:
     _layer_ticks(ax, names)
 
 
-def draw_updates(ax: Axes, history: History, record: StepRecord | None) -> None:
+def draw_updates(ax: Axes, history: History, record: StepRecord | None,
+                 note: str = "") -> None:
     """(c) update/weight ratio per layer with the ~1e-3 reference band."""
     layout = history.layout
     names = [name or "(root)" for name in layout.layers]
-    _title(ax, TITLES["updates"].format(step=record.step if record else "-"))
+    _title(ax, TITLES["updates"].format(step=record.step if record else "-") + note)
     ax.set_xlabel("layer")
     ax.set_ylabel("|Δw| / |w| (log)")
     if record is None or not names:
@@ -290,7 +308,8 @@ def draw_updates(ax: Axes, history: History, record: StepRecord | None) -> None:
     values = _positive(ratio)
     x = np.arange(len(names))
     if values.size == 0 and not (ratio == 0).any():
-        _empty(ax, "no update measured (pass the optimizer to watch())")
+        _empty(ax, f"no finite update/weight ratio at step {record.step}" if record.lrs
+               else "no update measured (pass the optimizer to watch())")
         _layer_ticks(ax, names)
         return
     low = min(values.min() if values.size else UPDATE_RATIO_BAND[0], UPDATE_RATIO_BAND[0])
@@ -314,9 +333,10 @@ def draw_updates(ax: Axes, history: History, record: StepRecord | None) -> None:
     _layer_ticks(ax, names)
 
 
-def draw_units(ax: Axes, history: History, record: StepRecord | None) -> None:
+def draw_units(ax: Axes, history: History, record: StepRecord | None,
+               note: str = "") -> None:
     """(d) dead (ReLU family) and saturated (sigmoid/tanh family) fraction per module."""
-    _title(ax, TITLES["units"].format(step=record.step if record else "-"))
+    _title(ax, TITLES["units"].format(step=record.step if record else "-") + note)
     ax.set_xlabel("activation module")
     ax.set_ylabel("fraction of units")
     if record is None:
@@ -363,6 +383,21 @@ def draw_units(ax: Axes, history: History, record: StepRecord | None) -> None:
     _layer_ticks(ax, names, width=26)
 
 
+def pick_record(history: History, step: int | None) -> tuple[StepRecord | None, str]:
+    """The record the per-layer panels show, and a note for their titles.
+
+    By default the last one; when its gradients have gone NaN/Inf, the last one before that
+    (a diverged run's per-layer panels are otherwise empty).
+    """
+    record = record_at(history, step)
+    if step is not None or record is None or not np.isinf(record.grad_norm).any():
+        return record, ""
+    for earlier in reversed(history.records()):
+        if not np.isinf(earlier.grad_norm).any() and np.isfinite(earlier.grad_norm).any():
+            return earlier, " (the last before NaN/Inf gradients)"
+    return record, ""
+
+
 def _label_chars(names: Sequence[str], width: int) -> int:
     prefix = common_prefix(names)
     return max((len(fold_name(n[len(prefix):], width)) for n in names), default=0)
@@ -393,7 +428,7 @@ def build_figure(history: History, diagnoses: Sequence[Diagnosis], step: int | N
     names = [name or "(root)" for name in layout.layers]
     layers = len(names)
     records = history.records()
-    record = record_at(history, step)
+    record, note = pick_record(history, step)
     heat = layers > MAX_LINES
     acts = [n for n, st in (record.activations.items() if record else ())
             if st.dead_frac is not None or st.saturated_frac is not None]
@@ -421,12 +456,12 @@ def build_figure(history: History, diagnoses: Sequence[Diagnosis], step: int | N
         axes.append(fig.add_axes((left / width, y / height, (width - left - right) / width,
                                   panel_height / height)))
         y -= below
-    marked = record.step if record is not None and step is not None else None
+    marked = record.step if record is not None and (step is not None or note) else None
     draw_loss(axes[0], history, diagnoses, marked)
     draw_norms(axes[1], history, records, fig, marked)
-    draw_flow(axes[2], history, record)
-    draw_updates(axes[3], history, record)
-    draw_units(axes[4], history, record)
+    draw_flow(axes[2], history, record, note)
+    draw_updates(axes[3], history, record, note)
+    draw_units(axes[4], history, record, note)
     if records:
         axes[1].set_xlim(axes[0].get_xlim())
     found = severity_sorted(diagnoses)

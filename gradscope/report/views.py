@@ -138,6 +138,31 @@ def severity_sorted(diagnoses: Iterable[Diagnosis]) -> list[Diagnosis]:
     return sorted(diagnoses, key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))
 
 
+def _static(layout: ModelLayout, key: str, compute):
+    """A value derived once per layout (layouts never change)."""
+    static = getattr(layout, "static", None)
+    return static(key, compute) if static is not None else compute()
+
+
+def activation_owners(layout: ModelLayout) -> dict[str, int]:
+    """For every module, the parameter layer it belongs to: itself, or the nearest before it."""
+
+    def compute() -> dict[str, int]:
+        layers = {name: i for i, name in enumerate(layout.layers)}
+        owners: dict[str, int] = {}
+        current: int | None = None
+        for name in layout.module_names:
+            if name in layers:
+                owners[name] = layers[name]
+                if name != "":
+                    current = layers[name]
+            elif current is not None:
+                owners[name] = current
+        return owners
+
+    return _static(layout, "report.activation_owners", compute)
+
+
 def activation_owner(layout: ModelLayout, module: str) -> int | None:
     """The parameter layer an activation module belongs to: the nearest one before it.
 
@@ -147,16 +172,19 @@ def activation_owner(layout: ModelLayout, module: str) -> int | None:
         >>> activation_owner(ModelLayout.of(m), "1")
         0
     """
-    layers = {name: i for i, name in enumerate(layout.layers)}
-    if module in layers:
-        return layers[module]
-    order = layout.module_names
-    if module not in order:
-        return None
-    for name in reversed(order[: order.index(module)]):
-        if name in layers and name != "":
-            return layers[name]
-    return None
+    return activation_owners(layout).get(module)
+
+
+def layer_param_names(layout: ModelLayout) -> list[set[str]]:
+    """The qualified parameter names of every layer."""
+
+    def compute() -> list[set[str]]:
+        out: list[set[str]] = [set() for _ in layout.layers]
+        for info, layer in zip(layout.params, layout.param_layer):
+            out[layer].add(info.name)
+        return out
+
+    return _static(layout, "report.layer_param_names", compute)
 
 
 def activation_fractions(layout: ModelLayout, record: StepRecord | None
@@ -204,7 +232,8 @@ def layer_update_ratio(layout: ModelLayout, record: StepRecord) -> np.ndarray:
     """|Δw| / |w| of each layer as a whole: the tensors' sampled ratios weighted by their norms.
 
     A zero-initialised bias has a huge ratio of its own; weighting by the norm keeps it from
-    hiding a weight matrix that does not move. NaN where no ratio was measured.
+    hiding a weight matrix that does not move. NaN where no ratio was measured. This is
+    `StepRecord.layer_update_ratio`, the number the rules read.
 
     Example:
         >>> import torch
@@ -215,15 +244,7 @@ def layer_update_ratio(layout: ModelLayout, record: StepRecord) -> np.ndarray:
         >>> round(float(layer_update_ratio(layout, r)[0]), 4)
         0.0333
     """
-    n = len(layout.layers)
-    owners = np.asarray(layout.param_layer, dtype=np.int64)
-    ratio = np.asarray(record.update_ratio, dtype=float)
-    weight = np.asarray(record.param_norm, dtype=float)
-    ok = np.isfinite(ratio) & np.isfinite(weight)
-    moved = np.bincount(owners[ok], weights=(ratio[ok] * weight[ok]) ** 2, minlength=n)
-    base = np.bincount(owners[ok], weights=weight[ok] ** 2, minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(base > 0, np.sqrt(moved) / np.sqrt(base), np.nan)
+    return record.layer_update_ratio(layout)
 
 
 @dataclass(frozen=True)
@@ -253,9 +274,10 @@ def layer_rows(history: History, record: StepRecord | None,
         ratio = layer_update_ratio(layout, record)
         dead, sat = activation_fractions(layout, record)
     involved = {name for d in diagnoses for name in d.layers}
+    names = layer_param_names(layout)
     rows = []
     for i, name in enumerate(layout.layers):
-        params = {p.name for p, layer in zip(layout.params, layout.param_layer) if layer == i}
+        params = names[i]
         rows.append(LayerRow(
             index=i, name=name or "(root)", kind=layout.module_types.get(name, ""),
             grad_norm=float(grad[i]), update_ratio=float(ratio[i]), dead=float(dead[i]),

@@ -136,3 +136,18 @@ def detached(ctx: RuleContext, records: Sequence[StepRecord]) -> Score:
                 f"{int(last.grad_none.sum())} of {int(trainable.sum())} trainable parameters "
                 "got no gradient")
     return ("detached-graph", 0.0, "")
+
+
+def vanishing(ctx: RuleContext, records: Sequence[StepRecord], ratio: float) -> Score:
+    """First layer's gradient norm far below the last layer's (the AUTOTRAINER ratio)."""
+    grads = records[-1].layer_grad_norm(ctx.layout)
+    cols = np.flatnonzero(~np.isnan(grads))
+    if cols.size < 2 or not grads[cols[-1]] > 0:
+        return ("vanishing-gradients", 0.0, "")
+    first, last = float(grads[cols[0]]), float(grads[cols[-1]])
+    if first / last >= ratio:
+        return ("vanishing-gradients", 0.0, "")
+    return ("vanishing-gradients", 1.2,
+            f"layer '{ctx.layout.layers[cols[0]]}' gets a gradient norm of {fmt(first)} vs "
+            f"{fmt(last)} at '{ctx.layout.layers[cols[-1]]}' (ratio {fmt(first / last)}): the "
+            "early layers barely learn")

@@ -123,24 +123,31 @@ def grad_vanishing(ctx: RuleContext) -> Finding | None:
     if not any(s > 0 for _, s, _ in scores):
         scores.append(("poor-init", 0.3, "no saturated or dead activations were seen: the "
                        "per-layer gain of the initialisation/architecture shrinks the signal"))
+    causes = ranked(scores)
     first_name = ctx.layout.layers[cols[0]] or "(root)"
     last_name = ctx.layout.layers[cols[-1]] or "(root)"
     return Finding(
         summary=(f"layer '{first_name}' grad norm {fmt(latest[0])} vs '{last_name}' "
                  f"{fmt(latest[-1])}, ratio {fmt(latest[0] / latest[-1])}"),
-        causes=ranked(scores), layers=ctx.layer_names(vanished or [cols[0]]),
+        causes=causes, layers=ctx.layer_names(vanished or [cols[0]]),
         first_step=recs[0].step,
         evidence={"first_layer": first_name, "first_layer_grad_norm": float(latest[0]),
                   "last_layer": last_name, "last_layer_grad_norm": float(latest[-1]),
                   "ratio": float(latest[0] / latest[-1])},
-        checks=[
-            "Replace sigmoid/tanh hidden activations with ReLU/GELU, or add normalisation "
-            "(BatchNorm/LayerNorm) between layers.",
-            "Use an initialisation matched to the activation (Kaiming for ReLU, Xavier for "
-            "tanh) so each layer keeps the signal's scale.",
-            "Add skip (residual) connections so early layers get a direct gradient path.",
-        ],
+        checks=[VANISHING_CHECKS[c.id] for c in causes if c.id in VANISHING_CHECKS]
+        + ["Add skip (residual) connections so early layers get a direct gradient path."],
     )
+
+
+#: What to try for each cause of vanishing gradients, most likely cause first in the report.
+VANISHING_CHECKS = {
+    "saturated-activations": "Replace sigmoid/tanh hidden activations with ReLU/GELU, or add "
+                             "normalisation (BatchNorm/LayerNorm) before them.",
+    "dead-units": "Revive the dead ReLUs: lower the learning rate, start biases at 0 with "
+                  "Kaiming initialisation, or use LeakyReLU/GELU.",
+    "poor-init": "Use an initialisation matched to the activation (Kaiming for ReLU, Xavier for "
+                 "tanh) so each layer keeps the signal's scale.",
+}
 
 
 def _first_last_grad(ctx: RuleContext, record) -> tuple[float, float] | None:

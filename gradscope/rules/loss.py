@@ -24,6 +24,7 @@ HIGH_UPDATE = Threshold(
 TINY_GRAD = Threshold(
     1e-7, "total gradient L2 norm below which no layer gets a usable signal (float32 weights "
     "cannot even register steps that small at ordinary learning rates)")
+VANISHING_RATIO = 1e-3  # first/last layer gradient-norm ratio of vanishing (AUTOTRAINER)
 UNSTABLE_SPAN = 200  # recent steps the instability rule looks at
 SATURATED = Threshold(0.5, "fraction of a layer's outputs saturated/dead that blocks most of its "
                            "gradient (the >50%-of-a-layer rule used by AUTOTRAINER)")
@@ -68,8 +69,8 @@ def _flatness(ctx: RuleContext) -> tuple[float, float, float, int, int, float] |
       needs=("loss", "grad_norm", "update_ratio", "activations"),
       thresholds={"min_steps": MIN_STEPS, "change": FLAT_CHANGE, "warmup": WARMUP,
                   "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
-      causes=("lr-too-low", "broken-gradient-flow", "saturated-activations", "dead-units",
-              "missing-from-optimizer", "detached-graph"))
+      causes=("lr-too-low", "broken-gradient-flow", "vanishing-gradients",
+              "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph"))
 def loss_flat(ctx: RuleContext) -> Finding | None:
     """The loss has not moved since training started."""
     _, tail = ctx.losses
@@ -92,6 +93,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
     causes = ranked([
         ev.lr_too_low(ctx, records, t["low_update"], t["tiny_grad"]),
         ev.near_zero_gradients(ctx, records, t["tiny_grad"]),
+        ev.vanishing(ctx, records, VANISHING_RATIO),
         ev.saturation(ctx, records, t["saturated"]),
         ev.dead_units(ctx, records, t["saturated"]),
         ev.frozen_by_optimizer(ctx, records),

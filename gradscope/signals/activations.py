@@ -12,11 +12,13 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..hooks import Guard, HookSet
-from .reduce import nonfinite_count, sum_and_sumsq
+from .reduce import CPU_SHARED_CAST, nonfinite_count, sum_and_norm
 from .transfer import DeviceBatch
 
 #: Modules whose output units can die: never positive across a whole batch.
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+_DROPOUT: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                         nn.AlphaDropout, nn.FeatureAlphaDropout)
 #: Fraction of a bounded activation's range, at either end, counted as saturated.
 SATURATION_MARGIN = 0.01
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
@@ -24,6 +26,7 @@ CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 
 # Per-module accumulator layout (float64 on the host, summed over the calls of a step).
 SUM, SUMSQ, ZEROS, NONFINITE, SATURATED, IN_NONFINITE, DEAD = range(7)
+NORM = DEAD + 1  # a float part holding an L2 norm: squared on the host, added to SUMSQ
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,22 @@ def compiling() -> bool:
     return bool(check()) if check is not None else False
 
 
+def _nonzero_count(x: torch.Tensor, scattered_zeros: bool) -> torch.Tensor:
+    """count_nonzero(x). Its CPU kernel branches per element, which is slow when zeros are
+    scattered at random (ReLU and dropout outputs); a boolean mask first avoids that."""
+    if scattered_zeros and x.device.type == "cpu" and x.numel() >= CPU_SHARED_CAST:
+        return torch.count_nonzero(x.ne(0))
+    return torch.count_nonzero(x)
+
+
+def _saturated(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """How many elements lie within SATURATION_MARGIN of either end of [low, high]."""
+    margin = SATURATION_MARGIN * (high - low)
+    if low == -high:  # symmetric range: |x| >= high - margin is the same test, one kernel less
+        return torch.count_nonzero(x.abs() >= high - margin)
+    return torch.count_nonzero((x <= low + margin) | (x >= high - margin))
+
+
 def in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
@@ -116,6 +135,7 @@ class ActivationCollector:
         self._modules = list(model.named_modules())
         self._by_name = dict(self._modules)
         self._leaf = {name: not any(True for _ in m.children()) for name, m in self._modules}
+        self._bounded = {name: _bounds(m) is not None for name, m in self._modules}
         self._numel: dict[str, int] = {}
         self._out_numel: dict[str, int] = {}
         self._recomputed: set[str] = set()
@@ -168,8 +188,12 @@ class ActivationCollector:
             outputs = _float_leaves(output)
             if not outputs:
                 return
-            with torch.no_grad():
+            grad_was = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # torch.no_grad(), without its Python overhead
+            try:
                 self._record(name, leaf, bounds, relu, args, outputs)
+            finally:
+                torch._C._set_grad_enabled(grad_was)
 
         return hook
 
@@ -195,15 +219,13 @@ class ActivationCollector:
             parts = self._parts[x.device] = _Parts()
         counts, count_slots = parts.counts, parts.count_slots
         if leaf:
-            total, squares = sum_and_sumsq(x)
-            parts.floats += (total, squares)
-            parts.float_slots += ((row, SUM), (row, SUMSQ))
-            counts.append(torch.count_nonzero(x))
+            total, norm, squared = sum_and_norm(x)
+            parts.floats += (total, norm)
+            parts.float_slots += ((row, SUM), (row, SUMSQ if squared else NORM))
+            counts.append(_nonzero_count(x, relu or isinstance(self._by_name[name], _DROPOUT)))
             count_slots.append((row, ZEROS, -1, numel))
             if bounds is not None:
-                low, high = bounds
-                margin = SATURATION_MARGIN * (high - low)
-                counts.append(torch.count_nonzero((x <= low + margin) | (x >= high - margin)))
+                counts.append(_saturated(x, *bounds))
                 count_slots.append((row, SATURATED, 1, 0))
         for t in outputs:
             counts.append(self._nonfinite_count(t))
@@ -252,7 +274,11 @@ class ActivationCollector:
             parts = self._parts[device]
             if parts.floats:
                 rows, cols = np.asarray(parts.float_slots, dtype=np.int64).T
-                np.add.at(acc, (rows, cols), host[floats])
+                values = np.array(host[floats], dtype=np.float64)
+                norms = cols == NORM
+                values[norms] = values[norms] ** 2  # the same float64 square as on the device
+                cols[norms] = SUMSQ
+                np.add.at(acc, (rows, cols), values)
             if parts.counts:
                 rows, cols, signs, offsets = np.asarray(parts.count_slots, dtype=np.int64).T
                 np.add.at(acc, (rows, cols), offsets + signs * host[counts])
@@ -261,27 +287,35 @@ class ActivationCollector:
     def results(self, host: dict[str, np.ndarray]) -> dict[str, ActivationStats]:
         """Turn fetched statistics into per-module statistics, and reset for the next step."""
         acc = self._accumulate(host)
+        names = list(self._order)
         units: dict[str, int] = {}
         for name, count in self._active:
             units[name] = units.get(name, 0) + count
+        n = np.array([max(self._numel.get(name, 0), 1) for name in names], dtype=np.float64)
+        n_out = np.array([max(self._out_numel.get(name, 0), 1) for name in names],
+                         dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
+            mean = acc[:, SUM] / n
+            var = acc[:, SUMSQ] / n - mean * mean
+            var = np.where(var < 0.0, 0.0, var)  # clamp at 0; NaN stays NaN
+            std = np.sqrt(var)
+        zero_frac = (acc[:, ZEROS] / n).tolist()
+        nonfinite_frac = (acc[:, NONFINITE] / n_out).tolist()
+        saturated_frac = (acc[:, SATURATED] / n).tolist()
+        dead, inputs = acc[:, DEAD].tolist(), acc[:, IN_NONFINITE].tolist()
+        mean, std = mean.tolist(), std.tolist()
+        nan = float("nan")
         stats: dict[str, ActivationStats] = {}
-        for name, row in self._order.items():
-            a = acc[row]
-            n = float(max(self._numel.get(name, 0), 1))
-            n_out = float(max(self._out_numel.get(name, 0), 1))
-            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
-                mean = a[SUM] / n
-                var = max(a[SUMSQ] / n - mean * mean, 0.0)
+        for row, name in enumerate(names):
             leaf = self._leaf[name]
-            bounds = _bounds(self._by_name[name]) is not None
             stats[name] = ActivationStats(
-                mean=float(mean) if leaf else float("nan"),
-                std=float(np.sqrt(var)) if leaf else float("nan"),
-                zero_frac=float(a[ZEROS] / n) if leaf else float("nan"),
-                nonfinite_frac=float(a[NONFINITE] / n_out),
-                saturated_frac=float(a[SATURATED] / n) if bounds else None,
-                dead_frac=(float(a[DEAD]) / units[name]) if name in units else None,
-                input_nonfinite=int(a[IN_NONFINITE]),
+                mean=mean[row] if leaf else nan,
+                std=std[row] if leaf else nan,
+                zero_frac=zero_frac[row] if leaf else nan,
+                nonfinite_frac=nonfinite_frac[row],
+                saturated_frac=saturated_frac[row] if self._bounded[name] else None,
+                dead_frac=(dead[row] / units[name]) if name in units else None,
+                input_nonfinite=int(inputs[row]),
                 calls=self._calls.get(name, 0),
                 order=row,
                 leaf=leaf,

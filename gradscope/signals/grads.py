@@ -35,8 +35,31 @@ def put_grad_stats(
         tensors, idx = zip(*present)
         for group, group_idx in group_by_device_dtype(tensors, idx):
             batch.put("grad_norm", torch.stack(torch._foreach_norm(group, 2)), group_idx)
-            batch.put("grad_max", torch.stack(torch._foreach_norm(group, float("inf"))), group_idx)
+            batch.put("grad_max", _max_abs(group), group_idx)
     return grads
+
+
+def _max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """max |x| of each tensor (one device and dtype), stacked.
+
+    The fused inf-norm is right on accelerators; on CPU it runs ~6x slower than a min/max
+    pass, so large CPU tensors use max(|max(x)|, |min(x)|) (the same value, NaN included).
+    """
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, float("inf")))
+    large = [t.numel() >= 65536 for t in tensors]
+    if not any(large):
+        return torch.stack(torch._foreach_norm(tensors, float("inf")))
+    small = iter(torch._foreach_norm([t for t, big in zip(tensors, large) if not big],
+                                     float("inf")) if not all(large) else [])
+    out = []
+    for t, big in zip(tensors, large):
+        if big:
+            low, high = torch.aminmax(t)
+            out.append(torch.maximum(high.abs(), low.abs()))
+        else:
+            out.append(next(small))
+    return torch.stack(out)
 
 
 @torch.no_grad()

@@ -28,6 +28,19 @@ def sample_indices(numel: int, size: int, device: torch.device) -> torch.Tensor 
     return torch.linspace(0, numel - 1, size, device=device).round().long()
 
 
+def bit_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of the tensor's raw bits as integers, wrapping on overflow: a cheap change check.
+
+    Example:
+        >>> t = torch.ones(4); before = bit_sum(t); t[2] = 1.0000001
+        >>> bool(bit_sum(t) != before)
+        True
+    """
+    size = tensor.element_size()
+    bits = tensor.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+    return bits.sum(dtype=torch.int64 if size == 8 else torch.int32)
+
+
 def _width(length: int, size: int) -> int:
     """Row width for a sample of `length` values: `size`, or the next power of two below it."""
     if length >= size:
@@ -47,27 +60,30 @@ class _Bucket:
     whole: list[int]
     single: list[int]
     gather: torch.Tensor | None  # [len(whole), width] positions in the concatenation
-    full_norm: list[int]  # rows whose sample is not the whole tensor: need a full-tensor norm
-    full_norm_rows: torch.Tensor  # the same, as a tensor on the device
+    full_check: list[int]  # rows whose sample is not the whole tensor: need a full-tensor check
+    full_check_rows: torch.Tensor  # the same, as a tensor on the device
 
 
 @dataclass
 class _Snapshot:
-    """Sampled values and norms of one bucket before the optimizer step."""
+    """Sampled values and whole-tensor checksums of one bucket before the optimizer step."""
 
     bucket: _Bucket
     values: torch.Tensor  # float64 [rows, width]
     base: torch.Tensor  # float64 [rows]: norm of the sampled values
-    norms: torch.Tensor | None  # float64 [len(full_norm)]: full-tensor norms
+    sums: torch.Tensor | None  # [len(full_check)]: bit sums of the whole tensors
 
 
 class UpdateTracker:
     """Measures ||w_after - w_before|| / ||w_before|| on a sample, and whether w changed at all.
 
     `before()` runs in the optimizer's step pre-hook, `after()` in its post-hook. The exact
-    "changed" flag combines the sampled difference with the full-tensor norm, both computed
+    "changed" flag combines the sampled difference with a whole-tensor check, both computed
     on the device (the version counter is no proof: fused optimizer kernels do not move it).
-    Where the sample is the whole tensor, its own norm is the full-tensor norm.
+    Where the sample is the whole tensor, the check compares its norm; for larger tensors it
+    compares a wrapping integer sum of the raw bits, which any change of any element moves
+    (short of an exact cancellation) while a float norm can round a small change away, and
+    which costs one integer pass instead of a float64 cast of every element on CPU.
 
     Parameters are batched by device, dtype and sample width: a step costs a few kernels per
     batch (one gather, one norm over the rows), not a dozen per parameter.
@@ -124,9 +140,9 @@ class UpdateTracker:
                     offset += numel
                 gather = torch.stack(rows)
             order = whole + single
-            full_norm = [row for row, i in enumerate(order) if self._sample[i] is not None]
-            where = torch.tensor(full_norm, dtype=torch.long, device=device)
-            buckets.append(_Bucket(order, whole, single, gather, full_norm, where))
+            full_check = [row for row, i in enumerate(order) if self._sample[i] is not None]
+            where = torch.tensor(full_check, dtype=torch.long, device=device)
+            buckets.append(_Bucket(order, whole, single, gather, full_check, where))
         return buckets
 
     def _values(self, bucket: _Bucket) -> torch.Tensor:
@@ -142,23 +158,18 @@ class UpdateTracker:
         values = torch.cat(parts) if len(parts) > 1 else parts[0]
         return values.to(torch.float64)  # a new tensor either way: indexing copies
 
-    def _full_norms(self, bucket: _Bucket) -> torch.Tensor | None:
-        if not bucket.full_norm:
+    def _bit_sums(self, bucket: _Bucket) -> torch.Tensor | None:
+        if not bucket.full_check:
             return None
-        tensors = [local_tensor(self._params[bucket.indices[r]]).detach()
-                   for r in bucket.full_norm]
-        try:
-            norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-        except TypeError:  # older torch: no dtype argument
-            norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
-        return torch.stack(norms)
+        return torch.stack([bit_sum(local_tensor(self._params[bucket.indices[r]]).detach())
+                            for r in bucket.full_check])
 
     @torch.no_grad()
     def before(self, indices: Sequence[int]) -> None:
         for bucket in self._plan(indices):
             values = self._values(bucket)
             base = torch.linalg.vector_norm(values, dim=1)
-            snapshot = _Snapshot(bucket, values, base, self._full_norms(bucket))
+            snapshot = _Snapshot(bucket, values, base, self._bit_sums(bucket))
             for row, i in enumerate(bucket.indices):
                 self._before[i] = (snapshot, row)
 
@@ -188,16 +199,14 @@ class UpdateTracker:
         undefined = torch.where(diff > 0, torch.nan, 0.0)
         ratio = torch.where(base > 0, diff / base.clamp_min(torch.finfo(torch.float64).tiny),
                             undefined.to(diff))
-        # the norm of a whole-tensor sample is the full-tensor norm
-        if len(bucket.full_norm) == len(bucket.indices):
-            old_norm, new_norm = snap.norms, self._full_norms(bucket)
-        else:
-            old_norm, new_norm = base, torch.linalg.vector_norm(new_values, dim=1)
-            if bucket.full_norm:
-                where = bucket.full_norm_rows
-                old_norm = old_norm.index_copy(0, where, snap.norms)
-                new_norm = new_norm.index_copy(0, where, self._full_norms(bucket))
-        changed = ((diff > 0) | (new_norm != old_norm)).to(torch.float64)
+        if len(bucket.full_check) == len(bucket.indices):
+            differs = self._bit_sums(bucket) != snap.sums
+        else:  # the norm of a whole-tensor sample is the full-tensor norm
+            differs = torch.linalg.vector_norm(new_values, dim=1) != base
+            if bucket.full_check:
+                differs = differs.index_copy(0, bucket.full_check_rows,
+                                             self._bit_sums(bucket) != snap.sums)
+        changed = ((diff > 0) | differs).to(torch.float64)
         targets = bucket.indices
         if len(rows) < len(bucket.indices):
             rows = sorted(rows)
@@ -211,4 +220,4 @@ class UpdateTracker:
         self._before.clear()
 
 
-__all__ = ["UpdateTracker", "put_param_norms", "sample_indices"]
+__all__ = ["UpdateTracker", "bit_sum", "put_param_norms", "sample_indices"]
