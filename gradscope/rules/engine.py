@@ -9,6 +9,7 @@ from ..diagnosis import SEVERITY_RANK, Diagnosis
 from ..errors import GradscopeError, GradscopeWarning
 from ..history import History
 from ..layout import ModelLayout
+from .advice import checks_for
 from .base import Finding, Rule
 from .context import RuleContext
 
@@ -114,6 +115,8 @@ class RuleEngine:
 
     def _merge(self, rule: Rule, finding: Finding, step: int) -> Diagnosis | None:
         severity = finding.severity or rule.severity
+        finding.causes = sorted(finding.causes, key=lambda c: -c.likelihood)
+        finding.checks = checks_for(finding.causes, finding.checks)
         existing = self._active.get(rule.id)
         first = finding.first_step if finding.first_step is not None else step
         if existing is None:

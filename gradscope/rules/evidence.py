@@ -29,9 +29,23 @@ def grad_total_median(records: Sequence[StepRecord]) -> float:
     return fast_median(totals)
 
 
+def fastest_update_ratio(ctx: RuleContext, records: Sequence[StepRecord]) -> float:
+    """Update/weight ratio of the layer that moves most (median over the records).
+
+    If even that layer barely moves, the step size is the problem; if only some layers
+    barely move, their gradients are (vanishing, blocked), not the learning rate.
+    """
+    values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
+    if not values:
+        return float("nan")
+    per_layer = median_finite(np.vstack(values), axis=0)
+    finite = per_layer[np.isfinite(per_layer)]
+    return float(finite.max()) if finite.size else float("nan")
+
+
 def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
                tiny_grad: float) -> Score:
-    ratio = update_ratio_median(ctx, records)
+    ratio = fastest_update_ratio(ctx, records)
     grads = grad_total_median(records)
     if not np.isfinite(ratio) or ratio >= low or not grads >= tiny_grad:
         return ("lr-too-low", 0.0, "")
@@ -39,9 +53,9 @@ def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
     lr_text = f" at learning rate {fmt(lrs[0])}" if lrs else ""
     score = min(1.0, np.log10(HEALTHY_UPDATE / max(ratio, 1e-30)) / 4)
     return ("lr-too-low", float(score) + 0.2,
-            f"median update/weight ratio {fmt(ratio)}{lr_text} while gradients are present "
-            f"(total norm {fmt(grads)}); a learning layer moves about {fmt(HEALTHY_UPDATE)} of "
-            "its weight norm per step")
+            f"even the fastest-moving layer changes by only {fmt(ratio)} of its weight norm "
+            f"per step{lr_text}, while gradients are present (total norm {fmt(grads)}); a "
+            f"learning layer moves about {fmt(HEALTHY_UPDATE)}")
 
 
 def lr_too_high(ctx: RuleContext, records: Sequence[StepRecord], high: float) -> Score:

@@ -134,20 +134,10 @@ def grad_vanishing(ctx: RuleContext) -> Finding | None:
         evidence={"first_layer": first_name, "first_layer_grad_norm": float(latest[0]),
                   "last_layer": last_name, "last_layer_grad_norm": float(latest[-1]),
                   "ratio": float(latest[0] / latest[-1])},
-        checks=[VANISHING_CHECKS[c.id] for c in causes if c.id in VANISHING_CHECKS]
-        + ["Add skip (residual) connections so early layers get a direct gradient path."],
+        checks=["Add skip (residual) connections so early layers get a direct gradient path.",
+                "Compare per-layer gradient norms after each change: the first/last ratio "
+                "should move toward 1."],
     )
-
-
-#: What to try for each cause of vanishing gradients, most likely cause first in the report.
-VANISHING_CHECKS = {
-    "saturated-activations": "Replace sigmoid/tanh hidden activations with ReLU/GELU, or add "
-                             "normalisation (BatchNorm/LayerNorm) before them.",
-    "dead-units": "Revive the dead ReLUs: lower the learning rate, start biases at 0 with "
-                  "Kaiming initialisation, or use LeakyReLU/GELU.",
-    "poor-init": "Use an initialisation matched to the activation (Kaiming for ReLU, Xavier for "
-                 "tanh) so each layer keeps the signal's scale.",
-}
 
 
 def _first_last_grad(ctx: RuleContext, record) -> tuple[float, float] | None:
