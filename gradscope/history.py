@@ -94,13 +94,25 @@ class StepRecord:
     def modules_over(self, field: str, limit: float) -> dict[str, float]:
         """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
 
-        positive = self._cached(f"positive:{field}", lambda: {
-            name: value for name, stats in self.activations.items()
-            if (value := getattr(stats, field)) is not None and value > 0})
+        positive = self._cached("positive", self._positive_activations)[field]
         if limit <= 0:
             return positive
         return self._cached(f"over:{field}:{limit}", lambda: {
             name: value for name, value in positive.items() if value > limit})
+
+    def _positive_activations(self) -> dict[str, dict[str, float]]:
+        """Modules with a non-zero dead, saturated or non-finite fraction (one pass)."""
+        dead: dict[str, float] = {}
+        saturated: dict[str, float] = {}
+        nonfinite: dict[str, float] = {}
+        for name, stats in self.activations.items():
+            if stats.dead_frac:
+                dead[name] = stats.dead_frac
+            if stats.saturated_frac:
+                saturated[name] = stats.saturated_frac
+            if stats.nonfinite_frac:
+                nonfinite[name] = stats.nonfinite_frac
+        return {"dead_frac": dead, "saturated_frac": saturated, "nonfinite_frac": nonfinite}
 
     def _cached(self, key: str, compute):
         """Per-layer views are derived once per record (records are not changed once stored)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from ..history import History, StepRecord
 from ..layout import ModelLayout
 
 #: How many recent recorded steps rules may look at (bounds the cost of an evaluation).
-LOOKBACK = 32
+LOOKBACK = 16
 #: How many recent per-step losses rules may look at.
 LOSS_LOOKBACK = 256
 
@@ -60,8 +61,8 @@ class RuleContext:
         def compute() -> list[StepRecord]:
             out = []
             for r in self.records:
-                loss_given = r.loss_requires_grad is not None or not np.isnan(r.loss)
-                if (loss_given and not np.isfinite(r.loss)) or not r.weights_finite():
+                loss_given = r.loss_requires_grad is not None or not math.isnan(r.loss)
+                if (loss_given and not math.isfinite(r.loss)) or not r.weights_finite():
                     break
                 out.append(r)
             return out
