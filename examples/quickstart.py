@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--plot", default="quickstart.png", help="where to save the figure")
     args = parser.parse_args()
     fast = args.fast or os.environ.get("GRADSCOPE_FAST") == "1"
-    steps = 60 if fast else 300
+    steps = 120 if fast else 300
 
     torch.manual_seed(0)
     x, y = make_data()

@@ -193,6 +193,7 @@ class History:
     """
 
     KEEP_FIRST = 10
+    KEEP_FIRST_LOSSES = 32
 
     def __init__(self, layout: ModelLayout, capacity: int = 2000, loss_capacity: int = 100_000):
         self.layout = layout
@@ -201,6 +202,7 @@ class History:
         self._recent: deque[StepRecord] = deque(maxlen=capacity)
         self.loss_steps = Ring(loss_capacity, np.int64)
         self.loss_values = Ring(loss_capacity, np.float64)
+        self.first_losses: list[float] = []  # the first losses of the run, kept for good
         self.total_recorded = 0
 
     def __len__(self) -> int:
@@ -216,6 +218,9 @@ class History:
         self.total_recorded += 1
 
     def add_losses(self, steps: list[int], values: list[float]) -> None:
+        room = self.KEEP_FIRST_LOSSES - len(self.first_losses)
+        if room > 0:
+            self.first_losses.extend(float(v) for v in list(values)[:room])
         self.loss_steps.extend(steps)
         self.loss_values.extend(values)
 

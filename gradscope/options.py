@@ -26,7 +26,7 @@ class WatchOptions:
     rules: tuple[str, ...] | None = None
     disable_rules: tuple[str, ...] = ()
     thresholds: dict[str, Any] = field(default_factory=dict)
-    history_size: int = 2000
+    history_size: int = 1000
     update_sample: int = 256
     activations: bool = True
     nonfinite_origin: bool = True

@@ -27,6 +27,7 @@ from .signals.activations import (
 from .signals.data import DataCollector, first_tensor
 from .signals.distributed import is_rank_zero, is_sharded
 from .signals.grads import (
+    measurable,
     put_grad_stats,
     put_nonfinite_counts,
     put_param_norms,
@@ -311,9 +312,9 @@ class Scope:
         value = self._check_loss(loss)
         self._guard.call("step", self._finish_step, value)
 
-    def _check_loss(self, loss: Any) -> torch.Tensor | float:
+    def _check_loss(self, loss: Any) -> torch.Tensor | float | None:
         if loss is None:
-            return math.nan
+            return None  # no loss this step: nothing is recorded for it (not a NaN loss)
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise GradscopeError(
@@ -330,8 +331,9 @@ class Scope:
             "pass the value you called backward() on."
         )
 
-    def _finish_step(self, loss: torch.Tensor | float) -> None:
-        self._pending_losses.append((self._step, loss))
+    def _finish_step(self, loss: torch.Tensor | float | None) -> None:
+        if loss is not None:
+            self._pending_losses.append((self._step, loss))
         if self._recording and not self._guard.is_off("record"):
             self._guard.call("record", self._record_step)
             self._batch = DeviceBatch()  # nothing a failed recording queued may leak onward
@@ -394,8 +396,9 @@ class Scope:
         sizes = {f: n for f in ("grad_norm", "grad_max", "param_norm", "update_ratio",
                                 "changed", "stale_grad", "grad_nonfinite")}
         host = self._batch.fetch(sizes)
-        losses = self._flush_losses(host)
-        record = self._build_record(host, losses[-1] if losses else math.nan)
+        steps = [step for step, _ in self._pending_losses]
+        losses = dict(zip(steps, self._flush_losses(host)))
+        record = self._build_record(host, losses.get(self._step, math.nan))
         if act_names and self._activations is not None:
             record.activations = self._guard.call(
                 "activations", self._activations.results, host) or {}
@@ -444,10 +447,10 @@ class Scope:
         )
 
     def _count_nonfinite_grads(self, record: StepRecord) -> None:
-        bad = [i for i in range(len(record.grad_norm))
-               if not np.isnan(record.grad_norm[i]) and not np.isfinite(record.grad_norm[i])]
-        bad += [i for i in range(len(record.grad_norm))
-                if np.isnan(record.grad_norm[i]) and i in self._held_grads]
+        bad = np.flatnonzero(np.isinf(record.grad_norm)).tolist()
+        # a held gradient that went into the norm kernels but came back NaN holds NaN itself
+        bad += [i for i in np.flatnonzero(np.isnan(record.grad_norm)).tolist()
+                if i in self._held_grads and measurable(self._held_grads[i])]
         if not bad:
             return
         # NaN in grad_norm means "no gradient"; a gradient holding NaN is stored as inf.

@@ -85,14 +85,14 @@ xent = nn.functional.cross_entropy
 def flat_lr_too_low() -> gradscope.Scope:
     model = mlp([16, 64, 64, 1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-8)
-    return train(model, opt, _teacher_regression(), mse, 80)
+    return train(model, opt, _teacher_regression(), mse, 110)
 
 
 def flat_broken_gradient_flow() -> gradscope.Scope:
     """A wrong scale factor on the output: every gradient is ~1e-9 of what it should be."""
     model = mlp([16, 64, 64, 1])
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    return train(model, opt, _teacher_regression(), lambda out, y: mse(out * 1e-9, y), 80)
+    return train(model, opt, _teacher_regression(), lambda out, y: mse(out * 1e-9, y), 110)
 
 
 def flat_saturated() -> gradscope.Scope:
@@ -110,7 +110,7 @@ def flat_saturated() -> gradscope.Scope:
         x, y = teacher()
         return x, (y > 0).float()
 
-    return train(model, opt, batch, mse, 80)
+    return train(model, opt, batch, mse, 110)
 
 
 # ----------------------------------------------------------------------------- loss-nonfinite

@@ -105,8 +105,9 @@ def test_loss_may_be_none_or_a_number():
         scope.step()
         scope.step(2)
         scope.step(torch.tensor([0.5]))
-    values = scope.history.losses()[1]
-    assert math.isnan(values[0]) and values[1:].tolist() == [2.0, 0.5]
+    steps, values = scope.history.losses()
+    assert steps.tolist() == [1, 2] and values.tolist() == [2.0, 0.5]  # no loss, no entry
+    assert math.isnan(scope.history.records()[0].loss)
 
 
 def test_live_false_prints_nothing(capsys):

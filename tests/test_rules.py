@@ -134,10 +134,30 @@ def test_amp_overflow_steps_are_not_alarms_unless_they_persist():
 def test_learning_rate_warmup_is_not_flat_loss_or_frozen():
     layout = deep_layout(2)
     n = len(layout.params)
-    records = [record(layout, s, lrs=[1e-6 * (s + 1)], loss=2.0,
-                      update_ratio=np.full(n, 1e-8 * (s + 1)), changed=np.zeros(n))
-               for s in range(80)]
-    assert signs(run(history(layout, records))) == set()
+    def records(lr):
+        return [record(layout, s, lrs=[lr(s)], loss=2.0 + 0.01 * (s % 3),
+                       update_ratio=np.full(n, 1e-8 * (s + 1)), changed=np.zeros(n))
+                for s in range(120)]
+
+    assert signs(run(history(layout, records(lambda s: 1e-6 * (s + 1))))) == set()
+    # the same flat run without a rising learning rate is diagnosed
+    assert signs(run(history(layout, records(lambda s: 1e-6)))) == {"loss-flat", "params-frozen"}
+
+
+def test_a_warning_that_stops_holding_is_withdrawn():
+    layout = deep_layout(4)
+    bad = per_layer(layout, [5e-5, 1e-3, 1e-2, 1.0])
+    good = per_layer(layout, [0.5, 0.5, 0.5, 1.0])
+    engine = RuleEngine(builtin_rules())
+    h = gradscope.History(layout)
+    for s in range(40):
+        h.append(record(layout, s, grad_norm=bad if s < 30 else good))
+        h.add_losses([s], [1.0 / (s + 1)])
+        engine.update(h)
+        if s == 29:
+            assert "grad-vanishing" in signs(engine.diagnoses())
+    assert "grad-vanishing" not in signs(engine.diagnoses())
+    assert [d.sign for d in engine.resolved] == ["grad-vanishing"]
 
 
 def test_noisy_but_decreasing_loss_is_not_unstable():

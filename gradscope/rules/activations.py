@@ -10,13 +10,27 @@ from .loss import DATA_SCALE, HIGH_UPDATE, SATURATED
 
 
 def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
-    """Modules over `limit` on `field` in every given record, worst first (latest values)."""
+    """Hidden modules over `limit` on `field` in every given record, worst first (latest).
+
+    The model's output activation is left out: a confident classifier's final sigmoid sits
+    at 0 and 1 by design, and a final ReLU may be zero for most targets.
+    """
     names = None
     for r in records:
-        over = set(r.modules_over(field, limit))
+        over = set(r.modules_over(field, limit)) - {_output_module(r)}
         names = over if names is None else names & over
     last = records[-1].modules_over(field, limit)
     return sorted(((n, last[n]) for n in names or ()), key=lambda x: -x[1])
+
+
+def _output_module(record) -> str | None:
+    """The leaf module that ran last in the step's forward (the model's output layer)."""
+
+    def compute() -> str | None:
+        leaves = [(s.order, n) for n, s in record.activations.items() if s.leaf]
+        return max(leaves)[1] if leaves else None
+
+    return record._cached("output_module", compute)
 
 
 def _model_order(ctx: RuleContext, names: list[str]) -> list[str]:

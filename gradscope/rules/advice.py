@@ -36,7 +36,9 @@ CAUSE_CHECKS: dict[str, str] = {
     "requires-grad-off": "Check the freezing code: these parameters had requires_grad=True when "
                          "watching started and were switched off later.",
     "missing-from-optimizer": "Build the optimizer after the model is complete, from "
-                              "model.parameters(), so every trainable parameter is in it.",
+                              "model.parameters(), so every trainable parameter is in it; if "
+                              "you train only part of the model on purpose, set "
+                              "requires_grad=False on the rest (it also saves their backward).",
     "missing-zero-grad": "Call optimizer.zero_grad() once per optimizer step, before the first "
                          "backward of the step.",
     "outlier-batches": "Inspect the batches at the spike steps for corrupt inputs or labels; "

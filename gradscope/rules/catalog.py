@@ -14,7 +14,9 @@ HEADER = """# Rules
 gradscope's rule engine turns recorded signals into diagnoses. Each rule below watches for one
 sign, needs certain signals, and ranks the causes it can name by running the checks a person
 would run first. Rules run on recorded steps only (every `every` steps), over at most the last
-16 recorded steps (and the per-step losses of the last 256 steps), so an evaluation costs the same at step 100 and at step 1,000,000.
+16 recorded steps and the losses of the last 256 steps, so an evaluation costs the same at
+step 100 and at step 1,000,000. A warning whose rule stays silent for 3 evaluations in a row
+is withdrawn (the loss started moving, the gradient came back); errors stay.
 
 Change a threshold with `watch(model, opt, thresholds={"grad-vanishing": {"ratio": 1e-4}})`,
 switch a rule off with `disable_rules=["training-unstable"]`, or run only some rules with

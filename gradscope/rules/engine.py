@@ -29,6 +29,10 @@ def builtin_rules() -> list[Rule]:
     return rules
 
 
+#: Evaluations in a row without its rule firing after which a warning is withdrawn.
+RESOLVE_AFTER = 3
+
+
 class RuleEngine:
     """Evaluates rules over the history; a diagnosis that persists is updated, not repeated.
 
@@ -51,6 +55,8 @@ class RuleEngine:
         self.rules = list(rules)
         self._values = {r.id: r.resolve(thresholds.get(r.id)) for r in self.rules}
         self._active: dict[str, Diagnosis] = {}
+        self._silent: dict[str, int] = {}  # evaluations since an active diagnosis last fired
+        self.resolved: list[Diagnosis] = []  # withdrawn diagnoses, oldest first
         self._off: set[str] = set()
 
     @classmethod
@@ -107,11 +113,27 @@ class RuleEngine:
         if last is None:
             return []
         changed = []
+        fired = set()
         for rule, finding in self.evaluate(history):
+            fired.add(rule.id)
             diagnosis = self._merge(rule, finding, last.step)
             if diagnosis is not None:
                 changed.append(diagnosis)
+        self._retire(fired)
         return changed
+
+    def _retire(self, fired: set[str]) -> None:
+        """Withdraw warnings and infos whose rule stayed silent for RESOLVE_AFTER evaluations
+        (the loss started moving, the gradient came back); errors stay: a NaN happened."""
+        for rule_id in list(self._active):
+            if rule_id in fired:
+                self._silent.pop(rule_id, None)
+                continue
+            self._silent[rule_id] = self._silent.get(rule_id, 0) + 1
+            diagnosis = self._active[rule_id]
+            if diagnosis.severity != "error" and self._silent[rule_id] >= RESOLVE_AFTER:
+                self.resolved.append(self._active.pop(rule_id))
+                del self._silent[rule_id]
 
     def _merge(self, rule: Rule, finding: Finding, step: int) -> Diagnosis | None:
         severity = finding.severity or rule.severity
@@ -142,7 +164,7 @@ class RuleEngine:
         return existing if news else None
 
     def diagnoses(self) -> list[Diagnosis]:
-        """All diagnoses raised so far, most severe first, then by first step."""
+        """Diagnoses that still hold (and every error), most severe first, then by first step."""
         return sorted(self._active.values(),
                       key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))
 

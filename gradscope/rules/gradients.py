@@ -389,7 +389,15 @@ def _stall_view(ctx: RuleContext, record, stall: float):
 def _trainable_layers(ctx: RuleContext, record) -> list[int]:
     keep = record.requires_grad & ~np.isnan(record.grad_norm)
     counts = np.bincount(ctx.layout.owners[keep], minlength=len(ctx.layout.layers))
-    return np.flatnonzero(counts).tolist()
+    return [i for i in np.flatnonzero(counts).tolist() if i not in _embeddings(ctx)]
+
+
+def _embeddings(ctx: RuleContext) -> set[int]:
+    """Embedding layers: only the rows of the batch's tokens move, so their whole-table update
+    ratio is small by nature and says nothing about a stall."""
+    return ctx.layout.static("embedding_layers", lambda: {
+        i for i, name in enumerate(ctx.layout.layers)
+        if ctx.layout.module_types.get(name) in ("Embedding", "EmbeddingBag")})
 
 
 RULES = [grad_none, layers_stalled, grad_vanishing, grad_exploding, grad_accumulating]

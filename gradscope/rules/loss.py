@@ -10,12 +10,18 @@ from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked, usable
 from .context import RuleContext
 
-MIN_STEPS = Threshold(50, "steps before a loss can be called flat: fewer say little about a trend")
+MIN_STEPS = Threshold(100, "steps before a loss can be called flat: fewer say little about a "
+                           "trend when batches are small and noisy")
 FLAT_CHANGE = Threshold(
-    0.01, "smallest relative drop from the starting loss (median of the first 5 steps) to the "
-    "best 10-step median that counts as learning; the allowance grows to twice the batch-to-"
-    "batch noise of the loss when that is larger. A model that learns anything drops well "
-    "over 1% in its first few dozen steps")
+    0.05, "relative drop from the mean of the first 10 losses to the mean of the last 20 below "
+    "which the loss may be flat: a model that learns anything drops well over 5% in its first "
+    "few dozen steps")
+FLAT_T = Threshold(
+    2.0, "the drop must also be within batch noise: its Welch t statistic below 2 (about the "
+    "95% level); a small but steady drop is slow learning, not a flat loss")
+START_STEPS = 10  # losses averaged for the starting level
+TINY_BATCH = 2  # batch sizes at or below this make a flat-looking loss plausible by noise alone
+RECENT_STEPS = 20  # losses averaged for the recent level
 LOW_UPDATE = Threshold(
     1e-5, "update/weight ratio below which steps are too small to move the loss: two orders "
     "under the ~1e-3 of healthy training (CS231n)")
@@ -46,31 +52,34 @@ def _rolling_typical(values: np.ndarray, width: int) -> np.ndarray:
     return np.median(sliding_window_view(values, width), axis=1)
 
 
-def _flatness(ctx: RuleContext) -> tuple[float, float, float, int, int, float] | None:
-    """(start loss, best and latest 10-step medians, steps seen, first step, batch noise).
+def _flatness(ctx: RuleContext) -> tuple[float, float, float, int, int] | None:
+    """(start level, recent level, t statistic of the drop, steps seen, first step).
 
-    Batch noise is the median step-to-step change of the loss (about one standard deviation
-    of a batch loss). The best of many rolling medians of a flat, noisy loss dips about one
-    such unit below the start, and the start median itself is uncertain by about half a unit
-    more, so a drop counts as learning only beyond twice the noise.
+    The start level is the mean of the first 10 losses, the recent level the mean of the
+    last 20; t is their difference over its standard error (Welch), so batch noise alone
+    rarely makes a learning run look flat or a flat run look like it learns.
     """
-    values, steps = ctx.history.loss_values, ctx.history.loss_steps
-    n = len(values)
-    if n < 13:
-        return None
-    start = fast_median([values[i] for i in range(5)])
+    history = ctx.history
+    first = np.asarray(history.first_losses[:START_STEPS])
     _, tail = ctx.losses
-    rolling = _rolling_mean(tail, 10)
-    noise = fast_median(np.abs(np.diff(tail))) if len(tail) > 1 else 0.0
-    return start, float(rolling.min()), float(rolling[-1]), n, int(steps[0]), noise
+    recent = tail[-RECENT_STEPS:]
+    n = len(history.loss_values)
+    if len(first) < START_STEPS or n < START_STEPS + RECENT_STEPS:
+        return None
+    start, late = float(first.mean()), float(recent.mean())
+    se = float(np.sqrt(first.var(ddof=1) / first.size + recent.var(ddof=1) / recent.size))
+    diff = start - late
+    t = diff / se if se > 0 else (np.inf if diff > 0 else 0.0)
+    return start, late, float(t), n, int(history.loss_steps[0])
 
 
 @rule(sign="loss-flat", severity="warning", title="Loss is flat from the start",
       needs=("loss", "grad_norm", "update_ratio", "activations"),
-      thresholds={"min_steps": MIN_STEPS, "change": FLAT_CHANGE, "warmup": WARMUP,
+      thresholds={"min_steps": MIN_STEPS, "change": FLAT_CHANGE, "t": FLAT_T, "warmup": WARMUP,
                   "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
       causes=("lr-too-low", "broken-gradient-flow", "vanishing-gradients",
-              "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph"))
+              "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph",
+              "small-batch"))
 def loss_flat(ctx: RuleContext) -> Finding | None:
     """The loss has not moved since training started."""
     _, tail = ctx.losses
@@ -79,13 +88,12 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
     flat = _flatness(ctx)
     if flat is None:
         return None
-    early, best, late, count, start, noise = flat
+    early, late, t_stat, count, start = flat
     if count < ctx.t["min_steps"] or abs(early) < 1e-12:
         return None
-    drop = (early - best) / abs(early)
-    allowance = max(ctx.t["change"], 2 * noise / abs(early))
-    if drop >= allowance or (late - early) / abs(early) > 0.5:
-        return None  # it improved at some point, or it is diverging (other rules cover that)
+    drop = (early - late) / abs(early)
+    if drop >= ctx.t["change"] or t_stat >= ctx.t["t"] or (late - early) / abs(early) > 0.5:
+        return None  # it moved, the drop is real, or it is diverging (other rules cover that)
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
     if not records or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None  # no records yet, or the learning rate is still ramping up
@@ -98,13 +106,16 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         ev.dead_units(ctx, records, t["saturated"]),
         ev.frozen_by_optimizer(ctx, records),
         ev.detached(ctx, records),
+        _tiny_batch(records),
     ])
     ratio = ev.update_ratio_median(ctx, records)
     return Finding(
-        summary=(f"loss went from {fmt(early)} to {fmt(late)} over {count} steps and never "
-                 f"fell more than {fmt(100 * max(drop, 0.0))}% below where it started"),
+        summary=(f"loss averaged {fmt(early)} over the first {START_STEPS} steps and "
+                 f"{fmt(late)} over the last {RECENT_STEPS} (of {count}): a "
+                 f"{fmt(100 * drop)}% change, within batch noise (t = {fmt(t_stat)})"),
         causes=causes,
         evidence={"loss_early": early, "loss_recent": late, "relative_change": drop,
+                  "t": t_stat,
                   "steps": count, "update_ratio_median": ratio,
                   "grad_norm_median": ev.grad_total_median(records)},
         checks=[
@@ -199,6 +210,9 @@ def _grad_growth(ctx: RuleContext, records) -> tuple[float, float, float] | None
                                           "the 20 steps before it is a spike"),
                   "jump": Threshold(0.1, "a spike must also rise by at least this fraction "
                                          "of the loss at the start of training"),
+                  "mad": Threshold(6, "a spike must also exceed the median of the 20 losses "
+                                      "before it by this many median absolute deviations "
+                                      "(about 4 standard deviations of Gaussian noise)"),
                   "spikes": Threshold(3, "spikes within the recent window before training is "
                                          "called unstable (a single outlier is not a pattern)"),
                   "warmup": WARMUP, "high_update": HIGH_UPDATE,
@@ -218,10 +232,13 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     ratio = np.where(base > 0, losses[20:] / np.where(base > 0, base, 1.0), 0.0)
     # A jump must also matter on the scale of the whole run: once a loss is near zero,
     # doubling it is noise (0.01 -> 0.02), not instability.
-    first = ctx.history.loss_values
-    scale = abs(fast_median([first[i] for i in range(min(5, len(first)))]))
+    first = ctx.history.first_losses
+    scale = abs(fast_median(first[:5]))
     big = (losses[20:] - base) >= ctx.t["jump"] * scale
-    spikes = (np.flatnonzero((ratio >= ctx.t["spike"]) & big) + 20).tolist()
+    candidates = (np.flatnonzero((ratio >= ctx.t["spike"]) & big) + 20).tolist()
+    # ... and stand out from the spread of the 20 losses before it (median + k * MAD), so
+    # the skewed batch-to-batch noise of a converging classifier is not taken for spikes.
+    spikes = [i for i in candidates if _outlier(losses[i - 20:i], losses[i], ctx.t["mad"])]
     if len(spikes) < ctx.t["spikes"]:
         return None
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
@@ -251,6 +268,22 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
             "LayerNorm.",
         ],
     )
+
+
+def _tiny_batch(records) -> tuple[str, float, str]:
+    size = next((r.data.shape[0] for r in reversed(records)
+                 if r.data is not None and r.data.shape), None)
+    if size is None or size > TINY_BATCH:
+        return ("small-batch", 0.0, "")
+    return ("small-batch", 0.5, f"batch size {size}: each step follows one or two examples, so "
+                                "progress is slow and buried in noise")
+
+
+def _outlier(window: np.ndarray, value: float, k: float) -> bool:
+    """`value` above the window's median by more than k median absolute deviations."""
+    median = fast_median(window)
+    mad = fast_median(np.abs(window - median))
+    return bool(value > median + k * max(mad, 1e-12))
 
 
 def _outliers(records, spike_steps: set[int]) -> tuple[str, float, str]:

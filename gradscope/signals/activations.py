@@ -12,13 +12,14 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..hooks import Guard, HookSet
-from .reduce import CPU_SHARED_CAST, nonfinite_count, sum_and_norm
+from .reduce import CPU_SHARED_CAST, moments, nonfinite_count
 from .transfer import DeviceBatch
 
 #: Modules whose output units can die: never positive across a whole batch.
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-_DROPOUT: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                                         nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: Values a unit must see in a step before "never positive" says it is dead: with a batch of
+#: one or two examples, ordinary ReLU sparsity (about half the units off) looks like death.
+MIN_UNIT_ROWS = 16
 #: Fraction of a bounded activation's range, at either end, counted as saturated.
 SATURATION_MARGIN = 0.01
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
@@ -29,7 +30,7 @@ SUM, SUMSQ, ZEROS, NONFINITE, SATURATED, IN_NONFINITE, DEAD = range(7)
 NORM = DEAD + 1  # a float part holding an L2 norm: squared on the host, added to SUMSQ
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ActivationStats:
     """Statistics of one module's outputs over the training forwards of one step."""
 
@@ -78,11 +79,12 @@ def compiling() -> bool:
     return bool(check()) if check is not None else False
 
 
-def _nonzero_count(x: torch.Tensor, scattered_zeros: bool) -> torch.Tensor:
-    """count_nonzero(x). Its CPU kernel branches per element, which is slow when zeros are
-    scattered at random (ReLU and dropout outputs); a boolean mask first avoids that."""
-    if scattered_zeros and x.device.type == "cpu" and x.numel() >= CPU_SHARED_CAST:
-        return torch.count_nonzero(x.ne(0))
+def _nonzero_count(x: torch.Tensor) -> torch.Tensor:
+    """count_nonzero(x). Its CPU kernel branches per element, up to 5x slower when zeros are
+    scattered at random (ReLU, dropout); counting a bool() cast (NaN -> True, -0.0 -> False,
+    the same test) does not branch."""
+    if x.device.type == "cpu" and x.numel() >= CPU_SHARED_CAST:
+        return torch.count_nonzero(x.bool())
     return torch.count_nonzero(x)
 
 
@@ -102,14 +104,15 @@ def in_backward() -> bool:
 class _Parts:
     """The scalar statistics of one device, with where each one goes on the host.
 
-    Float parts are added as they are; a count part adds `offset + sign * value`.
+    Float parts are added as they are; a count part adds `offset + sign * value`. Slots are
+    flat lists of ints (row, column[, sign, offset] per part): no object per part.
     """
 
     def __init__(self) -> None:
         self.floats: list[torch.Tensor] = []
-        self.float_slots: list[tuple[int, int]] = []
+        self.float_slots: list[int] = []
         self.counts: list[torch.Tensor] = []
-        self.count_slots: list[tuple[int, int, int, int]] = []
+        self.count_slots: list[int] = []
 
 
 class ActivationCollector:
@@ -146,6 +149,7 @@ class ActivationCollector:
         # tensor (same version: not modified in place since) is the next module's input
         self._counted: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
         self._active: dict[tuple[str, int], torch.Tensor] = {}
+        self._unit_rows: dict[str, int] = {}  # values seen per unit (batch rows x positions)
         self._calls: dict[str, int] = {}
         self._order: dict[str, int] = {}
 
@@ -219,21 +223,23 @@ class ActivationCollector:
             parts = self._parts[x.device] = _Parts()
         counts, count_slots = parts.counts, parts.count_slots
         if leaf:
-            total, norm, squared = sum_and_norm(x)
+            total, norm, squared, nonfinite = moments(x)
+            if nonfinite is not None:  # counted on the way: keep it for the loop below
+                self._counted[id(primary)] = (weakref.ref(primary), primary._version, nonfinite)
             parts.floats += (total, norm)
-            parts.float_slots += ((row, SUM), (row, SUMSQ if squared else NORM))
-            counts.append(_nonzero_count(x, relu or isinstance(self._by_name[name], _DROPOUT)))
-            count_slots.append((row, ZEROS, -1, numel))
+            parts.float_slots += (row, SUM, row, SUMSQ if squared else NORM)
+            counts.append(_nonzero_count(x))
+            count_slots += (row, ZEROS, -1, numel)
             if bounds is not None:
                 counts.append(_saturated(x, *bounds))
-                count_slots.append((row, SATURATED, 1, 0))
+                count_slots += (row, SATURATED, 1, 0)
         for t in outputs:
             counts.append(self._nonfinite_count(t))
-            count_slots.append((row, NONFINITE, 1, 0))
+            count_slots += (row, NONFINITE, 1, 0)
         if self._track_nonfinite:
             for t in _float_leaves(args):
                 counts.append(self._nonfinite_count(t))
-                count_slots.append((row, IN_NONFINITE, 1, 0))
+                count_slots += (row, IN_NONFINITE, 1, 0)
         if relu and x.dim() >= 1:
             self._record_units(name, x)
 
@@ -246,6 +252,7 @@ class ActivationCollector:
             dims = list(range(x.dim() - 1))
             units = x.shape[-1]
         active = (x.amax(dim=dims) > 0) if dims else (x > 0)
+        self._unit_rows[name] = self._unit_rows.get(name, 0) + x.numel() // max(units, 1)
         key = (name, units)
         if key in self._active:
             self._active[key] |= active
@@ -257,7 +264,7 @@ class ActivationCollector:
         for (name, units), active in self._active.items():
             parts = self._parts.setdefault(active.device, _Parts())
             parts.counts.append(torch.count_nonzero(active))
-            parts.count_slots.append((self._order[name], DEAD, -1, units))
+            parts.count_slots += (self._order[name], DEAD, -1, units)
         self._fields = []
         for index, (device, parts) in enumerate(self._parts.items()):
             floats, counts = f"act:{index}:floats", f"act:{index}:counts"
@@ -273,14 +280,15 @@ class ActivationCollector:
         for device, floats, counts in self._fields:
             parts = self._parts[device]
             if parts.floats:
-                rows, cols = np.asarray(parts.float_slots, dtype=np.int64).T
+                rows, cols = np.asarray(parts.float_slots, dtype=np.int64).reshape(-1, 2).T
                 values = np.array(host[floats], dtype=np.float64)
                 norms = cols == NORM
                 values[norms] = values[norms] ** 2  # the same float64 square as on the device
                 cols[norms] = SUMSQ
                 np.add.at(acc, (rows, cols), values)
             if parts.counts:
-                rows, cols, signs, offsets = np.asarray(parts.count_slots, dtype=np.int64).T
+                slots = np.asarray(parts.count_slots, dtype=np.int64).reshape(-1, 4)
+                rows, cols, signs, offsets = slots.T
                 np.add.at(acc, (rows, cols), offsets + signs * host[counts])
         return acc
 
@@ -314,7 +322,8 @@ class ActivationCollector:
                 zero_frac=zero_frac[row] if leaf else nan,
                 nonfinite_frac=nonfinite_frac[row],
                 saturated_frac=saturated_frac[row] if self._bounded[name] else None,
-                dead_frac=(dead[row] / units[name]) if name in units else None,
+                dead_frac=(dead[row] / units[name])
+                if name in units and self._unit_rows.get(name, 0) >= MIN_UNIT_ROWS else None,
                 input_nonfinite=int(inputs[row]),
                 calls=self._calls.get(name, 0),
                 order=row,
@@ -331,5 +340,6 @@ class ActivationCollector:
         self._out_numel.clear()
         self._recomputed.clear()
         self._active.clear()
+        self._unit_rows.clear()
         self._calls.clear()
         self._order.clear()

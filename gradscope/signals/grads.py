@@ -10,6 +10,22 @@ from .distributed import is_sharded, local_tensor, put_sharded_grad_stats, put_s
 from .transfer import DeviceBatch, group_by_device_dtype
 
 
+def measurable(grad: torch.Tensor | None) -> bool:
+    """Whether a gradient enters the norm kernels (present and not empty)."""
+    return grad is not None and grad.numel() > 0 and (not grad.is_sparse or grad._nnz() > 0)
+
+
+def dense_values(grad: torch.Tensor) -> torch.Tensor:
+    """The stored values of a gradient: a sparse gradient's non-zeros (same norms), else itself.
+
+    Example:
+        >>> g = torch.sparse_coo_tensor([[0, 2]], [3.0, 4.0], (4,))
+        >>> float(torch.linalg.vector_norm(dense_values(g)))
+        5.0
+    """
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 @torch.no_grad()
 def put_grad_stats(
     params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch
@@ -25,8 +41,7 @@ def put_grad_stats(
         [2.0]
     """
     grads = [p.grad for p in params]
-    present = [(g, i) for g, i in zip(grads, indices)
-               if g is not None and not g.is_sparse and g.numel() > 0]
+    present = [(dense_values(g), i) for g, i in zip(grads, indices) if measurable(g)]
     sharded = [(g, i) for g, i in present if is_sharded(g)]
     if sharded:  # FSDP2 shards: combined across ranks in one collective
         put_sharded_grad_stats([g for g, _ in sharded], [i for _, i in sharded], batch)
@@ -87,8 +102,9 @@ def put_stale_grad_norms(
     will add onto it.
     """
     # this rank's shard is enough to tell "left over" from "cleared" (no collective here)
-    present = [(local_tensor(p.grad), i) for p, i in zip(params, indices) if p.grad is not None]
-    missing = [i for p, i in zip(params, indices) if p.grad is None]
+    present = [(dense_values(local_tensor(p.grad)), i) for p, i in zip(params, indices)
+               if measurable(p.grad)]
+    missing = [i for p, i in zip(params, indices) if not measurable(p.grad)]
     if missing:
         batch.put("stale_grad", torch.zeros(len(missing), dtype=torch.float64), missing)
     if present:
@@ -106,6 +122,6 @@ def put_nonfinite_counts(
     Called only for gradients whose norm came back non-finite, so healthy steps pay nothing.
     """
     for grad, index in zip(grads, indices):
-        if grad is not None:  # a sharded gradient: this rank's shard is counted
-            count = (~torch.isfinite(local_tensor(grad))).sum()
+        if measurable(grad):  # a sharded gradient: this rank's shard is counted
+            count = (~torch.isfinite(dense_values(local_tensor(grad)))).sum()
             batch.put("grad_nonfinite", count.reshape(1), [index])

@@ -115,8 +115,8 @@ class UpdateTracker:
         for i in indices:
             local = local_tensor(self._params[i])
             numel = local.numel()
-            if numel == 0:  # an empty shard: nothing to measure here
-                continue
+            if numel == 0 or local.is_complex():  # an empty shard, or complex values (whose
+                continue  # real-valued sample is not defined): not measured, ratio stays NaN
             key = (local.device, local.dtype, _width(min(numel, self._size), self._size))
             groups.setdefault(key, []).append(i)
         buckets = []
