@@ -3,6 +3,7 @@ public API for switching rules off, tuning them and adding new ones, and docs/ru
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,20 @@ def test_rules_doc_is_up_to_date():
     path = Path(__file__).parent.parent / "docs" / "rules.md"
     assert path.read_text() == render(), (
         "docs/rules.md is out of date: run python -m gradscope.rules.catalog > docs/rules.md")
+
+
+def test_median_finite_matches_numpy_nanmedian():
+    from gradscope.rules.common import median_finite
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        values = rng.normal(size=(rng.integers(1, 9), rng.integers(1, 9)))
+        values[rng.random(values.shape) < 0.3] = np.nan
+        values[rng.random(values.shape) < 0.1] = np.inf
+        clean = np.where(np.isfinite(values), values, np.nan)
+        for axis in (0, 1, None):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                expected = np.nanmedian(clean, axis=axis)
+            np.testing.assert_allclose(median_finite(values, axis=axis), expected,
+                                       equal_nan=True)

@@ -93,16 +93,25 @@ def fast_median(values) -> float:
 
 
 def median_finite(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
-    """Median ignoring NaN/inf (NaN when nothing is finite)."""
+    """Median ignoring NaN/inf (NaN where nothing is finite); a sort, not np.nanmedian,
+    which goes through masked arrays and costs ten times more on small inputs.
+
+    Example:
+        >>> median_finite(np.array([[1.0, np.nan], [3.0, 4.0], [np.inf, 6.0]]), axis=0).tolist()
+        [2.0, 5.0]
+    """
     array = np.where(np.isfinite(values), values, np.nan)
+    if axis is None:
+        array, axis = array.reshape(-1), 0
     if array.size == 0:
         return np.nan
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmedian(array, axis=axis)
+    ordered = np.sort(array, axis=axis)  # NaN sorts last
+    count = np.sum(~np.isnan(array), axis=axis, keepdims=True)
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=axis)
+    high = np.take_along_axis(ordered, np.minimum(count // 2, ordered.shape[axis] - 1),
+                              axis=axis)
+    median = np.where(count > 0, 0.5 * (low + high), np.nan).squeeze(axis)
+    return float(median) if median.ndim == 0 else median
 
 
 def layer_kind(ctx: RuleContext, layer: str) -> str:
