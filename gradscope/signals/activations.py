@@ -217,7 +217,8 @@ class ActivationCollector:
         x = primary.detach()
         numel = x.numel()
         self._numel[name] = self._numel.get(name, 0) + numel
-        self._out_numel[name] = self._out_numel.get(name, 0) + sum(t.numel() for t in outputs)
+        out_numel = numel if len(outputs) == 1 else sum(t.numel() for t in outputs)
+        self._out_numel[name] = self._out_numel.get(name, 0) + out_numel
         parts = self._parts.get(x.device)
         if parts is None:
             parts = self._parts[x.device] = _Parts()

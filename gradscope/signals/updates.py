@@ -41,11 +41,16 @@ def bit_sum(tensor: torch.Tensor) -> torch.Tensor:
     return bits.sum(dtype=torch.int64 if size == 8 else torch.int32)
 
 
+#: Samples up to this long share one row width (padding them costs less than more kernels).
+SHARED_WIDTH = 256
+
+
 def _width(length: int, size: int) -> int:
-    """Row width for a sample of `length` values: `size`, or the next power of two below it."""
+    """Row width for a sample of `length` values: `size`, or the next power of two below it
+    (at least SHARED_WIDTH, so that the default sample size puts everything in one batch)."""
     if length >= size:
         return size
-    return min(size, 1 << max(length - 1, 0).bit_length())
+    return min(size, max(SHARED_WIDTH, 1 << max(length - 1, 0).bit_length()))
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Benchmarks of gradscope (run benchmarks/overhead.py)."""
