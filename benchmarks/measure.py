@@ -143,10 +143,10 @@ def peak_memory(trainer: Trainer) -> dict[str, float]:
     """Peak and retained memory (MiB) of one step, relative to the memory held just before it.
 
     The measured step is a heavy one for methods with a period. CUDA: the caching allocator's
-    counters. CPU: allocation events of the PyTorch profiler, summed in time order, over the
-    second of two profiled steps (so frees of the first step's tensors are seen).
+    counters. CPU: allocation events of the PyTorch profiler in time order (an op's net
+    allocation from its start, its net release from its end) over the second of two profiled
+    steps, so that frees of the first step's tensors are seen.
     """
-    period = trainer.method.period
     while not trainer.method.recorded(trainer.steps + 1):
         trainer.step()
     if trainer.device.type == "cuda":
@@ -158,7 +158,6 @@ def peak_memory(trainer: Trainer) -> dict[str, float]:
         peak = torch.cuda.max_memory_allocated(trainer.device) - base
         retained = torch.cuda.memory_allocated(trainer.device) - base
         return {"peak_mib": peak / 2**20, "retained_mib": retained / 2**20}
-    del period
     return _cpu_profile_memory(trainer)
 
 

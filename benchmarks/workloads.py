@@ -93,8 +93,8 @@ def deep(modules: int, width: int = 32) -> nn.Module:
     """`modules` small leaf modules: Linear(width, width) and Tanh, alternating.
 
     The Linear layers start near the identity so that gradients reach the first layers even
-    at 1000 modules (with the default init they vanish into float32 denormals, whose slow
-    arithmetic would then dominate every timing).
+    at 1000 modules (with the default init most of them underflow to zero or to float32
+    denormals, whose slow arithmetic would distort the timings).
     """
     layers: list[nn.Module] = []
     for _ in range(modules // 2):
