@@ -389,7 +389,8 @@ def _stall_view(ctx: RuleContext, record, stall: float):
 def _trainable_layers(ctx: RuleContext, record) -> list[int]:
     keep = record.requires_grad & ~np.isnan(record.grad_norm)
     counts = np.bincount(ctx.layout.owners[keep], minlength=len(ctx.layout.layers))
-    return [i for i in np.flatnonzero(counts).tolist() if i not in _embeddings(ctx)]
+    embeddings = _embeddings(ctx)
+    return [i for i in np.flatnonzero(counts).tolist() if i not in embeddings]
 
 
 def _embeddings(ctx: RuleContext) -> set[int]:

@@ -79,7 +79,8 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
 
 
 def _frozen_on_purpose(ctx: RuleContext) -> Finding | None:
-    frozen = [p for p in ctx.layout.params if not p.requires_grad]
+    frozen = ctx.layout.static("frozen_at_watch",
+                               lambda: [p for p in ctx.layout.params if not p.requires_grad])
     if not frozen or not ctx.records:
         return None
     return Finding(
