@@ -54,7 +54,8 @@ class Guard:
         True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "signal") -> None:
+        self._kind = kind  # what a piece is, for the warning ("signal", "callback step")
         self._off: dict[str, str] = {}
 
     def is_off(self, piece: str) -> bool:
@@ -73,8 +74,8 @@ class Guard:
         except Exception as err:  # gradscope must never stop training
             self._off[piece] = f"{type(err).__name__}: {err}"
             warnings.warn(
-                f"gradscope: the '{piece}' signal failed ({type(err).__name__}: {err}) and is "
-                "switched off for the rest of this run; training is not affected.",
+                f"gradscope: the '{piece}' {self._kind} failed ({type(err).__name__}: {err}) "
+                "and is switched off for the rest of this run; training is not affected.",
                 GradscopeWarning,
                 stacklevel=2,
             )

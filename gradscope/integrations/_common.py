@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
-
-from ..errors import GradscopeWarning
 
 if TYPE_CHECKING:
     from ..history import StepRecord
@@ -105,35 +102,13 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
-class Once:
-    """Warns about a failing integration piece once, then keeps it switched off."""
-
-    def __init__(self) -> None:
-        self.off: dict[str, str] = {}
-
-    def run(self, piece: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if piece in self.off:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # gradscope must never stop training
-            self.off[piece] = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"gradscope: the {piece} step of the training callback failed "
-                f"({type(err).__name__}: {err}) and is switched off; training is not affected.",
-                GradscopeWarning,
-                stacklevel=3,
-            )
-            return None
-
-
 def guarded(piece: str) -> Callable[[F], F]:
     """Decorate a callback method so an exception inside it warns once and never propagates."""
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return self._once.run(piece, fn, self, *args, **kwargs)
+            return self._once.call(piece, fn, self, *args, **kwargs)
 
         return method  # type: ignore[return-value]
 

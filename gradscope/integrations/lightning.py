@@ -26,8 +26,9 @@ except ImportError:  # the older package name
             "`pip install 'torch-gradscope[lightning]'` (or `pip install lightning`)."
         ) from err
 
+from ..hooks import Guard
 from ..scope import Scope, watch
-from ._common import Once, StepLoss, guarded, headline, torch_optimizer
+from ._common import StepLoss, guarded, headline, torch_optimizer
 
 
 class GradscopeCallback(Callback):
@@ -58,7 +59,7 @@ class GradscopeCallback(Callback):
         self.scope: Scope | None = None
         self._loss = StepLoss()
         self._stepped = False
-        self._once = Once()
+        self._once = Guard("callback step")
 
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -109,22 +110,22 @@ class GradscopeCallback(Callback):
             return
         to_logger = bool(getattr(trainer, "loggers", None))
         for name, value in headline(self.scope, record).items():
-            self._once.run("logging", pl_module.log, name, value, on_step=True,
+            self._once.call("logging", pl_module.log, name, value, on_step=True,
                            on_epoch=False, prog_bar=False, logger=to_logger)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.scope is None:
             return
-        self._once.run("close", self.scope.close)
+        self._once.call("close", self.scope.close)
         if self.report and getattr(trainer, "is_global_zero", True):
-            self._once.run("report", self.scope.report)
+            self._once.call("report", self.scope.report)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.scope is not None and not self.scope.closed:
-            self._once.run("close", self.scope.close)
+            self._once.call("close", self.scope.close)
 
 
 def _returned_loss(outputs: Any, default: Any) -> Any:

@@ -32,7 +32,7 @@ except ImportError as err:
 
 from ..hooks import Guard, HookSet
 from ..scope import Scope, watch
-from ._common import Once, StepLoss, guarded, torch_optimizer
+from ._common import StepLoss, guarded, torch_optimizer
 
 
 class GradscopeCallback(TrainerCallback):
@@ -62,7 +62,7 @@ class GradscopeCallback(TrainerCallback):
         self._loss_hooks = HookSet()
         self._loss_is_global = False
         self._read_at_event = False
-        self._once = Once()
+        self._once = Guard("callback step")
         self._guard = Guard()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
@@ -77,7 +77,7 @@ class GradscopeCallback(TrainerCallback):
         self._read_at_event = inner is None
         self.scope = watch(model, inner, **self.watch_options)
         self._loss.clear()
-        self._once.run("loss", self._attach_loss_hooks, model)
+        self._once.call("loss", self._attach_loss_hooks, model)
 
     def _attach_loss_hooks(self, model: nn.Module) -> None:
         self._loss_hooks.add(model.register_forward_pre_hook(
@@ -112,9 +112,9 @@ class GradscopeCallback(TrainerCallback):
         self._loss_hooks.remove()
         if self.scope is None:
             return
-        self._once.run("close", self.scope.close)
+        self._once.call("close", self.scope.close)
         if self.report and getattr(state, "is_world_process_zero", True):
-            self._once.run("report", self.scope.report)
+            self._once.call("report", self.scope.report)
 
 
 __all__ = ["GradscopeCallback"]

@@ -23,6 +23,22 @@ def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
     return sorted(((n, last[n]) for n in names or ()), key=lambda x: -x[1])
 
 
+def _persistent_worst(ctx: RuleContext, field: str, limit: float):
+    """(window records, modules over `limit` on `field` in all of them) or (None, [])."""
+    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.activations]
+    tail = persistent(records, ctx.t["window"], lambda r: True)
+    return (tail, _worst(tail, field, limit)) if tail is not None else (None, [])
+
+
+def _from_first_record(ctx: RuleContext, worst, field: str, limit: float) -> bool:
+    """Whether any of the `worst` modules was already over `limit` at the first record."""
+    first = [r for r in ctx.first if r.activations]
+    if not first:
+        return False
+    over = first[0].modules_over(field, limit)
+    return any(name in over for name, _ in worst)
+
+
 def _output_module(record) -> str | None:
     """The leaf module that ran last in the step's forward (the model's output layer)."""
 
@@ -45,17 +61,10 @@ def _model_order(ctx: RuleContext, names: list[str]) -> list[str]:
       causes=("poor-init", "lr-too-high", "dead-units"))
 def units_dead(ctx: RuleContext) -> Finding | None:
     """More than half of a ReLU layer's units output zero on every example of every batch."""
-    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.activations]
-    tail = persistent(records, ctx.t["window"], lambda r: True)
-    if tail is None:
-        return None
-    worst = _worst(tail, "dead_frac", ctx.t["dead"])
+    tail, worst = _persistent_worst(ctx, "dead_frac", ctx.t["dead"])
     if not worst:
         return None
-    first_dead = [r for r in ctx.first if r.activations]
-    dead_from_start = bool(first_dead) and any(
-        (s := first_dead[0].activations.get(n)) is not None and s.dead_frac is not None
-        and s.dead_frac > ctx.t["dead"] for n, _ in worst)
+    dead_from_start = _from_first_record(ctx, worst, "dead_frac", ctx.t["dead"])
     scores = [ev.lr_too_high(ctx, tail, ctx.t["high_update"])]
     if dead_from_start:
         scores.append(("poor-init", 1.0, "the units were already dead at the first recorded "
@@ -86,19 +95,12 @@ def units_dead(ctx: RuleContext) -> Finding | None:
       causes=("data-scale", "poor-init", "lr-too-high", "saturated-activations"))
 def activations_saturated(ctx: RuleContext) -> Finding | None:
     """More than half of a bounded activation's outputs sit where its derivative is ~0."""
-    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.activations]
-    tail = persistent(records, ctx.t["window"], lambda r: True)
-    if tail is None:
-        return None
-    worst = _worst(tail, "saturated_frac", ctx.t["saturated"])
+    tail, worst = _persistent_worst(ctx, "saturated_frac", ctx.t["saturated"])
     if not worst:
         return None
     scores = [ev.data_scale(tail, ctx.t["data_scale"]),
               ev.lr_too_high(ctx, tail, ctx.t["high_update"])]
-    first = [r for r in ctx.first if r.activations]
-    if first and any((s := first[0].activations.get(n)) is not None
-                     and s.saturated_frac is not None and s.saturated_frac > ctx.t["saturated"]
-                     for n, _ in worst):
+    if _from_first_record(ctx, worst, "saturated_frac", ctx.t["saturated"]):
         scores.append(("poor-init", 0.7, "outputs were saturated from the first recorded step: "
                                          "pre-activations start too large"))
     if not any(s > 0 for _, s, _ in scores):
