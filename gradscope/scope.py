@@ -237,11 +237,11 @@ class Scope:
                  if (i := self._index.get(id(p))) in self._read_early]
         self._read_early.difference_update(early)
         indices = indices + early
-        self._guard.call("updates", self._updates.before, indices)
+        self._guard.call("updates", self._updates.before, indices, self._step)
         self._stepping[id(optimizer)] = indices
         if self._orphans is None:
             self._orphans = self._params_outside_optimizers()
-            self._guard.call("updates", self._updates.before, self._orphans)
+            self._guard.call("updates", self._updates.before, self._orphans, self._step)
 
     def _params_outside_optimizers(self) -> list[int]:
         """Trainable parameters in no optimizer: their change is measured over the whole step."""
@@ -256,8 +256,14 @@ class Scope:
         if not self._recording:
             return
         indices = self._stepping.pop(id(optimizer), [])
-        untouched = self._guard.call("updates", self._updates.after, indices, self._batch)
+        untouched = self._guard.call("updates", self._updates.after, indices, self._batch,
+                                     self._step, self._keeps_snapshots())
         self._unchanged.update(untouched or [])
+
+    def _keeps_snapshots(self) -> bool:
+        """Whether the next step is recorded too: then its before-step samples are this
+        step's after-step ones (the update tracker keeps them)."""
+        return self._should_record(self._step + 1)
 
     def _read_grads(self, indices: list[int]) -> None:
         if not indices:
@@ -385,7 +391,7 @@ class Scope:
         self._guard.call("gradients", self._read_grads, remaining)
         if self._orphans:
             untouched = self._guard.call("updates", self._updates.after, self._orphans,
-                                         self._batch)
+                                         self._batch, self._step, self._keeps_snapshots())
             self._unchanged.update(untouched or [])
         self._put_losses()
         act_names: list[str] = []
@@ -405,6 +411,7 @@ class Scope:
             record.nonfinite_origin = _nonfinite_origin(record.activations)
         record.data = self._guard.call("data", self._data.result, host)
         self._guard.call("gradients", self._count_nonfinite_grads, record)
+        self._guard.call("updates", self._updates.learn, record.changed)
         self._held_grads = {}
         self.history.append(record)
         diagnoses = self.engine.update(self.history)

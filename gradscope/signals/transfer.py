@@ -42,13 +42,21 @@ class DeviceBatch:
         host: list[np.ndarray | None] = [None] * len(self._items)
         for device, positions in by_device.items():
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            parts = [self._items[p][2].to(dtype) for p in positions]
-            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+            # same-dtype parts are concatenated first: one cast per dtype, not one per part
+            positions = sorted(positions, key=lambda p: str(self._items[p][2].dtype))
+            groups: dict[torch.dtype, list[torch.Tensor]] = {}
+            for p in positions:
+                tensor = self._items[p][2]
+                groups.setdefault(tensor.dtype, []).append(tensor)
+            casts = [(torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype)
+                     for parts in groups.values()]
+            flat = torch.cat(casts) if len(casts) > 1 else casts[0]
             values = flat.to("cpu").numpy() if device.type != "cpu" else flat.numpy()
             offset = 0
-            for p, part in zip(positions, parts):
-                host[p] = values[offset : offset + part.numel()]
-                offset += part.numel()
+            for p in positions:
+                size = self._items[p][2].numel()
+                host[p] = values[offset : offset + size]
+                offset += size
         out: dict[str, np.ndarray] = {}
         pieces: dict[str, list[np.ndarray]] = defaultdict(list)
         for (field, indices, _), values in zip(self._items, host):

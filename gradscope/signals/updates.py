@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .distributed import local_tensor
@@ -71,24 +72,32 @@ class _Bucket:
 
 @dataclass
 class _Snapshot:
-    """Sampled values and whole-tensor checksums of one bucket before the optimizer step."""
+    """Sampled values of one bucket, and bit sums of the whole tensors of some of its rows."""
 
     bucket: _Bucket
     values: torch.Tensor  # float64 [rows, width]
     base: torch.Tensor  # float64 [rows]: norm of the sampled values
-    sums: torch.Tensor | None  # [len(full_check)]: bit sums of the whole tensors
+    checked: list[int]  # rows of bucket.full_check whose whole tensor is summed
+    sums: torch.Tensor | None  # [len(checked)]: bit sums of those whole tensors
+    step: int = -1
+    versions: tuple[int, ...] = ()
 
 
 class UpdateTracker:
     """Measures ||w_after - w_before|| / ||w_before|| on a sample, and whether w changed at all.
 
-    `before()` runs in the optimizer's step pre-hook, `after()` in its post-hook. The exact
-    "changed" flag combines the sampled difference with a whole-tensor check, both computed
-    on the device (the version counter is no proof: fused optimizer kernels do not move it).
-    Where the sample is the whole tensor, the check compares its norm; for larger tensors it
-    compares a wrapping integer sum of the raw bits, which any change of any element moves
-    (short of an exact cancellation) while a float norm can round a small change away, and
-    which costs one integer pass instead of a float64 cast of every element on CPU.
+    `before()` runs in the optimizer's step pre-hook, `after()` in its post-hook. Values that
+    the sample shows moved are changed; a tensor whose sample did not move is checked whole
+    by a wrapping integer sum of its raw bits (any change of any element moves it, short of
+    an exact cancellation; a float norm can round a small change away). Only tensors that
+    did not move at their last measurement get that whole-tensor check: one that moved then
+    and whose sample is still now reads "unknown" (NaN) for this step and is checked whole
+    from its next measurement on. The version counter is no proof either way: fused
+    optimizer kernels do not move it.
+
+    When the next step is recorded too (every=1), the after-step samples and sums are kept
+    and serve as the next step's before-step ones, if no parameter of theirs was written to
+    since (version counters unchanged).
 
     Parameters are batched by device, dtype and sample width: a step costs a few kernels per
     batch (one gather, one norm over the rows), not a dozen per parameter.
@@ -102,7 +111,12 @@ class UpdateTracker:
                         for p in self._params]
         self._plans: dict[tuple[int, ...], list[_Bucket]] = {}
         self._before: dict[int, tuple[_Snapshot, int]] = {}
+        self._kept: dict[int, _Snapshot] = {}  # after-step snapshots, by id of their bucket
+        self._moving: set[int] = set()  # parameters seen changed at their last measurement
 
+    def learn(self, changed: np.ndarray) -> None:
+        """Note which parameters changed in the step just recorded (1 = changed)."""
+        self._moving = set(np.flatnonzero(changed == 1).tolist())
     def _flat(self, index: int) -> torch.Tensor:
         return local_tensor(self._params[index]).detach().reshape(-1)
 
@@ -163,25 +177,57 @@ class UpdateTracker:
         values = torch.cat(parts) if len(parts) > 1 else parts[0]
         return values.to(torch.float64)  # a new tensor either way: indexing copies
 
-    def _bit_sums(self, bucket: _Bucket) -> torch.Tensor | None:
-        if not bucket.full_check:
+    def _bit_sums(self, bucket: _Bucket, rows: Sequence[int]) -> torch.Tensor | None:
+        if not rows:
             return None
         return torch.stack([bit_sum(local_tensor(self._params[bucket.indices[r]]).detach())
-                            for r in bucket.full_check])
+                            for r in rows])
+
+    def _versions(self, bucket: _Bucket) -> tuple[int, ...]:
+        return tuple(self._params[i]._version for i in bucket.indices)
+
+    def _to_check(self, bucket: _Bucket) -> list[int]:
+        return [r for r in bucket.full_check if bucket.indices[r] not in self._moving]
 
     @torch.no_grad()
-    def before(self, indices: Sequence[int]) -> None:
+    def before(self, indices: Sequence[int], step: int = -1) -> None:
         for bucket in self._plan(indices):
-            values = self._values(bucket)
-            base = torch.linalg.vector_norm(values, dim=1)
-            snapshot = _Snapshot(bucket, values, base, self._bit_sums(bucket))
+            snapshot = self._reuse(bucket, step)
+            if snapshot is None:
+                values = self._values(bucket)
+                checked = self._to_check(bucket)
+                snapshot = _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
+                                     checked, self._bit_sums(bucket, checked))
             for row, i in enumerate(bucket.indices):
                 self._before[i] = (snapshot, row)
 
+    def _reuse(self, bucket: _Bucket, step: int) -> _Snapshot | None:
+        """The kept after-step snapshot of the previous step (or an earlier optimizer of this
+        step), when no parameter of the bucket was written to since."""
+        kept = self._kept.pop(id(bucket), None)
+        if (kept is None or kept.bucket is not bucket or step - kept.step not in (0, 1)
+                or kept.versions != self._versions(bucket)):
+            return None
+        wanted = self._to_check(bucket)
+        have = {row: pos for pos, row in enumerate(kept.checked)}
+        present = [row for row in wanted if row in have]
+        missing = [row for row in wanted if row not in have]
+        parts = []
+        if present:
+            where = torch.tensor([have[row] for row in present], dtype=torch.long,
+                                 device=kept.base.device)
+            parts.append(kept.sums.index_select(0, where))
+        if missing:
+            parts.append(self._bit_sums(bucket, missing))
+        sums = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+        return _Snapshot(bucket, kept.values, kept.base, present + missing, sums)
+
     @torch.no_grad()
-    def after(self, indices: Sequence[int], batch: DeviceBatch) -> list[int]:
-        """Queue update ratios and change flags; return the indices known unchanged without
-        measuring (always empty now that every tensor is measured; kept for callers)."""
+    def after(self, indices: Sequence[int], batch: DeviceBatch, step: int = -1,
+              keep: bool = False) -> list[int]:
+        """Queue update ratios and change flags; with `keep`, hold the after-step samples for
+        the next `before()`. Return the indices known unchanged without measuring (always
+        empty now that every tensor is measured; kept for callers)."""
         wanted: dict[int, tuple[_Snapshot, list[tuple[int, int]]]] = {}
         for i in indices:
             entry = self._before.pop(i, None)
@@ -189,12 +235,11 @@ class UpdateTracker:
                 snapshot, row = entry
                 wanted.setdefault(id(snapshot), (snapshot, []))[1].append((row, i))
         for snapshot, rows in wanted.values():
-            self._measure(snapshot, rows, batch)
+            self._measure(snapshot, rows, batch, step, keep)
         return []
 
-    def _measure(self, snap: _Snapshot, rows: list[tuple[int, int]], batch: DeviceBatch) -> None:
-        # An unmoved version counter does not prove "unchanged": fused optimizer kernels
-        # (e.g. AdamW(fused=True)) write in place without bumping it. Measure every time.
+    def _measure(self, snap: _Snapshot, rows: list[tuple[int, int]], batch: DeviceBatch,
+                 step: int, keep: bool) -> None:
         bucket = snap.bucket
         new_values = self._values(bucket)
         diff = torch.linalg.vector_norm(new_values - snap.values, dim=1)
@@ -204,14 +249,23 @@ class UpdateTracker:
         undefined = torch.where(diff > 0, torch.nan, 0.0)
         ratio = torch.where(base > 0, diff / base.clamp_min(torch.finfo(torch.float64).tiny),
                             undefined.to(diff))
-        if len(bucket.full_check) == len(bucket.indices):
-            differs = self._bit_sums(bucket) != snap.sums
-        else:  # the norm of a whole-tensor sample is the full-tensor norm
-            differs = torch.linalg.vector_norm(new_values, dim=1) != base
-            if bucket.full_check:
-                differs = differs.index_copy(0, bucket.full_check_rows,
-                                             self._bit_sums(bucket) != snap.sums)
-        changed = ((diff > 0) | differs).to(torch.float64)
+        new_base = torch.linalg.vector_norm(new_values, dim=1)
+        moved = diff != 0  # NaN (a NaN weight) counts as moved, as it did for a whole norm
+        # a whole-tensor sample: its difference is exact; a partial one that did not move
+        # says nothing about the other elements unless they are checked below
+        changed = moved.to(torch.float64)
+        if bucket.full_check:
+            unknown = torch.where(moved, 1.0, torch.nan).to(changed)
+            changed = changed.index_copy(0, bucket.full_check_rows,
+                                         unknown.index_select(0, bucket.full_check_rows))
+        new_sums = self._bit_sums(bucket, snap.checked)
+        if snap.checked:
+            where = torch.tensor(snap.checked, dtype=torch.long, device=base.device)
+            exact = (moved.index_select(0, where) | (new_sums != snap.sums)).to(changed)
+            changed = changed.index_copy(0, where, exact)
+        if keep:
+            self._kept[id(bucket)] = _Snapshot(bucket, new_values, new_base, snap.checked,
+                                               new_sums, step, self._versions(bucket))
         targets = bucket.indices
         if len(rows) < len(bucket.indices):
             rows = sorted(rows)
@@ -223,6 +277,7 @@ class UpdateTracker:
 
     def reset(self) -> None:
         self._before.clear()
+        self._kept.clear()
 
 
 __all__ = ["UpdateTracker", "bit_sum", "put_param_norms", "sample_indices"]

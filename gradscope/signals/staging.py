@@ -1,0 +1,215 @@
+"""Copies of module outputs (whole when small, sampled when large) reduced together per step.
+
+A forward hook that reduces its output on the spot launches a handful of kernels per call;
+on a model of many small modules the launches, not the arithmetic, are the cost. Here a
+hook launches one copy into a row of a staging buffer, and each buffer (all rows of one
+device, dtype and length) is reduced once per recorded step: a few kernels in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .transfer import DeviceBatch
+
+#: Outputs with more elements than this are statistically sampled down to this many.
+SAMPLE = 32768
+#: Columns of the statistics each staged row yields (see `RowStage.put`).
+SUM, NORM, NONZERO, NONFINITE, SATURATED = range(5)
+STATS = 5
+#: Fraction of a bounded activation's range, at either end, counted as saturated.
+SATURATION_MARGIN = 0.01
+
+_indices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def spread_indices(numel: int, size: int, device: torch.device) -> torch.Tensor:
+    """`size` element positions spread over `numel`, with an odd stride (wrapping around).
+
+    An odd stride does not keep landing on the same column of a power-of-two row, so the
+    sample covers every unit of a layer rather than every 8th one.
+
+    Example:
+        >>> spread_indices(10, 4, torch.device("cpu")).tolist()
+        [0, 3, 6, 9]
+    """
+    key = (numel, size, device)
+    index = _indices.get(key)
+    if index is None:
+        if len(_indices) > 256:
+            _indices.clear()
+        stride = (numel // size) | 1
+        index = _indices[key] = (torch.arange(size, device=device) * stride) % numel
+    return index
+
+
+@dataclass
+class _Group:
+    """Rows of one device, dtype and length: chunks of [rows, width] buffers."""
+
+    device: torch.device
+    dtype: torch.dtype
+    width: int
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    used: int = 0  # rows written in the last chunk
+    rows: int = 0  # rows written in all
+    bounds: list[tuple[float, float]] = field(default_factory=list)  # (centre, 1/half-range)
+    bounded: bool = False
+
+
+class RowStage:
+    """Staging buffers for the values measured in one step.
+
+    Example:
+        >>> stage = RowStage()
+        >>> handle = stage.add(torch.tensor([0.0, 3.0, -4.0]))
+        >>> from gradscope.signals.transfer import DeviceBatch
+        >>> batch = DeviceBatch(); fields = stage.put(batch, "stage")
+        >>> stats = stage.results(batch.fetch())
+        >>> stats[handle].tolist()  # sum, L2 norm, non-zeros, NaN/Inf, saturated
+        [-1.0, 5.0, 2.0, 0.0, 0.0]
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[torch.device, torch.dtype, int], int] = {}
+        self._list: list[_Group] = []
+        self._group_of: list[int] = []  # by handle: its group and its row there
+        self._row_of: list[int] = []
+        self._capacity: dict[tuple[torch.device, torch.dtype, int], int] = {}
+        self._fields: list[str] = []
+
+    def __len__(self) -> int:
+        return sum(g.rows for g in self._list)
+
+    def add(self, flat: torch.Tensor, bounds: tuple[float, float] | None = None,
+            index: torch.Tensor | None = None) -> int:
+        """Copy the 1-D tensor `flat` (or its elements at `index`) into a row; return its
+        handle (an int).
+
+        Floating dtypes other than float64 are staged as float32 (the copy converts).
+        `bounds` (low, high) of a saturating function: its row also counts saturated values.
+        """
+        dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        key = (flat.device, dtype, flat.numel() if index is None else index.numel())
+        index_of_group = self._groups.get(key)
+        if index_of_group is None:
+            index_of_group = self._groups[key] = len(self._list)
+            self._list.append(_Group(flat.device, dtype, key[2]))
+        group = self._list[index_of_group]
+        if not group.chunks or group.used == group.chunks[-1].shape[0]:
+            rows = max(self._capacity.get(key, 0) - group.rows, group.rows, 4)
+            group.chunks.append(torch.empty(rows, group.width, dtype=dtype, device=flat.device))
+            group.used = 0
+        row = group.chunks[-1][group.used]
+        if index is None:
+            row.copy_(flat)
+        elif flat.dtype == dtype:
+            torch.index_select(flat, 0, index, out=row)  # gathered straight into the row
+        else:
+            row.copy_(flat.index_select(0, index))
+        group.used += 1
+        group.rows += 1
+        if bounds is None:
+            group.bounds.append((0.0, 0.0))
+        else:
+            low, high = bounds
+            group.bounds.append(((low + high) / 2, 2.0 / (high - low)))
+            group.bounded = True
+        self._group_of.append(index_of_group)
+        self._row_of.append(group.rows - 1)
+        return len(self._row_of) - 1
+
+    @torch.no_grad()
+    def put(self, batch: DeviceBatch, prefix: str) -> list[str]:
+        """Reduce every buffer and queue a [rows, 5] float64 matrix per buffer in `batch`."""
+        self._fields = []
+        for index, group in enumerate(self._list):
+            rows = torch.cat(group.chunks) if len(group.chunks) > 1 else group.chunks[0]
+            rows = rows[: group.rows]
+            name = f"{prefix}:{index}"
+            batch.put(name, _row_stats(rows, group))
+            self._fields.append(name)
+            self._capacity[(group.device, group.dtype, group.width)] = group.rows
+        for group in self._list:
+            group.chunks.clear()  # nothing staged outlives the step
+        return self._fields
+
+    def results(self, host: dict[str, np.ndarray]) -> StagedStats:
+        """The fetched statistics of every row, indexable by a handle: `out[handle]`."""
+        return StagedStats([host[name].reshape(-1, STATS) for name in self._fields],
+                           self._group_of, self._row_of)
+
+    def reset(self) -> None:
+        self._groups.clear()
+        self._list.clear()
+        self._group_of = []
+        self._row_of = []
+        self._fields = []
+
+
+class StagedStats:
+    """Per-group [rows, 5] arrays, looked up by handle."""
+
+    def __init__(self, arrays: list[np.ndarray], group_of: list[int], row_of: list[int]
+                 ) -> None:
+        self.arrays = arrays
+        offsets = np.cumsum([0] + [len(a) for a in arrays[:-1]], dtype=np.int64)
+        self._position = offsets[np.asarray(group_of, dtype=np.int64)] + np.asarray(
+            row_of, dtype=np.int64) if group_of else np.zeros(0, dtype=np.int64)
+        self._flat = (np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+                      ) if arrays else np.zeros((0, STATS))
+
+    def __getitem__(self, handle: int) -> np.ndarray:
+        return self._flat[self._position[handle]]
+
+    def gather(self, handles: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows of the given handles as one [len(handles), 5] array."""
+        return self._flat[self._position[np.asarray(handles, dtype=np.int64)]]
+
+
+def _count_rows(mask: torch.Tensor) -> torch.Tensor:
+    """True values per row of a boolean matrix (a byte sum: ~2x faster than count_nonzero)."""
+    return mask.view(torch.uint8).sum(1, dtype=torch.int32)
+
+
+def _row_stats(rows: torch.Tensor, group: _Group) -> torch.Tensor:
+    """Sum, L2 norm, non-zero count, NaN/Inf count and saturated count of each row.
+
+    Sums and norms accumulate in the rows' dtype (vectorised; float32 sums on CPU are
+    cascaded, ~1e-7 relative error) and are widened to float64 afterwards.
+    """
+    f64 = torch.float64
+    total = rows.sum(1)
+    norm = torch.linalg.vector_norm(rows, dim=1)
+    # a bool() cast counts NaN as non-zero and -0.0 as zero, like count_nonzero, but
+    # without its per-element branch (up to 5x faster on ReLU outputs on CPU)
+    nonzero = _count_rows(rows.bool())
+    if rows.device.type == "cpu":
+        # a NaN/Inf makes its row's sum non-finite: count only in such rows (selecting
+        # them by value is a host operation on CPU tensors, not a device transfer)
+        nonfinite = torch.zeros(rows.shape[0], dtype=torch.int32)
+        bad = torch.nonzero(~torch.isfinite(total)).reshape(-1)
+        if bad.numel():
+            picked = rows.index_select(0, bad)
+            nonfinite.index_copy_(0, bad, torch.count_nonzero(picked - picked, dim=1).int())
+    else:
+        nonfinite = torch.count_nonzero(rows - rows, dim=1)  # x - x is 0 exactly when finite
+    saturated = torch.zeros_like(total)
+    if group.bounded:
+        bounded = [i for i, (_, scale) in enumerate(group.bounds) if scale]
+        where = torch.tensor(bounded, dtype=torch.long).to(rows.device)
+        scale = torch.tensor([group.bounds[i] for i in bounded], dtype=rows.dtype)
+        scale = scale.to(rows.device)
+        centred = rows.index_select(0, where).sub_(scale[:, :1]).mul_(scale[:, 1:]).abs_()
+        # |x - centre| / half-range >= 1 - 2 * margin: within the margin of either end
+        hits = _count_rows(centred >= 1.0 - 2.0 * SATURATION_MARGIN)
+        saturated = saturated.index_copy(0, where, hits.to(saturated.dtype))
+    return torch.stack([total.to(f64), norm.to(f64), nonzero.to(f64), nonfinite.to(f64),
+                        saturated.to(f64)], dim=1)
+
+
+__all__ = ["SAMPLE", "SATURATION_MARGIN", "RowStage", "StagedStats", "spread_indices"]
