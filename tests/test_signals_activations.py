@@ -236,3 +236,72 @@ def test_activations_can_be_switched_off():
     scope.close()
     assert scope.history.last.activations == {}
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+class Poison(nn.Module):
+    """Writes NaN and +inf into a few fixed positions of its input (out of place)."""
+
+    def forward(self, x):
+        x = x.clone()
+        x[3, 7] = float("nan")
+        x[40, 500] = float("inf")
+        x[63, 1023] = float("nan")
+        return x
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(8, 1024)
+        self.tanh = nn.Tanh()
+        self.lin2 = nn.Linear(1024, 1024)
+        self.poison = Poison()
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(1024, 1)
+
+    def forward(self, x):
+        return self.head(self.relu(self.poison(self.lin2(self.tanh(self.lin1(x))))))
+
+
+def test_large_outputs_are_sampled_for_moments_and_counted_whole_for_nan_and_dead_units():
+    # 64 x 1024 = 65536 values per output: moments come from 32768 spread over the tensor,
+    # so they match the whole-tensor reference within sampling error (the second half of
+    # the batch is 10x larger: a sample of the first half only would miss it by far);
+    # NaN/Inf counts and dead units are exact.
+    torch.manual_seed(0)
+    model = Wide()
+    with torch.no_grad():
+        model.lin1.weight.mul_(3)  # tanh partly saturated
+        model.lin2.bias[:100] = -100.0  # 100 of 1024 ReLU units can never be positive
+    names = ["lin1", "tanh", "lin2", "poison", "relu"]
+    capture = Capture(model, names)
+    scope = gradscope.watch(model, every=1)
+    x = torch.randn(64, 8)
+    x[32:] *= 10
+    loss = model(x).nan_to_num().pow(2).mean()
+    loss.backward()
+    scope.step(loss)
+    scope.close()
+    capture.remove()
+    acts = scope.history.last.activations
+    for name in names:
+        out = capture.outputs[name][0].double()
+        assert out.numel() == 65536
+        finite = out[torch.isfinite(out)]
+        stats = acts[name]
+        assert stats.nonfinite_frac == (out.numel() - finite.numel()) / out.numel()  # exact
+        if name in ("poison", "relu"):
+            continue  # NaN in the sample or not: the moments of these are not compared
+        assert stats.mean == pytest.approx(finite.mean().item(), abs=0.03 * finite.std().item())
+        assert stats.std == pytest.approx(finite.std(correction=0).item(), rel=0.03)
+        assert stats.zero_frac == pytest.approx((finite == 0).double().mean().item(), abs=0.01)
+    sat = (capture.outputs["tanh"][0].abs() >= 1 - 2 * SATURATION_MARGIN).double().mean()
+    assert 0.05 < sat < 0.95
+    assert acts["tanh"].saturated_frac == pytest.approx(sat.item(), abs=0.02)
+    relu = capture.outputs["relu"][0]
+    assert acts["relu"].nonfinite_frac == 3 / 65536
+    dead = (relu <= 0).all(dim=0)  # a unit that saw NaN (unit 7) is not called dead
+    assert dead[:100].sum() == 99 and not dead[7]
+    assert acts["relu"].dead_frac == pytest.approx(dead.double().mean().item())
+    assert acts["relu"].input_nonfinite == 3
+    assert scope.history.last.nonfinite_origin == "poison"

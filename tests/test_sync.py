@@ -39,7 +39,7 @@ def _measure(state, fn):
     return dict(state["counts"])
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2", "wide_mlp", "wide_cnn"])
 def test_transfers_per_step(counter, name):
     case = CASES[name]
     model = case.build()

@@ -34,9 +34,6 @@ MIN_UNIT_ROWS = 16
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
 CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 
-#: Stands for the NaN/Inf count of a tensor known to hold none.
-FINITE = -1
-
 # Per-module accumulator columns (float64 on the host, summed over the calls of a step).
 A_SUM, A_SUMSQ, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_NONFINITE, A_DEAD = range(7)
 
@@ -212,8 +209,7 @@ class ActivationCollector:
             seen = self._counted[id(t)] = (weakref.ref(t), t._version, count)
         count = seen[2]
         if isinstance(count, int):  # a staged row: its count arrives with the others
-            if count != FINITE:
-                self._staged_counts += (row, column, count)
+            self._staged_counts += (row, column, count)
         else:
             counts = self._counts.get(count.device)
             if counts is None:
@@ -243,13 +239,12 @@ class ActivationCollector:
                 self._staged_counts += (row, A_NONFINITE, handle)
                 rest = outputs[1:]
             elif peak is not None and x.device.type == "cpu" and len(outputs) == 1:
-                # a ReLU output holds no -inf, so its per-unit maxima (just computed for
-                # dead units) are finite exactly when it holds no NaN/Inf: count only then
-                # (a host check on a CPU tensor, not a device transfer)
-                if bool(torch.isfinite(peak).all()):
-                    self._counted[id(primary)] = (weakref.ref(primary), primary._version, FINITE)
-                else:
-                    self._nonfinite_count(primary, row, A_NONFINITE)
+                # a ReLU output holds no -inf, so NaN/Inf can only sit in units whose
+                # maximum (just computed for dead units) is not finite: count there only
+                # (selecting them by value is a host operation on CPU tensors, no transfer)
+                count = self._count_in_units(x, peak)
+                self._counted[id(primary)] = (weakref.ref(primary), primary._version, count)
+                self._nonfinite_count(primary, row, A_NONFINITE)
                 rest = ()
         for t in rest:
             self._nonfinite_count(t, row, A_NONFINITE)
@@ -257,17 +252,26 @@ class ActivationCollector:
             for t in _float_leaves(args):
                 self._nonfinite_count(t, row, A_IN_NONFINITE)
 
+    def _unit_dims(self, x: torch.Tensor) -> tuple[list[int], int]:
+        """The dims a unit's values span, and the unit dim: channels (dim 1) for conv maps
+        (batch, channels, ...), else the last dim."""
+        if x.dim() >= 4 or (x.dim() == 3 and self._channels_first_3d):
+            return [d for d in range(x.dim()) if d != 1], 1
+        return list(range(x.dim() - 1)), x.dim() - 1
+
+    def _count_in_units(self, x: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        """NaN/Inf count of a CPU ReLU output, looking only at units with a non-finite max."""
+        _, unit_dim = self._unit_dims(x)
+        bad = torch.nonzero(~torch.isfinite(peak.reshape(-1))).reshape(-1)
+        picked = x.index_select(unit_dim, bad)
+        return torch.count_nonzero(picked - picked)
+
     def _record_units(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Note which units were positive in `x`; return the per-unit maxima."""
-        if x.dim() >= 4 or (x.dim() == 3 and self._channels_first_3d):
-            # conv maps (batch, channels, ...): units are channels (dim 1)
-            dims = [d for d in range(x.dim()) if d != 1]
-            units = x.shape[1]
-        else:
-            dims = list(range(x.dim() - 1))
-            units = x.shape[-1]
+        dims, unit_dim = self._unit_dims(x)
+        units = x.shape[unit_dim]
         peak = x.amax(dim=dims) if dims else x
-        active = peak > 0
+        active = ~(peak <= 0)  # dead = every value <= 0; a unit that saw NaN is not called dead
         self._unit_rows[name] = self._unit_rows.get(name, 0) + x.numel() // max(units, 1)
         key = (name, units)
         if key in self._active:

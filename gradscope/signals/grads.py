@@ -49,32 +49,58 @@ def put_grad_stats(
     if present:
         tensors, idx = zip(*present)
         for group, group_idx in group_by_device_dtype(tensors, idx):
-            batch.put("grad_norm", torch.stack(torch._foreach_norm(group, 2)), group_idx)
-            batch.put("grad_max", _max_abs(group), group_idx)
+            norm, peak = norms(group, with_max=True)
+            batch.put("grad_norm", norm, group_idx)
+            batch.put("grad_max", peak, group_idx)
     return grads
 
 
-def _max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """max |x| of each tensor (one device and dtype), stacked.
+#: CPU tensors up to this many elements are measured as rows of one matrix per shape.
+STACK_LIMIT = 65536
 
-    The fused inf-norm is right on accelerators; on CPU it runs ~6x slower than a min/max
-    pass, so large CPU tensors use max(|max(x)|, |min(x)|) (the same value, NaN included).
+
+def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """L2 norm (and, with `with_max`, max |x|) of each tensor of one device and dtype.
+
+    On accelerators one fused foreach kernel does it. On CPU the foreach kernels loop over
+    the tensors (~6 us each for a small one), so small tensors of one shape are stacked
+    into a matrix and reduced by rows, and large ones read once per statistic; the
+    inf-norm is computed as max(|max x|, |min x|) (the same value, NaN included), ~6x
+    faster there.
+
+    Example:
+        >>> n, m = norms([torch.tensor([3.0, -4.0]), torch.tensor([1.0, 0.0])], with_max=True)
+        >>> n.tolist(), m.tolist()
+        ([5.0, 1.0], [4.0, 1.0])
     """
-    if tensors[0].device.type != "cpu":
-        return torch.stack(torch._foreach_norm(tensors, float("inf")))
-    large = [t.numel() >= 65536 for t in tensors]
-    if not any(large):
-        return torch.stack(torch._foreach_norm(tensors, float("inf")))
-    small = iter(torch._foreach_norm([t for t, big in zip(tensors, large) if not big],
-                                     float("inf")) if not all(large) else [])
-    out = []
-    for t, big in zip(tensors, large):
-        if big:
-            low, high = torch.aminmax(t)
-            out.append(torch.maximum(high.abs(), low.abs()))
+    if tensors[0].device.type != "cpu" or tensors[0].is_complex():
+        peak = torch.stack(torch._foreach_norm(tensors, float("inf"))) if with_max else None
+        return torch.stack(torch._foreach_norm(tensors, 2)), peak
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        shapes.setdefault(tuple(t.shape) if t.numel() <= STACK_LIMIT else (-1 - i,),
+                          []).append(i)
+    order: list[int] = []
+    l2: list[torch.Tensor] = []
+    peaks: list[torch.Tensor] = []
+    for members in shapes.values():
+        order += members
+        if len(members) == 1:
+            t = tensors[members[0]].reshape(1, -1)
         else:
-            out.append(next(small))
-    return torch.stack(out)
+            t = torch.stack([tensors[i] for i in members]).view(len(members), -1)
+        l2.append(torch.linalg.vector_norm(t, dim=1))
+        if with_max:
+            low, high = torch.aminmax(t, dim=1)
+            peaks.append(torch.maximum(high.abs(), low.abs()))
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    norm = torch.cat(l2).index_select(0, back) if len(l2) > 1 else l2[0]
+    peak = None
+    if with_max:
+        peak = torch.cat(peaks).index_select(0, back) if len(peaks) > 1 else peaks[0]
+    return norm, peak
 
 
 @torch.no_grad()
@@ -88,7 +114,7 @@ def put_param_norms(
         kept = [(local_tensor(p), i) for p, i in zip(params, indices) if not is_sharded(p)]
         params, indices = [p for p, _ in kept], [i for _, i in kept]
     for group, group_idx in group_by_device_dtype([p.detach() for p in params], indices):
-        batch.put(field, torch.stack(torch._foreach_norm(group, 2)), group_idx)
+        batch.put(field, norms(group)[0], group_idx)
 
 
 @torch.no_grad()
@@ -110,7 +136,7 @@ def put_stale_grad_norms(
     if present:
         tensors, idx = zip(*present)
         for group, group_idx in group_by_device_dtype(tensors, idx):
-            batch.put("stale_grad", torch.stack(torch._foreach_norm(group, 2)), group_idx)
+            batch.put("stale_grad", norms(group)[0], group_idx)
 
 
 @torch.no_grad()

@@ -28,22 +28,24 @@ _indices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 def spread_indices(numel: int, size: int, device: torch.device) -> torch.Tensor:
-    """`size` element positions spread over `numel`, with an odd stride (wrapping around).
+    """`size` element positions spread evenly but irregularly over `numel`, sorted.
 
-    An odd stride does not keep landing on the same column of a power-of-two row, so the
-    sample covers every unit of a layer rather than every 8th one.
+    Positions follow the golden-ratio sequence frac(i * 0.618...) * numel: as even as a
+    regular stride over the whole tensor, without a stride's habit of landing on the same
+    columns of every row (a stride of 8 on rows of 1024 would see one unit in eight).
 
     Example:
         >>> spread_indices(10, 4, torch.device("cpu")).tolist()
-        [0, 3, 6, 9]
+        [0, 2, 6, 8]
     """
     key = (numel, size, device)
     index = _indices.get(key)
     if index is None:
         if len(_indices) > 256:
             _indices.clear()
-        stride = (numel // size) | 1
-        index = _indices[key] = (torch.arange(size, device=device) * stride) % numel
+        golden = (torch.arange(size, dtype=torch.float64) * 0.6180339887498949) % 1.0
+        positions = (golden * numel).floor().long().clamp_(max=numel - 1).sort().values
+        index = _indices[key] = positions.to(device)
     return index
 
 
