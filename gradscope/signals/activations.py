@@ -22,7 +22,6 @@ from .staging import (
     SATURATION_MARGIN,
     SUM,
     RowStage,
-    spread_indices,
 )
 from .transfer import DeviceBatch
 
@@ -111,10 +110,10 @@ class ActivationCollector:
     reentrant variant runs the first forward under no_grad.
 
     A hook copies the output of a leaf module into a staging row (`RowStage`): whole when it
-    has up to SAMPLE elements, else SAMPLE elements spread over it. Mean, std, zero and
-    saturated fractions come from those rows, reduced together once per step, so a large
-    output's are estimates from SAMPLE values. NaN/Inf counts and dead units are exact: a
-    large output is also counted whole (one pass), and ReLU outputs reduced per unit.
+    has up to SAMPLE elements, else SAMPLE elements in short runs spread over it. Mean, std,
+    zero and saturated fractions come from those rows, reduced together once per step, so a
+    large output's are estimates from SAMPLE values. NaN/Inf counts and dead units are
+    exact: a large output is also checked whole (one pass), ReLU outputs by unit maxima.
     The host adds up the calls of each module.
     """
 
@@ -228,13 +227,11 @@ class ActivationCollector:
         rest = outputs
         peak = self._record_units(name, x) if relu and x.dim() >= 1 else None
         if leaf and x.layout is torch.strided:
-            flat = x.reshape(-1)
-            sample = spread_indices(numel, SAMPLE, x.device) if numel > SAMPLE else None
-            handle = self._stage.add(flat, bounds, sample)
-            size = numel if sample is None else SAMPLE
+            handle = self._stage.add(x.reshape(-1), bounds)  # whole, or a sample if large
+            size = min(numel, SAMPLE)
             self._numel[name] = self._numel.get(name, 0) + size
             self._moments += (row, handle, size)
-            if sample is None:  # the staged row is the whole output: its count is exact
+            if numel <= SAMPLE:  # the staged row is the whole output: its count is exact
                 self._counted[id(primary)] = (weakref.ref(primary), primary._version, handle)
                 self._staged_counts += (row, A_NONFINITE, handle)
                 rest = outputs[1:]

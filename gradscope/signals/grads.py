@@ -92,8 +92,13 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
             t = torch.stack([tensors[i] for i in members]).view(len(members), -1)
         l2.append(torch.linalg.vector_norm(t, dim=1))
         if with_max:
-            low, high = torch.aminmax(t, dim=1)
-            peaks.append(torch.maximum(high.abs(), low.abs()))
+            # aminmax along a dim is ~7x slower than a whole-tensor aminmax or than amax and
+            # amin along the dim (CPU kernels of torch 2.x)
+            if len(members) == 1:
+                low, high = torch.aminmax(t)
+            else:
+                low, high = t.amin(1), t.amax(1)
+            peaks.append(torch.maximum(high.abs(), low.abs()).reshape(-1))
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     norm = torch.cat(l2).index_select(0, back) if len(l2) > 1 else l2[0]

@@ -16,8 +16,11 @@ import torch
 
 from .transfer import DeviceBatch
 
-#: Outputs with more elements than this are statistically sampled down to this many.
-SAMPLE = 32768
+#: Outputs with more elements than this are statistically sampled down to this many...
+SAMPLE = 16384
+#: ...as SAMPLE // PIECE runs of PIECE consecutive elements spread over the tensor (a copy
+#: of a few whole cache lines each, instead of one scattered element per cache line).
+PIECE = 128
 #: Columns of the statistics each staged row yields (see `RowStage.put`).
 SUM, NORM, NONZERO, NONFINITE, SATURATED = range(5)
 STATS = 5
@@ -87,16 +90,16 @@ class RowStage:
     def __len__(self) -> int:
         return sum(g.rows for g in self._list)
 
-    def add(self, flat: torch.Tensor, bounds: tuple[float, float] | None = None,
-            index: torch.Tensor | None = None) -> int:
-        """Copy the 1-D tensor `flat` (or its elements at `index`) into a row; return its
-        handle (an int).
+    def add(self, flat: torch.Tensor, bounds: tuple[float, float] | None = None) -> int:
+        """Copy the 1-D tensor `flat` into a row, or a sample of SAMPLE of its elements
+        when it is longer; return the row's handle (an int).
 
         Floating dtypes other than float64 are staged as float32 (the copy converts).
         `bounds` (low, high) of a saturating function: its row also counts saturated values.
         """
         dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        key = (flat.device, dtype, flat.numel() if index is None else index.numel())
+        numel = flat.numel()
+        key = (flat.device, dtype, min(numel, SAMPLE))
         index_of_group = self._groups.get(key)
         if index_of_group is None:
             index_of_group = self._groups[key] = len(self._list)
@@ -107,12 +110,16 @@ class RowStage:
             group.chunks.append(torch.empty(rows, group.width, dtype=dtype, device=flat.device))
             group.used = 0
         row = group.chunks[-1][group.used]
-        if index is None:
+        if numel <= SAMPLE:
             row.copy_(flat)
-        elif flat.dtype == dtype:
-            torch.index_select(flat, 0, index, out=row)  # gathered straight into the row
         else:
-            row.copy_(flat.index_select(0, index))
+            pieces = numel // PIECE
+            where = spread_indices(pieces, SAMPLE // PIECE, flat.device)
+            runs = flat[: pieces * PIECE].view(pieces, PIECE)
+            if flat.dtype == dtype:  # gathered straight into the row
+                torch.index_select(runs, 0, where, out=row.view(-1, PIECE))
+            else:
+                row.view(-1, PIECE).copy_(runs.index_select(0, where))
         group.used += 1
         group.rows += 1
         if bounds is None:
@@ -214,4 +221,4 @@ def _row_stats(rows: torch.Tensor, group: _Group) -> torch.Tensor:
                         saturated.to(f64)], dim=1)
 
 
-__all__ = ["SAMPLE", "SATURATION_MARGIN", "RowStage", "StagedStats", "spread_indices"]
+__all__ = ["PIECE", "SAMPLE", "SATURATION_MARGIN", "RowStage", "StagedStats", "spread_indices"]
