@@ -346,11 +346,17 @@ class RunLogWriter:
         self._write_losses(exclude=record.step)
         self._loss_upto = max(self._loss_upto, record.step)
         self._write(encode_record(record, self._modules))
+        self.on_diagnoses(record.step, changed)
+
+    def on_diagnoses(self, step: int, changed: list[Diagnosis]) -> None:
+        """Write diagnosis events (new or changed) as of `step`."""
+        if self._fd is None:
+            return
         for d in changed:
             key = d.rule or d.sign
             event = "changed" if key in self._seen else "new"
             self._seen.add(key)
-            self._write(json.dumps({"type": "diagnosis", "step": record.step, "event": event,
+            self._write(json.dumps({"type": "diagnosis", "step": step, "event": event,
                                     "diagnosis": jsonable(d.to_dict())},
                                    separators=(",", ":")))
 
@@ -418,13 +424,18 @@ class RunLog:
         return history
 
     def replay(self, engine: Any, capacity: int | None = None) -> History:
-        """Rebuild the History step by step, running `engine.update(history)` after each record."""
+        """Rebuild the History step by step, running `engine.update(history)` as the live run
+        did (see RuleCadence; `every` from the logged options) and once more at the end."""
         history = History(self.layout, capacity=capacity or max(len(self.records), 1),
                           loss_capacity=max(len(self.losses) + len(self.records), 1))
         self._replay(history, engine)
         return history
 
     def _replay(self, history: History, engine: Any) -> None:
+        from .rules.engine import RuleCadence
+
+        every = self.options.get("every")
+        cadence = RuleCadence(every if isinstance(every, int) and every > 0 else 10)
         for entry in self._order:
             if entry[0] == "loss":
                 history.add_losses(entry[1], entry[2])
@@ -432,8 +443,11 @@ class RunLog:
                 record = entry[1]
                 history.add_losses([record.step], [record.loss])
                 history.append(record)
-                if engine is not None:
-                    engine.update(history)
+                if engine is not None and cadence.due(record):
+                    engine.update(history, cadence.unevaluated)
+                    cadence.ran()
+        if engine is not None and cadence.unevaluated:
+            engine.update(history, cadence.unevaluated)
 
 
 def layout_from_summary(summary: dict[str, Any]) -> ModelLayout:

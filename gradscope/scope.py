@@ -122,9 +122,10 @@ class Scope:
         self._stale_checked = False
         self._loss_requires_grad: bool | None = None
         self._reset_step_state()
-        from .rules.engine import RuleEngine
+        from .rules.engine import RuleCadence, RuleEngine
 
         self.engine = RuleEngine.from_options(self.options, self.layout)
+        self._cadence = RuleCadence(self.options.every)
         self._sinks: list[Any] = []
         try:
             self._attach()
@@ -414,9 +415,28 @@ class Scope:
         self._guard.call("updates", self._updates.learn, record.changed)
         self._held_grads = {}
         self.history.append(record)
-        diagnoses = self.engine.update(self.history)
+        diagnoses: list = []
+        if self._cadence.due(record, self._step in losses):
+            diagnoses = self._evaluate_rules()
         for sink in self._sinks:
             self._guard.call(type(sink).__name__, sink.on_record, record, diagnoses)
+
+    def _evaluate_rules(self) -> list:
+        unseen = self._cadence.unevaluated
+        self._cadence.ran()
+        return self.engine.update(self.history, unseen)
+
+    def _catch_up_rules(self) -> None:
+        """Run the rules on records they have not seen yet (see RuleCadence), telling the
+        sinks what changed."""
+        if not self._cadence.unevaluated:
+            return
+        diagnoses = self._evaluate_rules()
+        step = self.history.last.step if self.history.last is not None else self._step
+        for sink in self._sinks:
+            tell = getattr(sink, "on_diagnoses", None)
+            if tell is not None and diagnoses:
+                self._guard.call(type(sink).__name__, tell, step, diagnoses)
 
     def _build_record(self, host: dict[str, np.ndarray], loss: float) -> StepRecord:
         n = len(self.layout.params)
@@ -494,6 +514,8 @@ class Scope:
     def add_sink(self, sink: Any) -> None:
         """Feed `sink` every recorded step: `sink.on_record(record, new_diagnoses)`, and
         `sink.on_close()` at close (e.g. gradscope.integrations.tensorboard's exporter).
+        An optional `sink.on_diagnoses(step, new_diagnoses)` also gets the diagnoses that
+        the rules find when they catch up on unseen records (at close, or in diagnose()).
 
         Example:
             >>> import torch, gradscope
@@ -572,6 +594,7 @@ class Scope:
             del _WATCHED[self.model]
         if self._pending_losses:
             self._guard.call("step", self._close_losses)
+        self._guard.call("record", self._catch_up_rules)
         for sink in self._sinks:
             self._guard.call(type(sink).__name__, sink.on_close)
 
@@ -595,6 +618,7 @@ class Scope:
             >>> scope.diagnose()
             []
         """
+        self._guard.call("record", self._catch_up_rules)
         return self.engine.diagnoses()
 
     def report(self, file: Any = None, width: int | None = None) -> str:

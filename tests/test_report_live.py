@@ -136,13 +136,14 @@ def test_live_true_off_a_terminal_prints_plain_lines(capsys):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model, opt, live=True, every=1) as scope:
-        # a finding that appears at step 2 (the rules themselves are tested elsewhere)
-        scope.engine.update = lambda history: (
+        # a finding that appears when the rules run at step 9 (they run once per 10 steps at
+        # every=1; the rules themselves are tested elsewhere)
+        scope.engine.update = lambda history, unseen=1: (
             [gradscope.Diagnosis("grad-none", "warning", "Gradients are None", rule="x")]
-            if history.last.step == 2 else [])
-        _train(scope, model, opt)
+            if history.last.step == 9 else [])
+        _train(scope, model, opt, steps=12)
     out = capsys.readouterr().out
-    assert out == "gradscope step 2: WARNING grad-none - Gradients are None\n"
+    assert out == "gradscope step 9: WARNING grad-none - Gradients are None\n"
     assert "\x1b" not in out and "╭" not in out
 
 

@@ -112,11 +112,18 @@ class TensorBoardExporter:
         if self._writer is None or self._layout is None:
             return
         self.write_record(record, self._layout)
-        active = self._scope.diagnose() if self._scope is not None else list(diagnoses)
+        # the engine's current state: diagnose() would also run the rules on unseen records
+        active = (self._scope.engine.diagnoses() if self._scope is not None
+                  else list(diagnoses))
         self._writer.add_scalar("gradscope/warnings",
                                 sum(d.severity in ("warning", "error") for d in active),
                                 record.step)
         self.write_diagnoses(diagnoses, record.step)
+
+    def on_diagnoses(self, step: int, diagnoses: list[Diagnosis]) -> None:
+        """Diagnoses found outside a recorded step (the rules catching up at close)."""
+        if self._writer is not None:
+            self.write_diagnoses(diagnoses, step)
 
     def on_close(self) -> None:
         if self._writer is None:

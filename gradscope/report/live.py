@@ -220,12 +220,22 @@ class LiveView:
             with contextlib.suppress(Exception):
                 live.stop()
 
+    def on_diagnoses(self, step: int, changed: list[Diagnosis]) -> None:
+        """Diagnoses found outside a recorded step (the rules catching up at close)."""
+        if self.mode == "lines":
+            self._print_step_lines(step, changed)
+        else:
+            self._dirty = True
+
     def _print_lines(self, record: StepRecord, changed: list[Diagnosis]) -> None:
+        self._print_step_lines(record.step, changed)
+
+    def _print_step_lines(self, step: int, changed: list[Diagnosis]) -> None:
         for d in changed:
             key = d.rule or d.sign
             new = key not in self._seen
             self._seen.add(key)
-            self.console.out(finding_line(d, record.step, new), highlight=False)
+            self.console.out(finding_line(d, step, new), highlight=False)
 
     def _render(self) -> None:
         renderable = panel(self.history, self._diagnoses(), max_rows=self.max_rows,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
+import numpy as np
+
 from ..diagnosis import SEVERITY_RANK, Diagnosis
 from ..errors import GradscopeError, GradscopeWarning
-from ..history import History
+from ..history import History, HistoryUpTo, StepRecord
 from ..layout import ModelLayout
 from .advice import checks_for
 from .base import Finding, Rule
@@ -31,6 +34,39 @@ def builtin_rules() -> list[Rule]:
 
 #: Evaluations in a row without its rule firing after which a warning is withdrawn.
 RESOLVE_AFTER = 3
+#: The rules run at most once per this many training steps: on every recorded step when
+#: every >= RULE_STEPS, on every k-th record otherwise; at once on a record with NaN/Inf.
+RULE_STEPS = 10
+
+
+class RuleCadence:
+    """When the rules run on a stream of records (the same live and when a log is replayed).
+
+    Example:
+        >>> cadence = RuleCadence(every=1)
+        >>> cadence.period
+        10
+    """
+
+    def __init__(self, every: int) -> None:
+        self.period = -(-RULE_STEPS // max(int(every), 1))
+        self.unevaluated = 0
+
+    def due(self, record: StepRecord, loss_given: bool = True) -> bool:
+        """Count `record` in; whether the rules should run now."""
+        self.unevaluated += 1
+        return self.unevaluated >= self.period or shows_nonfinite(record, loss_given)
+
+    def ran(self) -> None:
+        self.unevaluated = 0
+
+
+def shows_nonfinite(record: StepRecord, loss_given: bool = True) -> bool:
+    """Whether a record holds NaN/Inf in its loss, gradients, weights or activations."""
+    return bool((loss_given and not math.isfinite(record.loss))
+                or np.any(record.grad_nonfinite) or record.nonfinite_origin is not None
+                or any(s.nonfinite_frac > 0 for s in record.activations.values())
+                or not record.weights_finite())
 
 
 class RuleEngine:
@@ -107,8 +143,13 @@ class RuleEngine:
                 found.append((rule, finding))
         return found
 
-    def update(self, history: History) -> list[Diagnosis]:
-        """Evaluate on the newest record; return the diagnoses that are new or changed."""
+    def update(self, history: History, unseen: int = 1) -> list[Diagnosis]:
+        """Evaluate on the newest record; return the diagnoses that are new or changed.
+
+        `unseen`: how many of the latest records no evaluation has seen yet (RuleCadence).
+        A sign that is new is then also looked for in the history as it stood at each of
+        them, oldest first, so that its first step does not depend on when the rules ran.
+        """
         last = history.last
         if last is None:
             return []
@@ -116,11 +157,28 @@ class RuleEngine:
         fired = set()
         for rule, finding in self.evaluate(history):
             fired.add(rule.id)
+            if rule.id not in self._active and unseen > 1:
+                finding = self._earliest(rule, history, unseen, finding)
             diagnosis = self._merge(rule, finding, last.step)
             if diagnosis is not None:
                 changed.append(diagnosis)
         self._retire(fired)
         return changed
+
+    def _earliest(self, rule: Rule, history: History, unseen: int, finding: Finding) -> Finding:
+        """`finding`, with the first step of the earliest unseen record it already held on."""
+        for drop in range(unseen - 1, 0, -1):
+            earlier = HistoryUpTo(history, drop)
+            try:
+                found = rule(RuleContext(earlier, self._values[rule.id]))
+            except Exception:  # the full evaluation reports failures; this is best effort
+                return finding
+            if found is not None:
+                first = found.first_step if found.first_step is not None else earlier.last.step
+                if finding.first_step is None or first < finding.first_step:
+                    finding.first_step = first
+                return finding
+        return finding
 
     def _retire(self, fired: set[str]) -> None:
         """Withdraw warnings and infos whose rule stayed silent for RESOLVE_AFTER evaluations
