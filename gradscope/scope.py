@@ -400,8 +400,9 @@ class Scope:
             act_names = self._guard.call("activations", self._activations.put, self._batch) or []
         self._guard.call("data", self._data.put, self._batch)
         self._check_forward_seen(act_names)
-        sizes = {f: n for f in ("grad_norm", "grad_max", "param_norm", "update_ratio",
-                                "changed", "stale_grad", "grad_nonfinite")}
+        sizes = {f: n for f in ("grad_norm", "grad_max", "param_norm", "update_diff",
+                                "update_base", "update_bits_moved", "stale_grad",
+                                "grad_nonfinite")}
         host = self._batch.fetch(sizes)
         steps = [step for step, _ in self._pending_losses]
         losses = dict(zip(steps, self._flush_losses(host)))
@@ -441,8 +442,8 @@ class Scope:
     def _build_record(self, host: dict[str, np.ndarray], loss: float) -> StepRecord:
         n = len(self.layout.params)
         nan = np.full(n, np.nan)
-        update_ratio = host.get("update_ratio", nan.copy())
-        changed = host.get("changed", nan.copy())
+        update_ratio, changed = (self._guard.call("updates", self._updates.results, host, n)
+                                 or (nan.copy(), nan.copy()))
         for i in self._unchanged:
             update_ratio[i] = 0.0
             changed[i] = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +60,33 @@ def put_grad_stats(
 STACK_LIMIT = 65536
 
 
+class _StackPlan:
+    """Which tensors of a list are stacked together, and the order to put results back."""
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, shape in enumerate(shapes):
+            numel = math.prod(shape)
+            groups.setdefault(shape if numel <= STACK_LIMIT else (-1 - i,), []).append(i)
+        self.groups = list(groups.values())
+        order = [i for members in self.groups for i in members]
+        self.back = torch.empty(len(order), dtype=torch.long)
+        self.back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+
+
+_plans: dict[tuple[tuple[int, ...], ...], _StackPlan] = {}
+
+
+def _stack_plan(tensors: Sequence[torch.Tensor]) -> _StackPlan:
+    shapes = tuple(tuple(t.shape) for t in tensors)
+    plan = _plans.get(shapes)
+    if plan is None:
+        if len(_plans) > 64:
+            _plans.clear()
+        plan = _plans[shapes] = _StackPlan(shapes)
+    return plan
+
+
 def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """L2 norm (and, with `with_max`, max |x|) of each tensor of one device and dtype.
@@ -77,15 +105,10 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
     if tensors[0].device.type != "cpu" or tensors[0].is_complex():
         peak = torch.stack(torch._foreach_norm(tensors, float("inf"))) if with_max else None
         return torch.stack(torch._foreach_norm(tensors, 2)), peak
-    shapes: dict[tuple[int, ...], list[int]] = {}
-    for i, t in enumerate(tensors):
-        shapes.setdefault(tuple(t.shape) if t.numel() <= STACK_LIMIT else (-1 - i,),
-                          []).append(i)
-    order: list[int] = []
+    plan = _stack_plan(tensors)
     l2: list[torch.Tensor] = []
     peaks: list[torch.Tensor] = []
-    for members in shapes.values():
-        order += members
+    for members in plan.groups:
         if len(members) == 1:
             t = tensors[members[0]].reshape(1, -1)
         else:
@@ -99,12 +122,10 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
             else:
                 low, high = t.amin(1), t.amax(1)
             peaks.append(torch.maximum(high.abs(), low.abs()).reshape(-1))
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    norm = torch.cat(l2).index_select(0, back) if len(l2) > 1 else l2[0]
+    norm = torch.cat(l2).index_select(0, plan.back) if len(l2) > 1 else l2[0]
     peak = None
     if with_max:
-        peak = torch.cat(peaks).index_select(0, back) if len(peaks) > 1 else peaks[0]
+        peak = torch.cat(peaks).index_select(0, plan.back) if len(peaks) > 1 else peaks[0]
     return norm, peak
 
 

@@ -59,7 +59,9 @@ class _Group:
     device: torch.device
     dtype: torch.dtype
     width: int
+    key: tuple[int, torch.dtype, int]
     chunks: list[torch.Tensor] = field(default_factory=list)
+    free: tuple[torch.Tensor, ...] = ()  # the rows of the last chunk, as views
     used: int = 0  # rows written in the last chunk
     rows: int = 0  # rows written in all
     bounds: list[tuple[float, float]] = field(default_factory=list)  # (centre, 1/half-range)
@@ -80,11 +82,11 @@ class RowStage:
     """
 
     def __init__(self) -> None:
-        self._groups: dict[tuple[torch.device, torch.dtype, int], int] = {}
+        self._groups: dict[tuple[int, torch.dtype, int], int] = {}
         self._list: list[_Group] = []
         self._group_of: list[int] = []  # by handle: its group and its row there
         self._row_of: list[int] = []
-        self._capacity: dict[tuple[torch.device, torch.dtype, int], int] = {}
+        self._capacity: dict[tuple[int, torch.dtype, int], int] = {}
         self._fields: list[str] = []
 
     def __len__(self) -> int:
@@ -99,17 +101,19 @@ class RowStage:
         """
         dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
         numel = flat.numel()
-        key = (flat.device, dtype, min(numel, SAMPLE))
+        key = (flat.get_device(), dtype, min(numel, SAMPLE))  # an int is cheaper than .device
         index_of_group = self._groups.get(key)
         if index_of_group is None:
             index_of_group = self._groups[key] = len(self._list)
-            self._list.append(_Group(flat.device, dtype, key[2]))
+            self._list.append(_Group(flat.device, dtype, key[2], key))
         group = self._list[index_of_group]
-        if not group.chunks or group.used == group.chunks[-1].shape[0]:
+        if group.used == len(group.free):
             rows = max(self._capacity.get(key, 0) - group.rows, group.rows, 4)
-            group.chunks.append(torch.empty(rows, group.width, dtype=dtype, device=flat.device))
+            chunk = torch.empty(rows, group.width, dtype=dtype, device=group.device)
+            group.chunks.append(chunk)
+            group.free = chunk.unbind(0)  # row views made once per chunk, not per call
             group.used = 0
-        row = group.chunks[-1][group.used]
+        row = group.free[group.used]
         if numel <= SAMPLE:
             row.copy_(flat)
         else:
@@ -142,9 +146,10 @@ class RowStage:
             name = f"{prefix}:{index}"
             batch.put(name, _row_stats(rows, group))
             self._fields.append(name)
-            self._capacity[(group.device, group.dtype, group.width)] = group.rows
+            self._capacity[group.key] = group.rows
         for group in self._list:
             group.chunks.clear()  # nothing staged outlives the step
+            group.free = ()
         return self._fields
 
     def results(self, host: dict[str, np.ndarray]) -> StagedStats:
@@ -180,45 +185,62 @@ class StagedStats:
         return self._flat[self._position[np.asarray(handles, dtype=np.int64)]]
 
 
+_bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bound_tensors(bounds: tuple[tuple[float, float], ...], dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with bounds, and their (centre, 1/half-range) pairs, as tensors (cached: the
+    same modules stage the same rows each step)."""
+    key = (bounds, dtype, device)
+    found = _bounds.get(key)
+    if found is None:
+        if len(_bounds) > 64:
+            _bounds.clear()
+        bounded = [i for i, (_, scale) in enumerate(bounds) if scale]
+        found = _bounds[key] = (
+            torch.tensor(bounded, dtype=torch.long).to(device),
+            torch.tensor([bounds[i] for i in bounded], dtype=dtype).to(device))
+    return found
+
+
 def _count_rows(mask: torch.Tensor) -> torch.Tensor:
     """True values per row of a boolean matrix (a byte sum: ~2x faster than count_nonzero)."""
     return mask.view(torch.uint8).sum(1, dtype=torch.int32)
 
 
 def _row_stats(rows: torch.Tensor, group: _Group) -> torch.Tensor:
-    """Sum, L2 norm, non-zero count, NaN/Inf count and saturated count of each row.
+    """Sum, L2 norm, non-zero count, NaN/Inf count and saturated count of each row, as a
+    [rows, 5] matrix of the rows' dtype (counts of up to SAMPLE values are exact in float32).
 
     Sums and norms accumulate in the rows' dtype (vectorised; float32 sums on CPU are
-    cascaded, ~1e-7 relative error) and are widened to float64 afterwards.
+    cascaded, ~1e-7 relative error); the transfer widens them to float64.
     """
-    f64 = torch.float64
+    dtype = rows.dtype
     total = rows.sum(1)
     norm = torch.linalg.vector_norm(rows, dim=1)
     # a bool() cast counts NaN as non-zero and -0.0 as zero, like count_nonzero, but
     # without its per-element branch (up to 5x faster on ReLU outputs on CPU)
-    nonzero = _count_rows(rows.bool())
+    nonzero = _count_rows(rows.bool()).to(dtype)
     if rows.device.type == "cpu":
         # a NaN/Inf makes its row's sum non-finite: count only in such rows (selecting
         # them by value is a host operation on CPU tensors, not a device transfer)
-        nonfinite = torch.zeros(rows.shape[0], dtype=torch.int32)
+        nonfinite = torch.zeros_like(total)
         bad = torch.nonzero(~torch.isfinite(total)).reshape(-1)
         if bad.numel():
             picked = rows.index_select(0, bad)
-            nonfinite.index_copy_(0, bad, torch.count_nonzero(picked - picked, dim=1).int())
+            nonfinite.index_copy_(0, bad, torch.count_nonzero(picked - picked, dim=1).to(dtype))
     else:
-        nonfinite = torch.count_nonzero(rows - rows, dim=1)  # x - x is 0 exactly when finite
+        # x - x is 0 exactly when finite
+        nonfinite = torch.count_nonzero(rows - rows, dim=1).to(dtype)
     saturated = torch.zeros_like(total)
     if group.bounded:
-        bounded = [i for i, (_, scale) in enumerate(group.bounds) if scale]
-        where = torch.tensor(bounded, dtype=torch.long).to(rows.device)
-        scale = torch.tensor([group.bounds[i] for i in bounded], dtype=rows.dtype)
-        scale = scale.to(rows.device)
+        where, scale = _bound_tensors(tuple(group.bounds), dtype, rows.device)
         centred = rows.index_select(0, where).sub_(scale[:, :1]).mul_(scale[:, 1:]).abs_()
         # |x - centre| / half-range >= 1 - 2 * margin: within the margin of either end
         hits = _count_rows(centred >= 1.0 - 2.0 * SATURATION_MARGIN)
-        saturated = saturated.index_copy(0, where, hits.to(saturated.dtype))
-    return torch.stack([total.to(f64), norm.to(f64), nonzero.to(f64), nonfinite.to(f64),
-                        saturated.to(f64)], dim=1)
+        saturated.index_copy_(0, where, hits.to(dtype))
+    return torch.stack([total, norm, nonzero, nonfinite, saturated], dim=1)
 
 
 __all__ = ["PIECE", "SAMPLE", "SATURATION_MARGIN", "RowStage", "StagedStats", "spread_indices"]

@@ -113,6 +113,8 @@ class UpdateTracker:
         self._before: dict[int, tuple[_Snapshot, int]] = {}
         self._kept: dict[int, _Snapshot] = {}  # after-step snapshots, by id of their bucket
         self._moving: set[int] = set()  # parameters seen changed at their last measurement
+        self._measured: list[int] = []  # parameters measured since the last results()
+        self._partial = np.array([s is not None for s in self._sample], dtype=bool)
 
     def learn(self, changed: np.ndarray) -> None:
         """Note which parameters changed in the step just recorded (1 = changed)."""
@@ -240,44 +242,70 @@ class UpdateTracker:
 
     def _measure(self, snap: _Snapshot, rows: list[tuple[int, int]], batch: DeviceBatch,
                  step: int, keep: bool) -> None:
+        """Queue ||w_after - w_before|| and ||w_before|| of the sampled values, and for the
+        checked rows whether the whole tensor's bit sum moved; `results()` makes the update
+        ratio and the changed flag of them on the host (a few numbers per parameter)."""
         bucket = snap.bucket
         new_values = self._values(bucket)
         diff = torch.linalg.vector_norm(new_values - snap.values, dim=1)
-        base = snap.base
-        # ||w_before|| = 0 (e.g. a zero-initialised bias): the ratio is undefined (NaN) if
-        # the values moved, and 0 if they did not
-        undefined = torch.where(diff > 0, torch.nan, 0.0)
-        ratio = torch.where(base > 0, diff / base.clamp_min(torch.finfo(torch.float64).tiny),
-                            undefined.to(diff))
-        new_base = torch.linalg.vector_norm(new_values, dim=1)
-        moved = diff != 0  # NaN (a NaN weight) counts as moved, as it did for a whole norm
-        # a whole-tensor sample: its difference is exact; a partial one that did not move
-        # says nothing about the other elements unless they are checked below
-        changed = moved.to(torch.float64)
-        if bucket.full_check:
-            unknown = torch.where(moved, 1.0, torch.nan).to(changed)
-            changed = changed.index_copy(0, bucket.full_check_rows,
-                                         unknown.index_select(0, bucket.full_check_rows))
         new_sums = self._bit_sums(bucket, snap.checked)
-        if snap.checked:
-            where = torch.tensor(snap.checked, dtype=torch.long, device=base.device)
-            exact = (moved.index_select(0, where) | (new_sums != snap.sums)).to(changed)
-            changed = changed.index_copy(0, where, exact)
         if keep:
-            self._kept[id(bucket)] = _Snapshot(bucket, new_values, new_base, snap.checked,
-                                               new_sums, step, self._versions(bucket))
+            self._kept[id(bucket)] = _Snapshot(
+                bucket, new_values, torch.linalg.vector_norm(new_values, dim=1),
+                snap.checked, new_sums, step, self._versions(bucket))
+        base = snap.base
         targets = bucket.indices
         if len(rows) < len(bucket.indices):
             rows = sorted(rows)
             pick = torch.tensor([r for r, _ in rows], dtype=torch.long, device=base.device)
-            ratio, changed = ratio.index_select(0, pick), changed.index_select(0, pick)
+            diff, base = diff.index_select(0, pick), base.index_select(0, pick)
             targets = [i for _, i in rows]
-        batch.put("update_ratio", ratio, targets)
-        batch.put("changed", changed, targets)
+        batch.put("update_diff", diff, targets)
+        batch.put("update_base", base, targets)
+        self._measured.extend(targets)
+        if snap.checked:
+            wanted = set(targets)
+            checked = [(pos, bucket.indices[r]) for pos, r in enumerate(snap.checked)
+                       if bucket.indices[r] in wanted]
+            if checked:
+                differs = (new_sums != snap.sums).to(torch.float64)
+                if len(checked) < len(snap.checked):
+                    differs = differs.index_select(0, torch.tensor(
+                        [pos for pos, _ in checked], dtype=torch.long, device=base.device))
+                batch.put("update_bits_moved", differs, [i for _, i in checked])
+
+    def results(self, host: dict[str, np.ndarray], count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(update ratio, changed) of every parameter from the fetched values (NaN where not
+        measured this step; changed NaN also for a moved-before tensor whose sample is still).
+        """
+        nan = np.full(count, np.nan)
+        diff = host.get("update_diff", nan)
+        base = host.get("update_base", nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # ||w_before|| = 0 (e.g. a zero-initialised bias): the ratio is undefined (NaN)
+            # if the values moved, and 0 if they did not
+            ratio = np.where(base > 0, diff / np.where(base > 0, base, 1.0),
+                             np.where(diff > 0, np.nan, 0.0))
+        moved = diff != 0  # NaN (a NaN weight) counts as moved, as it did for a whole norm
+        changed = moved.astype(np.float64)
+        # a partial sample that did not move says nothing about the other elements...
+        changed[self._partial[:count] & ~moved] = np.nan
+        # ...unless the whole tensor's bit sum was compared
+        bits = host.get("update_bits_moved")
+        if bits is not None:
+            checked = ~np.isnan(bits)
+            changed[checked] = (moved[checked] | (bits[checked] > 0)).astype(np.float64)
+        measured = np.zeros(count, dtype=bool)
+        measured[np.asarray(self._measured, dtype=np.int64)] = True
+        self._measured = []
+        ratio[~measured] = np.nan
+        changed[~measured] = np.nan
+        return ratio, changed
 
     def reset(self) -> None:
         self._before.clear()
         self._kept.clear()
+        self._measured = []
 
 
 __all__ = ["UpdateTracker", "bit_sum", "put_param_norms", "sample_indices"]
