@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .layout import ModelLayout
-from .signals.activations import ActivationStats
+from .signals.activations import ActivationStats, ActivationTable
 from .signals.data import DataStats
 
 
@@ -37,7 +37,7 @@ class StepRecord:
     requires_grad: np.ndarray
     backward_count: int
     loss_requires_grad: bool | None
-    activations: dict[str, ActivationStats] = field(default_factory=dict)
+    activations: Mapping[str, ActivationStats] = field(default_factory=dict)
     data: DataStats | None = None
     nonfinite_origin: str | None = None
     nonfinite_grad_params: list[str] = field(default_factory=list)
@@ -102,6 +102,15 @@ class StepRecord:
 
     def _positive_activations(self) -> dict[str, dict[str, float]]:
         """Modules with a non-zero dead, saturated or non-finite fraction (one pass)."""
+        table = self.activations
+        if isinstance(table, ActivationTable):  # columns: no object per module
+            names = table.names
+            found = {}
+            for field in ("dead_frac", "saturated_frac", "nonfinite_frac"):
+                column = table.column(field)
+                hits = np.flatnonzero(np.nan_to_num(column) != 0).tolist()
+                found[field] = {names[i]: float(column[i]) for i in hits}
+            return found
         dead: dict[str, float] = {}
         saturated: dict[str, float] = {}
         nonfinite: dict[str, float] = {}

@@ -1,6 +1,8 @@
 """Host transfers: none on steps that are not recorded, exactly one on a recorded step of a
 healthy model. Every Tensor method that brings a value to the host is counted."""
 
+import warnings
+
 import pytest
 import torch
 from models import CASES
@@ -96,3 +98,37 @@ def test_step_with_nonfinite_grads_takes_a_second_transfer(counter):
     scope.close()
     assert sum(counts[k] for k in COPIES) == 2, counts
     assert scope.history.last.grad_nonfinite.tolist() == [1, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["mlp", "cnn", "wide_cnn"])
+def test_unrecorded_steps_never_synchronise_with_a_cuda_device(name):
+    # torch raises on any host synchronisation while the debug mode is "error"; inside
+    # gradscope that error would switch a piece off with a warning, so both are checked
+    case = CASES[name]
+    model = case.build().cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # step counts stay on the host
+    batches = [{k: v.cuda() for k, v in batch.items()} for batch in case.batches(10)]
+
+    def train_step(batch):
+        opt.zero_grad()
+        loss = case.loss(model, batch)
+        loss.backward()
+        opt.step()
+        return loss
+
+    scope = gradscope.watch(model, opt, every=5, live=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, batch in enumerate(batches):
+            recorded = step % 5 == 0
+            torch.cuda.set_sync_debug_mode(0 if recorded else "error")
+            try:
+                scope.step(train_step(batch))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    scope.close()
+    assert not [str(w.message) for w in caught
+                if issubclass(w.category, gradscope.GradscopeWarning)]
+    assert scope.failures == {}
+    assert [r.step for r in scope.history.records()] == [0, 5]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,8 @@ RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 #: Values a unit must see in a step before "never positive" says it is dead: with a batch of
 #: one or two examples, ordinary ReLU sparsity (about half the units off) looks like death.
 MIN_UNIT_ROWS = 16
+#: How many of the latest small outputs are remembered for reuse as inputs (see _remember).
+RECENT = 4
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
 CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 
@@ -51,6 +54,62 @@ class ActivationStats:
     calls: int
     order: int
     leaf: bool
+
+
+#: The float fields of ActivationStats, in ActivationTable's column order.
+FLOAT_FIELDS = ("mean", "std", "zero_frac", "nonfinite_frac", "saturated_frac", "dead_frac")
+
+
+class ActivationTable(Mapping[str, ActivationStats]):
+    """The ActivationStats of one step, stored as columns: a few arrays per step instead of
+    an object per module (a long history of a large model holds less memory and gives the
+    garbage collector far fewer objects to walk). Items are built when read.
+
+    Example:
+        >>> table = ActivationTable(["relu"], np.array([[0.5, 1.0, 0.4, 0.0, np.nan, 0.1]]),
+        ...                         np.array([[0, 1, 0]]), np.array([[True, False, True]]))
+        >>> table["relu"].dead_frac, table["relu"].saturated_frac
+        (0.1, None)
+    """
+
+    __slots__ = ("_flags", "_floats", "_index", "_ints", "_names")
+
+    def __init__(self, names: list[str], floats: np.ndarray, ints: np.ndarray,
+                 flags: np.ndarray, index: dict[str, int] | None = None) -> None:
+        self._names = names
+        self._index = index if index is not None else {n: i for i, n in enumerate(names)}
+        self._floats = floats  # [modules, 6] FLOAT_FIELDS (saturated/dead NaN when None)
+        self._ints = ints  # [modules, 3] input_nonfinite, calls, order
+        self._flags = flags  # [modules, 3] leaf, has a saturated fraction, has a dead one
+
+    def __getitem__(self, name: str) -> ActivationStats:
+        return self._row(self._index[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def _row(self, row: int) -> ActivationStats:
+        mean, std, zero, nonfinite, saturated, dead = self._floats[row].tolist()
+        inputs, calls, order = self._ints[row].tolist()
+        leaf, has_saturated, has_dead = self._flags[row].tolist()
+        return ActivationStats(mean=mean, std=std, zero_frac=zero, nonfinite_frac=nonfinite,
+                               saturated_frac=saturated if has_saturated else None,
+                               dead_frac=dead if has_dead else None, input_nonfinite=inputs,
+                               calls=calls, order=order, leaf=leaf)
+
+    def column(self, field: str) -> np.ndarray:
+        """One float field for every module, in name order (NaN where it is None)."""
+        return self._floats[:, FLOAT_FIELDS.index(field)]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -133,6 +192,7 @@ class ActivationCollector:
         self._recomputed: set[str] = set()
         self._channels_first_3d = any(isinstance(m, CONV1D_FAMILY) for m in model.modules())
         self._stage = RowStage()
+        self._index_cache: dict[tuple[str, ...], dict[str, int]] = {}
         # flat int lists (few Python objects): (row, staged handle, values) per staged output,
         # (row, column, staged handle) per NaN/Inf count read from a staged row
         self._moments: list[int] = []
@@ -141,7 +201,11 @@ class ActivationCollector:
         self._fields: list[tuple[torch.device, str]] = []
         # non-finite counts of outputs already measured this step, reused when the same
         # tensor (same version: not modified in place since) is the next module's input
-        self._counted: dict[int, tuple[weakref.ref, int, Any]] = {}
+        # (three dicts by id, so that an entry is one weakref and two ints, not a tuple too)
+        self._counted: dict[int, weakref.ref] = {}
+        self._counted_version: dict[int, int] = {}
+        self._counted_as: dict[int, Any] = {}
+        self._recent: list[tuple[torch.Tensor, int, int]] = []
         self._active: dict[tuple[str, int], torch.Tensor] = {}
         self._unit_rows: dict[str, int] = {}  # values seen per unit (batch rows x positions)
         self._calls: dict[str, int] = {}
@@ -166,6 +230,9 @@ class ActivationCollector:
     def detach(self) -> None:
         self._hooks.remove()
         self._counted.clear()
+        self._counted_version.clear()
+        self._counted_as.clear()
+        self._recent = []
 
     def _make_hook(self, name: str):
         leaf = self._leaf[name]
@@ -195,18 +262,47 @@ class ActivationCollector:
 
         return hook
 
+    def _remember(self, t: torch.Tensor, count: Any) -> None:
+        """Keep the NaN/Inf count (0-d tensor or staged row) of `t` as it is now.
+
+        Small tensors (staged rows) are remembered only while they are among the RECENT
+        latest, by strong references: they are usually the next module's input or their
+        container's output, and a weak reference would make torch keep each one's Python
+        object alive for the step (many objects for the garbage collector on models of many
+        small modules). Large ones are remembered for the step, weakly.
+        """
+        if isinstance(count, int):
+            self._recent.append((t, t._version, count))
+            if len(self._recent) > RECENT:
+                del self._recent[0]
+            return
+        key = id(t)
+        self._counted[key] = weakref.ref(t)
+        self._counted_version[key] = t._version
+        self._counted_as[key] = count
+
+    def _recall(self, t: torch.Tensor) -> Any:
+        """The remembered count of `t` if it has not been modified since, else None."""
+        for tensor, version, count in self._recent:
+            if tensor is t and version == t._version:
+                return count
+        key = id(t)
+        seen = self._counted.get(key)
+        if seen is None or seen() is not t or self._counted_version[key] != t._version:
+            return None
+        return self._counted_as[key]
+
     def _nonfinite_count(self, t: torch.Tensor, row: int, column: int) -> None:
         """Count the NaN/Inf elements of `t` into (row, column); reuse a count of the same
         tensor (same version: not modified in place since) made earlier this step."""
-        seen = self._counted.get(id(t))
-        if seen is None or seen[0]() is not t or seen[1] != t._version:
+        count = self._recall(t)
+        if count is None:
             x = t.detach()
             if x.numel() <= SAMPLE and x.layout is torch.strided:
-                count: Any = self._stage.add(x.reshape(-1))
+                count = self._stage.add(x.reshape(-1))
             else:
                 count = nonfinite_count(x)
-            seen = self._counted[id(t)] = (weakref.ref(t), t._version, count)
-        count = seen[2]
+            self._remember(t, count)
         if isinstance(count, int):  # a staged row: its count arrives with the others
             self._staged_counts += (row, column, count)
         else:
@@ -224,6 +320,13 @@ class ActivationCollector:
         numel = x.numel()
         out_numel = numel if len(outputs) == 1 else sum(t.numel() for t in outputs)
         self._out_numel[name] = self._out_numel.get(name, 0) + out_numel
+        inputs = _float_leaves(args) if self._track_nonfinite else []
+        # inputs first (most are outputs counted just before), unless the module worked in
+        # place: then its output, the same tensor, is counted first (the ReLU way is cheaper)
+        in_place = any(t is primary for t in inputs)
+        if not in_place:
+            for t in inputs:
+                self._nonfinite_count(t, row, A_IN_NONFINITE)
         rest = outputs
         peak = self._record_units(name, x) if relu and x.dim() >= 1 else None
         if leaf and x.layout is torch.strided:
@@ -232,7 +335,7 @@ class ActivationCollector:
             self._numel[name] = self._numel.get(name, 0) + size
             self._moments += (row, handle, size)
             if numel <= SAMPLE:  # the staged row is the whole output: its count is exact
-                self._counted[id(primary)] = (weakref.ref(primary), primary._version, handle)
+                self._remember(primary, handle)
                 self._staged_counts += (row, A_NONFINITE, handle)
                 rest = outputs[1:]
             elif peak is not None and x.device.type == "cpu" and len(outputs) == 1:
@@ -240,13 +343,13 @@ class ActivationCollector:
                 # maximum (just computed for dead units) is not finite: count there only
                 # (selecting them by value is a host operation on CPU tensors, no transfer)
                 count = self._count_in_units(x, peak)
-                self._counted[id(primary)] = (weakref.ref(primary), primary._version, count)
+                self._remember(primary, count)
                 self._nonfinite_count(primary, row, A_NONFINITE)
                 rest = ()
         for t in rest:
             self._nonfinite_count(t, row, A_NONFINITE)
-        if self._track_nonfinite:
-            for t in _float_leaves(args):
+        if in_place:
+            for t in inputs:
                 self._nonfinite_count(t, row, A_IN_NONFINITE)
 
     def _unit_dims(self, x: torch.Tensor) -> tuple[list[int], int]:
@@ -325,7 +428,7 @@ class ActivationCollector:
         return np.bincount(flat, weights=np.concatenate(values),
                            minlength=size).reshape(-1, width)
 
-    def results(self, host: dict[str, np.ndarray]) -> dict[str, ActivationStats]:
+    def results(self, host: dict[str, np.ndarray]) -> ActivationTable:
         """Turn fetched statistics into per-module statistics, and reset for the next step."""
         acc = self._accumulate(host)
         names = list(self._order)
@@ -335,35 +438,35 @@ class ActivationCollector:
         n = np.array([max(self._numel.get(name, 0), 1) for name in names], dtype=np.float64)
         n_out = np.array([max(self._out_numel.get(name, 0), 1) for name in names],
                          dtype=np.float64)
+        leaf = np.array([self._leaf[name] for name in names], dtype=bool)
+        has_dead = np.array([name in units and self._unit_rows.get(name, 0) >= MIN_UNIT_ROWS
+                             for name in names], dtype=bool)
+        unit_count = np.array([max(units.get(name, 0), 1) for name in names], dtype=np.float64)
+        floats = np.empty((len(names), len(FLOAT_FIELDS)))
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
             mean = acc[:, A_SUM] / n
             var = acc[:, A_SUMSQ] / n - mean * mean
             var = np.where(var < 0.0, 0.0, var)  # clamp at 0; NaN stays NaN
-            std = np.sqrt(var)
-        zero_frac = (acc[:, A_ZEROS] / n).tolist()
-        nonfinite_frac = (acc[:, A_NONFINITE] / n_out).tolist()
-        saturated_frac = (acc[:, A_SATURATED] / n).tolist()
-        dead, inputs = acc[:, A_DEAD].tolist(), acc[:, A_IN_NONFINITE].tolist()
-        mean, std = mean.tolist(), std.tolist()
-        nan = float("nan")
-        stats: dict[str, ActivationStats] = {}
-        for row, name in enumerate(names):
-            leaf = self._leaf[name]
-            stats[name] = ActivationStats(
-                mean=mean[row] if leaf else nan,
-                std=std[row] if leaf else nan,
-                zero_frac=zero_frac[row] if leaf else nan,
-                nonfinite_frac=nonfinite_frac[row],
-                saturated_frac=saturated_frac[row] if self._bounded[name] else None,
-                dead_frac=(dead[row] / units[name])
-                if name in units and self._unit_rows.get(name, 0) >= MIN_UNIT_ROWS else None,
-                input_nonfinite=int(inputs[row]),
-                calls=self._calls.get(name, 0),
-                order=row,
-                leaf=leaf,
-            )
+            floats[:, 0] = np.where(leaf, mean, np.nan)
+            floats[:, 1] = np.where(leaf, np.sqrt(var), np.nan)
+        floats[:, 2] = np.where(leaf, acc[:, A_ZEROS] / n, np.nan)
+        floats[:, 3] = acc[:, A_NONFINITE] / n_out
+        floats[:, 4] = acc[:, A_SATURATED] / n
+        floats[:, 5] = np.where(has_dead, acc[:, A_DEAD] / unit_count, np.nan)
+        ints = np.empty((len(names), 3), dtype=np.int64)
+        ints[:, 0] = acc[:, A_IN_NONFINITE]
+        ints[:, 1] = [self._calls.get(name, 0) for name in names]
+        ints[:, 2] = np.arange(len(names))
+        bounded = np.array([self._bounded[name] for name in names], dtype=bool)
+        flags = np.stack([leaf, bounded, has_dead], axis=1)
+        key = tuple(names)
+        index = self._index_cache.get(key)
+        if index is None:  # the same modules in the same order step after step: one dict
+            if len(self._index_cache) > 16:
+                self._index_cache.clear()
+            index = self._index_cache[key] = {name: i for i, name in enumerate(names)}
         self.reset()
-        return stats
+        return ActivationTable(names, floats, ints, flags, index)
 
     def reset(self) -> None:
         self._stage.reset()
@@ -372,6 +475,9 @@ class ActivationCollector:
         self._counts.clear()
         self._fields = []
         self._counted.clear()
+        self._counted_version.clear()
+        self._counted_as.clear()
+        self._recent = []
         self._numel.clear()
         self._out_numel.clear()
         self._recomputed.clear()
@@ -382,5 +488,6 @@ class ActivationCollector:
 
 
 __all__ = [
-    "SATURATION_MARGIN", "ActivationCollector", "ActivationStats", "compiling", "in_backward",
+    "SATURATION_MARGIN", "ActivationCollector", "ActivationStats", "ActivationTable",
+    "compiling", "in_backward",
 ]

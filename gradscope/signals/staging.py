@@ -61,10 +61,10 @@ class _Group:
     width: int
     key: tuple[int, torch.dtype, int]
     chunks: list[torch.Tensor] = field(default_factory=list)
-    free: tuple[torch.Tensor, ...] = ()  # the rows of the last chunk, as views
     used: int = 0  # rows written in the last chunk
     rows: int = 0  # rows written in all
-    bounds: list[tuple[float, float]] = field(default_factory=list)  # (centre, 1/half-range)
+    # centre and 1/half-range of each row's bounds, flat (floats: no object per row)
+    bounds: list[float] = field(default_factory=list)
     bounded: bool = False
 
 
@@ -107,13 +107,14 @@ class RowStage:
             index_of_group = self._groups[key] = len(self._list)
             self._list.append(_Group(flat.device, dtype, key[2], key))
         group = self._list[index_of_group]
-        if group.used == len(group.free):
+        if not group.chunks or group.used == group.chunks[-1].shape[0]:
             rows = max(self._capacity.get(key, 0) - group.rows, group.rows, 4)
-            chunk = torch.empty(rows, group.width, dtype=dtype, device=group.device)
-            group.chunks.append(chunk)
-            group.free = chunk.unbind(0)  # row views made once per chunk, not per call
+            group.chunks.append(torch.empty(rows, group.width, dtype=dtype,
+                                            device=group.device))
             group.used = 0
-        row = group.free[group.used]
+        # a view per call, dropped at once (views made ahead would be objects that live
+        # through the step, each one more for the garbage collector to walk)
+        row = group.chunks[-1][group.used]
         if numel <= SAMPLE:
             row.copy_(flat)
         else:
@@ -127,10 +128,10 @@ class RowStage:
         group.used += 1
         group.rows += 1
         if bounds is None:
-            group.bounds.append((0.0, 0.0))
+            group.bounds += (0.0, 0.0)
         else:
             low, high = bounds
-            group.bounds.append(((low + high) / 2, 2.0 / (high - low)))
+            group.bounds += ((low + high) / 2, 2.0 / (high - low))
             group.bounded = True
         self._group_of.append(index_of_group)
         self._row_of.append(group.rows - 1)
@@ -149,7 +150,6 @@ class RowStage:
             self._capacity[group.key] = group.rows
         for group in self._list:
             group.chunks.clear()  # nothing staged outlives the step
-            group.free = ()
         return self._fields
 
     def results(self, host: dict[str, np.ndarray]) -> StagedStats:
@@ -188,7 +188,7 @@ class StagedStats:
 _bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _bound_tensors(bounds: tuple[tuple[float, float], ...], dtype: torch.dtype,
+def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows with bounds, and their (centre, 1/half-range) pairs, as tensors (cached: the
     same modules stage the same rows each step)."""
@@ -197,10 +197,10 @@ def _bound_tensors(bounds: tuple[tuple[float, float], ...], dtype: torch.dtype,
     if found is None:
         if len(_bounds) > 64:
             _bounds.clear()
-        bounded = [i for i, (_, scale) in enumerate(bounds) if scale]
+        bounded = [i for i in range(len(bounds) // 2) if bounds[2 * i + 1]]
         found = _bounds[key] = (
             torch.tensor(bounded, dtype=torch.long).to(device),
-            torch.tensor([bounds[i] for i in bounded], dtype=dtype).to(device))
+            torch.tensor([bounds[2 * i : 2 * i + 2] for i in bounded], dtype=dtype).to(device))
     return found
 
 
