@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .options import WatchOptions
 from .signals.activations import (
     ActivationCollector,
     ActivationStats,
+    ActivationTable,
     _float_leaves,
     compiling,
     in_backward,
@@ -644,14 +646,20 @@ class Scope:
                 f"{self._step} steps, {self.history.total_recorded} recorded>")
 
 
-def _nonfinite_origin(activations: dict[str, ActivationStats]) -> str | None:
+def _nonfinite_origin(activations: Mapping[str, ActivationStats]) -> str | None:
     """The first module (in completion order) whose output went non-finite from finite inputs.
 
     A container is a candidate only when none of its submodules is one (its NaN came from
     its own code, not from a child), so the innermost origin wins whatever the hook order.
     """
-    found = {name: s.order for name, s in activations.items()
-             if s.nonfinite_frac > 0 and s.input_nonfinite == 0}
+    if isinstance(activations, ActivationTable):  # by columns, no object per module
+        hit = np.flatnonzero((activations.column("nonfinite_frac") > 0)
+                             & (activations.input_nonfinite == 0)).tolist()
+        names = activations.names
+        found = {names[i]: int(activations.orders[i]) for i in hit}
+    else:
+        found = {name: s.order for name, s in activations.items()
+                 if s.nonfinite_frac > 0 and s.input_nonfinite == 0}
     inner = [(order, name) for name, order in found.items()
              if not any(other != name and (name == "" or other.startswith(name + "."))
                         for other in found)]

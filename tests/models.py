@@ -189,9 +189,10 @@ CASES: dict[str, ModelCase] = {
     "lstm": ModelCase("lstm", LSTMClassifier, float_batch((4, 5, 6)), classify_loss),
     "transformer": ModelCase("transformer", TransformerClassifier, float_batch((4, 6, 16)),
                              classify_loss),
-    # outputs of 65536+ values: statistics from staged samples, exact NaN/Inf counts
-    "wide_mlp": ModelCase("wide_mlp", lambda: MLP(hidden=1024), float_batch((64, 8)),
-                          classify_loss),
+    # inputs of 32768 and outputs of 65536+ values: the blocked input path, statistics from
+    # staged samples, exact NaN/Inf counts
+    "wide_mlp": ModelCase("wide_mlp", lambda: MLP(features=512, hidden=1024),
+                          float_batch((64, 512)), classify_loss),
     "wide_cnn": ModelCase("wide_cnn", lambda: CNN(channels=16), float_batch((8, 1, 24, 24)),
                           classify_loss),
     "gpt2": ModelCase("gpt2", gpt2, token_batch(), lm_loss),

@@ -34,6 +34,24 @@ def test_float_batch_statistics_match_reference():
     _check(data, _reference([x]))
 
 
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "with-nan-inf"])
+def test_large_cpu_batch_takes_the_blocked_path_with_the_same_statistics(poisoned):
+    # 300 x 200 values: blocked float32 sums and one aminmax pass (NaN/Inf excluded only
+    # when the batch holds some); moments within float32 block-sum error of float64
+    model = nn.Linear(200, 1)
+    scope = gradscope.watch(model, every=1)
+    x = torch.randn(300, 200) * 30 + 7
+    if poisoned:
+        x[3, 4], x[5, 5], x[7, 7] = float("nan"), float("inf"), -1e6
+    model(x).nan_to_num().sum().backward()
+    scope.step(0.0)
+    scope.close()
+    data, ref = scope.history.last.data, _reference([x])
+    assert (data.min, data.max, data.nonfinite) == (ref["min"], ref["max"], ref["nonfinite"])
+    assert data.mean == pytest.approx(ref["mean"], rel=1e-6)
+    assert data.std == pytest.approx(ref["std"], rel=1e-6)
+
+
 def test_micro_batches_are_pooled_and_nonfinite_is_excluded_from_moments():
     model = nn.Linear(5, 1)
     scope = gradscope.watch(model, every=1)

@@ -65,7 +65,7 @@ def shows_nonfinite(record: StepRecord, loss_given: bool = True) -> bool:
     """Whether a record holds NaN/Inf in its loss, gradients, weights or activations."""
     return bool((loss_given and not math.isfinite(record.loss))
                 or np.any(record.grad_nonfinite) or record.nonfinite_origin is not None
-                or any(s.nonfinite_frac > 0 for s in record.activations.values())
+                or bool(record.modules_over("nonfinite_frac", 0.0))
                 or not record.weights_finite())
 
 

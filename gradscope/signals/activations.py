@@ -111,6 +111,16 @@ class ActivationTable(Mapping[str, ActivationStats]):
     def names(self) -> list[str]:
         return list(self._names)
 
+    @property
+    def input_nonfinite(self) -> np.ndarray:
+        """NaN/Inf count of the inputs of every module, in name order."""
+        return self._ints[:, 0]
+
+    @property
+    def orders(self) -> np.ndarray:
+        """Order of first call of every module, in name order."""
+        return self._ints[:, 2]
+
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
     """The output range of a saturating module, or None for unbounded ones."""
