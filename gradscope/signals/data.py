@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .reduce import CPU_SHARED_CAST, moments, nonfinite_count, sum_and_sumsq
+from .reduce import CPU_SHARED_CAST, moments, sum_and_sumsq
 from .transfer import DeviceBatch
 
 COUNT, MIN, MAX, SUM, SUMSQ, NONFINITE = range(6)
@@ -36,6 +36,8 @@ def first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
         >>> first_tensor((1, torch.zeros(2)), {}).shape
         torch.Size([2])
     """
+    if args and isinstance(args[0], torch.Tensor):  # the common case, without pytree
+        return args[0]
     for leaf in tree_leaves((args, kwargs)):
         if isinstance(leaf, torch.Tensor):
             return leaf
@@ -90,10 +92,11 @@ class DataCollector:
             return
         if is_float:  # min/max are exact in the input's dtype; only the sums need float64
             inf = float("inf")
-            nonfinite = nonfinite_count(x)
-            clean = x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-            low = x.nan_to_num(nan=inf, posinf=inf, neginf=inf).amin()
-            high = x.nan_to_num(nan=-inf, posinf=-inf, neginf=-inf).amax()
+            finite = torch.isfinite(x)
+            nonfinite = x.numel() - torch.count_nonzero(finite)
+            clean = torch.where(finite, x, 0.0)
+            low = torch.where(finite, x, inf).amin()
+            high = torch.where(finite, x, -inf).amax()
         else:  # integer or bool: every value is finite
             clean = x.to(f64)
             nonfinite = torch.zeros((), dtype=torch.int64, device=x.device)
