@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradscope
-from gradscope.signals.activations import SATURATION_MARGIN
+from gradscope.signals.activations import SATURATION_MARGIN, ActivationTable
 
 
 class Capture:
@@ -305,3 +305,22 @@ def test_large_outputs_are_sampled_for_moments_and_counted_whole_for_nan_and_dea
     assert acts["relu"].dead_frac == pytest.approx(dead.double().mean().item())
     assert acts["relu"].input_nonfinite == 3
     assert scope.history.last.nonfinite_origin == "poison"
+
+
+def test_activation_table_reads_like_a_dict_of_stats():
+    # a recorded step keeps its statistics as columns; reading them gives the same
+    # ActivationStats a dict would hold (None where a module has no such fraction)
+    model = Mixed()
+    scope = gradscope.watch(model, every=1)
+    _train_step(model, scope, torch.randn(32, 6))
+    scope.close()
+    table = scope.history.last.activations
+    assert isinstance(table, ActivationTable)
+    as_dict = dict(table.items())
+    assert list(as_dict) == list(table) and len(table) == len(as_dict) == 8
+    assert "relu" in table and "nope" not in table and table.get("nope") is None
+    assert [repr(s) for s in table.values()] == [repr(table[n]) for n in table]
+    assert as_dict["relu"].saturated_frac is None and as_dict["sig"].dead_frac is None
+    assert as_dict["tanh"].saturated_frac is not None and as_dict["relu"].dead_frac is not None
+    column = table.column("nonfinite_frac")
+    assert column.tolist() == [s.nonfinite_frac for s in as_dict.values()]

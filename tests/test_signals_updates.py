@@ -108,3 +108,43 @@ def test_update_ratio_is_only_measured_on_recorded_steps():
     for record in records:
         expected = [refs[record.step][n] for n in scope.layout.param_names]
         np.testing.assert_allclose(record.update_ratio, expected, rtol=1e-9)
+
+
+class _TouchOne(torch.optim.Optimizer):
+    """Changes only element 1 of each parameter (outside the 256-element sample)."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.view(-1)[1] += 1e-3
+
+
+def test_change_outside_the_sample_is_exact_for_tensors_that_did_not_move_before():
+    # element 1 of a 65536-value weight is not sampled. A tensor that did not move at its
+    # last measurement (or was never measured) gets the whole-tensor check: changed = 1.
+    # One that moved then and whose sample is still reads unknown (NaN) for one step, and
+    # is checked whole again at the next: 1, NaN, 1, NaN, ...
+    model = nn.Linear(256, 256, bias=False)
+    frozen = nn.Linear(256, 256, bias=False).requires_grad_(True)
+    opt = _TouchOne(model.parameters())
+    still = torch.optim.SGD(frozen.parameters(), lr=0.0)  # steps, changes nothing
+    both = nn.ModuleDict({"moved": model, "still": frozen})
+    scope = gradscope.watch(both, [opt, still], every=1, live=False)
+    for _ in range(4):
+        opt.zero_grad()
+        still.zero_grad()
+        loss = (model(torch.randn(2, 256)) + frozen(torch.randn(2, 256))).pow(2).mean()
+        loss.backward()
+        opt.step()
+        still.step()
+        scope.step(loss)
+    scope.close()
+    names = scope.layout.param_names
+    moved = [r.changed[names.index("moved.weight")] for r in scope.history.records()]
+    kept = [r.changed[names.index("still.weight")] for r in scope.history.records()]
+    np.testing.assert_array_equal(moved, [1.0, np.nan, 1.0, np.nan])
+    assert kept == [0.0] * 4
