@@ -296,6 +296,8 @@ class Scope:
         self._loss_requires_grad = None
 
     def _should_record(self, step: int) -> bool:
+        if self._guard.is_off("record"):  # switched off by an error: hooks come off too
+            return False
         forced = self._force_record and not self._sharded
         return forced or step % self.options.every == 0
 
@@ -415,11 +417,10 @@ class Scope:
             record.nonfinite_origin = _nonfinite_origin(record.activations)
         record.data = self._guard.call("data", self._data.result, host)
         self._guard.call("gradients", self._count_nonfinite_grads, record)
-        self._guard.call("updates", self._updates.learn, record.changed)
         self._held_grads = {}
         self.history.append(record)
         diagnoses: list = []
-        if self._cadence.due(record, self._step in losses):
+        if self._cadence.due(record):
             diagnoses = self._evaluate_rules()
         for sink in self._sinks:
             self._guard.call(type(sink).__name__, sink.on_record, record, diagnoses)

@@ -141,3 +141,28 @@ def test_error_in_a_hook_is_warned_once_and_training_is_unchanged(monkeypatch, t
     assert steps.tolist() == [0, 1, 2, 3]
     assert losses.tolist() == [x.item() for x in plain["losses"]]
     assert _hooks(watched["model"]) == {}
+
+
+def test_recording_switched_off_by_an_error_takes_its_hooks_off():
+    # if building a record fails, that piece is switched off: the per-module hooks come
+    # off at the end of the step and nothing keeps being staged on later steps
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, opt, every=1, live=False)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    scope._record_step = broken
+    with pytest.warns(gradscope.GradscopeWarning, match="'record'"):
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(torch.randn(5, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+    assert "record" in scope.failures
+    assert not scope._activations.attached
+    assert len(scope._activations._stage) == 0
+    assert all(not m._forward_hooks for m in model.children())
+    scope.close()

@@ -324,3 +324,31 @@ def test_activation_table_reads_like_a_dict_of_stats():
     assert as_dict["tanh"].saturated_frac is not None and as_dict["relu"].dead_frac is not None
     column = table.column("nonfinite_frac")
     assert column.tolist() == [s.nonfinite_frac for s in as_dict.values()]
+
+
+def test_many_calls_per_step_are_reduced_early_with_the_same_statistics(monkeypatch):
+    # a module called many times per step (an unrolled cell) fills its staging buffer; at
+    # the cap the full rows are reduced at once and the buffer refilled, so memory stays
+    # bounded and the pooled statistics still match the reference
+    from gradscope.signals import staging
+
+    monkeypatch.setattr(staging, "GROUP_VALUES", 4 * 64)  # four rows of 64 values
+    cell = nn.Linear(8, 8)
+    model = nn.Sequential(cell, nn.Tanh())
+    capture = Capture(model, ["0", "1"])
+    scope = gradscope.watch(model, every=1)
+    h = torch.randn(8, 8)
+    loss = 0
+    for _ in range(11):  # 11 calls of each module in one step
+        h = model(h)
+        loss = loss + h.pow(2).mean()
+    loss.backward()
+    scope.step(loss)
+    stage = scope._activations._stage
+    scope.close()
+    capture.remove()
+    acts = scope.history.last.activations
+    for name, bounds in (("0", None), ("1", (-1.0, 1.0))):
+        assert acts[name].calls == 11
+        _assert_matches(acts[name], _reference(capture.outputs[name], bounds))
+    assert all(group.chunk is None for group in stage._list)  # nothing held after the step

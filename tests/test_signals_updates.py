@@ -111,25 +111,28 @@ def test_update_ratio_is_only_measured_on_recorded_steps():
 
 
 class _TouchOne(torch.optim.Optimizer):
-    """Changes only element 1 of each parameter (outside the 256-element sample)."""
+    """Changes element 0 of each parameter (sampled) at its first step, then only element 1
+    (outside the 256-element sample)."""
 
     def __init__(self, params):
         super().__init__(params, {})
+        self.calls = 0
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                p.view(-1)[1] += 1e-3
+                p.view(-1)[0 if self.calls == 0 else 1] += 1e-3
+        self.calls += 1
 
 
-def test_change_outside_the_sample_is_exact_for_tensors_that_did_not_move_before():
-    # element 1 of a 65536-value weight is not sampled. A tensor that did not move at its
-    # last measurement (or was never measured) gets the whole-tensor check: changed = 1.
-    # One that moved then and whose sample is still reads unknown (NaN) for one step, and
-    # is checked whole again at the next: 1, NaN, 1, NaN, ...
+def test_change_outside_the_sample_is_checked_whole_unless_the_sample_moved_last_time():
+    # element 1 of a 65536-value weight is not sampled. The whole-tensor check runs for a
+    # tensor whose sample did not move at its last measurement: the first step (sample
+    # moved: 1), the second (its sample moved last time and is still now: unknown, NaN),
+    # then exact again: 1, 1. A tensor the optimizer leaves alone reads 0 throughout.
     model = nn.Linear(256, 256, bias=False)
-    frozen = nn.Linear(256, 256, bias=False).requires_grad_(True)
+    frozen = nn.Linear(256, 256, bias=False)
     opt = _TouchOne(model.parameters())
     still = torch.optim.SGD(frozen.parameters(), lr=0.0)  # steps, changes nothing
     both = nn.ModuleDict({"moved": model, "still": frozen})
@@ -146,5 +149,5 @@ def test_change_outside_the_sample_is_exact_for_tensors_that_did_not_move_before
     names = scope.layout.param_names
     moved = [r.changed[names.index("moved.weight")] for r in scope.history.records()]
     kept = [r.changed[names.index("still.weight")] for r in scope.history.records()]
-    np.testing.assert_array_equal(moved, [1.0, np.nan, 1.0, np.nan])
+    np.testing.assert_array_equal(moved, [1.0, np.nan, 1.0, 1.0])
     assert kept == [0.0] * 4

@@ -77,7 +77,7 @@ def headline(scope: Scope, record: StepRecord) -> dict[str, float]:
     if np.any(np.isinf(record.grad_norm)):
         total = math.inf
     ratios = record.update_ratio[np.isfinite(record.update_ratio)]
-    diagnoses = scope.diagnose()
+    diagnoses = scope.diagnose()  # current counts (runs the rules on unseen records)
     return {
         "gradscope/grad_norm_total": total,
         "gradscope/update_ratio_max": float(ratios.max()) if ratios.size else math.nan,

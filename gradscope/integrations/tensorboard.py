@@ -112,9 +112,8 @@ class TensorBoardExporter:
         if self._writer is None or self._layout is None:
             return
         self.write_record(record, self._layout)
-        # the engine's current state: diagnose() would also run the rules on unseen records
-        active = (self._scope.engine.diagnoses() if self._scope is not None
-                  else list(diagnoses))
+        # current counts: diagnose() runs the rules on records they have not seen yet
+        active = self._scope.diagnose() if self._scope is not None else list(diagnoses)
         self._writer.add_scalar("gradscope/warnings",
                                 sum(d.severity in ("warning", "error") for d in active),
                                 record.step)

@@ -52,17 +52,19 @@ class RuleCadence:
         self.period = -(-RULE_STEPS // max(int(every), 1))
         self.unevaluated = 0
 
-    def due(self, record: StepRecord, loss_given: bool = True) -> bool:
+    def due(self, record: StepRecord) -> bool:
         """Count `record` in; whether the rules should run now."""
         self.unevaluated += 1
-        return self.unevaluated >= self.period or shows_nonfinite(record, loss_given)
+        return self.unevaluated >= self.period or shows_nonfinite(record)
 
     def ran(self) -> None:
         self.unevaluated = 0
 
 
-def shows_nonfinite(record: StepRecord, loss_given: bool = True) -> bool:
-    """Whether a record holds NaN/Inf in its loss, gradients, weights or activations."""
+def shows_nonfinite(record: StepRecord) -> bool:
+    """Whether a record holds NaN/Inf in its loss, gradients, weights or activations (a
+    NaN loss with no loss tensor given counts as no loss, as in the rules)."""
+    loss_given = record.loss_requires_grad is not None or not math.isnan(record.loss)
     return bool((loss_given and not math.isfinite(record.loss))
                 or np.any(record.grad_nonfinite) or record.nonfinite_origin is not None
                 or bool(record.modules_over("nonfinite_frac", 0.0))

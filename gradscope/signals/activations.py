@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 from ..hooks import Guard, HookSet
 from .reduce import nonfinite_count
 from .staging import (
+    CENTRED,
     NONFINITE,
     NONZERO,
     NORM,
@@ -238,11 +239,9 @@ class ActivationCollector:
             self._hooks.add(module.register_forward_hook(hook))
 
     def detach(self) -> None:
+        """Remove the hooks and drop whatever an unfinished step staged."""
         self._hooks.remove()
-        self._counted.clear()
-        self._counted_version.clear()
-        self._counted_as.clear()
-        self._recent = []
+        self.reset()
 
     def _make_hook(self, name: str):
         leaf = self._leaf[name]
@@ -417,7 +416,15 @@ class ActivationCollector:
         if self._moments:
             where, handles, sizes = np.array(self._moments, dtype=np.int64).reshape(-1, 3).T
             stats = staged.gather(handles)
-            for column, value in ((A_SUM, stats[:, SUM]), (A_SUMSQ, stats[:, NORM] ** 2),
+            # each row's variance from its centred sums (no cancellation when the values sit
+            # far from zero), then n (var + mean^2) as its sum of squares in float64: for a
+            # single call the mean^2 cancels exactly again in results()
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                mean = stats[:, SUM] / sizes
+                offset = stats[:, CENTRED] / sizes
+                var = np.maximum(stats[:, NORM] ** 2 / sizes - offset * offset, 0.0)
+                squares = sizes * (var + mean * mean)
+            for column, value in ((A_SUM, stats[:, SUM]), (A_SUMSQ, squares),
                                   (A_ZEROS, sizes - stats[:, NONZERO]),
                                   (A_SATURATED, stats[:, SATURATED])):
                 rows.append(where)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .transfer import DeviceBatch, group_by_device_dtype
+from .transfer import DeviceBatch, group_by_device_dtype, on_device
 
 
 def _dist() -> Any:
@@ -106,7 +106,7 @@ def _local_sumsq_and_max(locals_: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
     if nonempty:
         tensors, positions = zip(*nonempty)
         for group, group_pos in group_by_device_dtype(tensors, positions):
-            where = torch.tensor(group_pos, device=device)
+            where = on_device(group_pos, device)
             norms = torch.stack(torch._foreach_norm(group, 2)).to(torch.float64)
             maxes = torch.stack(torch._foreach_norm(group, float("inf"))).to(torch.float64)
             sumsq.index_copy_(0, where, norms.square())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .transfer import DeviceBatch
+from .transfer import DeviceBatch, on_device
 
 #: Outputs with more elements than this are statistically sampled down to this many...
 SAMPLE = 16384
@@ -22,8 +22,14 @@ SAMPLE = 16384
 #: of a few whole cache lines each, instead of one scattered element per cache line).
 PIECE = 128
 #: Columns of the statistics each staged row yields (see `RowStage.put`).
-SUM, NORM, NONZERO, NONFINITE, SATURATED = range(5)
-STATS = 5
+#: SUM is the sum of the row's values; NORM and CENTRED are the L2 norm and the sum of the
+#: values minus the row's first value, so that the variance keeps its precision when the
+#: values sit far from zero.
+SUM, NORM, NONZERO, NONFINITE, SATURATED, CENTRED = range(6)
+STATS = 6
+#: Values one group holds at most before its full rows are reduced (bounds the memory of a
+#: module called many times per step, e.g. an unrolled recurrent cell).
+GROUP_VALUES = 1 << 22
 #: Fraction of a bounded activation's range, at either end, counted as saturated.
 SATURATION_MARGIN = 0.01
 
@@ -31,11 +37,13 @@ _indices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 def spread_indices(numel: int, size: int, device: torch.device) -> torch.Tensor:
-    """`size` element positions spread evenly but irregularly over `numel`, sorted.
+    """`size` distinct positions spread evenly over `numel` (sorted), made on `device`.
 
     Positions follow the golden-ratio sequence frac(i * 0.618...) * numel: as even as a
     regular stride over the whole tensor, without a stride's habit of landing on the same
-    columns of every row (a stride of 8 on rows of 1024 would see one unit in eight).
+    columns of every row (a stride of 8 on rows of 1024 would see one unit in eight). With
+    fewer than 2 * size positions to choose from, where that sequence would repeat some, a
+    regular stride is used.
 
     Example:
         >>> spread_indices(10, 4, torch.device("cpu")).tolist()
@@ -46,9 +54,13 @@ def spread_indices(numel: int, size: int, device: torch.device) -> torch.Tensor:
     if index is None:
         if len(_indices) > 256:
             _indices.clear()
-        golden = (torch.arange(size, dtype=torch.float64) * 0.6180339887498949) % 1.0
-        positions = (golden * numel).floor().long().clamp_(max=numel - 1).sort().values
-        index = _indices[key] = positions.to(device)
+        steps = torch.arange(size, device=device, dtype=torch.float64)
+        if numel < 2 * size:
+            positions = (steps * (numel / size)).long()
+        else:
+            golden = (steps * 0.6180339887498949) % 1.0
+            positions = (golden * numel).long().clamp_(max=numel - 1).sort().values
+        index = _indices[key] = positions
     return index
 
 
@@ -60,9 +72,10 @@ class _Group:
     dtype: torch.dtype
     width: int
     key: tuple[int, torch.dtype, int]
-    chunks: list[torch.Tensor] = field(default_factory=list)
-    used: int = 0  # rows written in the last chunk
+    chunk: torch.Tensor | None = None  # [rows, width] buffer being filled
+    used: int = 0  # rows written in the buffer
     rows: int = 0  # rows written in all
+    done: list[torch.Tensor] = field(default_factory=list)  # statistics of rows reduced early
     # centre and 1/half-range of each row's bounds, flat (floats: no object per row)
     bounds: list[float] = field(default_factory=list)
     bounded: bool = False
@@ -77,8 +90,8 @@ class RowStage:
         >>> from gradscope.signals.transfer import DeviceBatch
         >>> batch = DeviceBatch(); fields = stage.put(batch, "stage")
         >>> stats = stage.results(batch.fetch())
-        >>> stats[handle].tolist()  # sum, L2 norm, non-zeros, NaN/Inf, saturated
-        [-1.0, 5.0, 2.0, 0.0, 0.0]
+        >>> stats[handle].tolist()  # see STATS: sum, ..., sum of x - x[0]
+        [-1.0, 5.0, 2.0, 0.0, 0.0, -1.0]
     """
 
     def __init__(self) -> None:
@@ -107,14 +120,23 @@ class RowStage:
             index_of_group = self._groups[key] = len(self._list)
             self._list.append(_Group(flat.device, dtype, key[2], key))
         group = self._list[index_of_group]
-        if not group.chunks or group.used == group.chunks[-1].shape[0]:
-            rows = max(self._capacity.get(key, 0) - group.rows, group.rows, 4)
-            group.chunks.append(torch.empty(rows, group.width, dtype=dtype,
-                                            device=group.device))
-            group.used = 0
+        if group.chunk is None:
+            rows = max(self._capacity.get(key, 0), 4)
+            group.chunk = torch.empty(min(rows, max(GROUP_VALUES // group.width, 1)),
+                                      group.width, dtype=dtype, device=group.device)
+        elif group.used == group.chunk.shape[0]:
+            if group.chunk.numel() * 2 <= GROUP_VALUES:  # grow: copy the rows over
+                bigger = group.chunk.new_empty(group.chunk.shape[0] * 2, group.width)
+                bigger[: group.used].copy_(group.chunk)
+                group.chunk = bigger
+            else:  # full at its cap: reduce its rows now, then fill it again
+                first = group.rows - group.used
+                group.done.append(_row_stats(group.chunk, group.bounds[2 * first:],
+                                             group.bounded))
+                group.used = 0
         # a view per call, dropped at once (views made ahead would be objects that live
         # through the step, each one more for the garbage collector to walk)
-        row = group.chunks[-1][group.used]
+        row = group.chunk[group.used]
         if numel <= SAMPLE:
             row.copy_(flat)
         else:
@@ -139,18 +161,24 @@ class RowStage:
 
     @torch.no_grad()
     def put(self, batch: DeviceBatch, prefix: str) -> list[str]:
-        """Reduce every buffer and queue a [rows, 5] float64 matrix per buffer in `batch`."""
+        """Reduce every buffer and queue a [rows, STATS] matrix per buffer in `batch`."""
         self._fields = []
         for index, group in enumerate(self._list):
-            rows = torch.cat(group.chunks) if len(group.chunks) > 1 else group.chunks[0]
-            rows = rows[: group.rows]
+            first = group.rows - group.used
+            parts = [*group.done, _row_stats(group.chunk[: group.used],
+                                             group.bounds[2 * first:], group.bounded)]
             name = f"{prefix}:{index}"
-            batch.put(name, _row_stats(rows, group))
+            batch.put(name, torch.cat(parts) if len(parts) > 1 else parts[0])
             self._fields.append(name)
             self._capacity[group.key] = group.rows
-        for group in self._list:
-            group.chunks.clear()  # nothing staged outlives the step
+        self.drop()
         return self._fields
+
+    def drop(self) -> None:
+        """Let go of every staging buffer (nothing staged outlives the step)."""
+        for group in self._list:
+            group.chunk = None
+            group.done = []
 
     def results(self, host: dict[str, np.ndarray]) -> StagedStats:
         """The fetched statistics of every row, indexable by a handle: `out[handle]`."""
@@ -158,6 +186,7 @@ class RowStage:
                            self._group_of, self._row_of)
 
     def reset(self) -> None:
+        self.drop()
         self._groups.clear()
         self._list.clear()
         self._group_of = []
@@ -199,8 +228,8 @@ def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype,
             _bounds.clear()
         bounded = [i for i in range(len(bounds) // 2) if bounds[2 * i + 1]]
         found = _bounds[key] = (
-            torch.tensor(bounded, dtype=torch.long).to(device),
-            torch.tensor([bounds[2 * i : 2 * i + 2] for i in bounded], dtype=dtype).to(device))
+            on_device(bounded, device),
+            on_device([bounds[2 * i : 2 * i + 2] for i in bounded], device, dtype))
     return found
 
 
@@ -209,22 +238,26 @@ def _count_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).sum(1, dtype=torch.int32)
 
 
-def _row_stats(rows: torch.Tensor, group: _Group) -> torch.Tensor:
-    """Sum, L2 norm, non-zero count, NaN/Inf count and saturated count of each row, as a
-    [rows, 5] matrix of the rows' dtype (counts of up to SAMPLE values are exact in float32).
+def _row_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> torch.Tensor:
+    """[rows, STATS] statistics of each row, in the rows' dtype (counts of up to SAMPLE
+    values are exact in float32): sum, L2 norm of the values minus the row's first value,
+    non-zero count, NaN/Inf count, saturated count, and the sum of the values minus the
+    row's first value. `bounds` holds a (centre, 1/half-range) pair per row, zeros for
+    rows of unbounded modules.
 
-    Sums and norms accumulate in the rows' dtype (vectorised; float32 sums on CPU are
-    cascaded, ~1e-7 relative error); the transfer widens them to float64.
+    Sums accumulate in the rows' dtype (vectorised; float32 sums on CPU are cascaded,
+    ~1e-7 relative error of the centred values); the transfer widens them to float64.
     """
     dtype = rows.dtype
-    total = rows.sum(1)
-    norm = torch.linalg.vector_norm(rows, dim=1)
+    total = rows.sum(1)  # NaN/Inf anywhere in a row makes this non-finite
+    centred = rows - rows[:, :1]
+    norm = torch.linalg.vector_norm(centred, dim=1)
     # a bool() cast counts NaN as non-zero and -0.0 as zero, like count_nonzero, but
     # without its per-element branch (up to 5x faster on ReLU outputs on CPU)
     nonzero = _count_rows(rows.bool()).to(dtype)
     if rows.device.type == "cpu":
-        # a NaN/Inf makes its row's sum non-finite: count only in such rows (selecting
-        # them by value is a host operation on CPU tensors, not a device transfer)
+        # count only in rows whose sum is not finite (selecting them by value is a host
+        # operation on CPU tensors, not a device transfer)
         nonfinite = torch.zeros_like(total)
         bad = torch.nonzero(~torch.isfinite(total)).reshape(-1)
         if bad.numel():
@@ -234,13 +267,14 @@ def _row_stats(rows: torch.Tensor, group: _Group) -> torch.Tensor:
         # x - x is 0 exactly when finite
         nonfinite = torch.count_nonzero(rows - rows, dim=1).to(dtype)
     saturated = torch.zeros_like(total)
-    if group.bounded:
-        where, scale = _bound_tensors(tuple(group.bounds), dtype, rows.device)
-        centred = rows.index_select(0, where).sub_(scale[:, :1]).mul_(scale[:, 1:]).abs_()
-        # |x - centre| / half-range >= 1 - 2 * margin: within the margin of either end
-        hits = _count_rows(centred >= 1.0 - 2.0 * SATURATION_MARGIN)
-        saturated.index_copy_(0, where, hits.to(dtype))
-    return torch.stack([total, norm, nonzero, nonfinite, saturated], dim=1)
+    if bounded and rows.shape[0]:
+        where, scale = _bound_tensors(tuple(bounds[: 2 * rows.shape[0]]), dtype, rows.device)
+        if where.numel():
+            centre = rows.index_select(0, where).sub_(scale[:, :1]).mul_(scale[:, 1:]).abs_()
+            # |x - centre| / half-range >= 1 - 2 * margin: within the margin of either end
+            hits = _count_rows(centre >= 1.0 - 2.0 * SATURATION_MARGIN)
+            saturated.index_copy_(0, where, hits.to(dtype))
+    return torch.stack([total, norm, nonzero, nonfinite, saturated, centred.sum(1)], dim=1)
 
 
 __all__ = ["PIECE", "SAMPLE", "SATURATION_MARGIN", "RowStage", "StagedStats", "spread_indices"]

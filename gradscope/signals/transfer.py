@@ -72,6 +72,23 @@ class DeviceBatch:
         return out
 
 
+def on_device(values: list | torch.Tensor, device: torch.device,
+              dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small host-made tensor (e.g. row indices) on `device` without a blocking copy.
+
+    A plain copy from pageable host memory to a CUDA device synchronises the stream; a
+    copy from pinned memory with non_blocking=True does not.
+
+    Example:
+        >>> on_device([2, 0], torch.device("cpu")).tolist()
+        [2, 0]
+    """
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def group_by_device_dtype(
     tensors: Sequence[torch.Tensor], indices: Sequence[int]
 ) -> list[tuple[list[torch.Tensor], list[int]]]:

@@ -10,7 +10,7 @@ import torch
 
 from .distributed import local_tensor
 from .grads import put_param_norms
-from .transfer import DeviceBatch
+from .transfer import DeviceBatch, on_device
 
 #: Tensors up to this many elements are concatenated whole and sampled with one gather;
 #: larger ones are sampled one by one (copying them whole would cost more than a launch).
@@ -95,9 +95,10 @@ class UpdateTracker:
     from its next measurement on. The version counter is no proof either way: fused
     optimizer kernels do not move it.
 
-    When the next step is recorded too (every=1), the after-step samples and sums are kept
-    and serve as the next step's before-step ones, if no parameter of theirs was written to
-    since (version counters unchanged).
+    When the next step is recorded too (every=1), the after-step bit sums are kept and serve
+    as the next step's before-step ones if no parameter of theirs was written to since
+    (version counters unchanged; a write through `.data` is not seen and shows as a change
+    in the next step). Samples are always taken fresh.
 
     Parameters are batched by device, dtype and sample width: a step costs a few kernels per
     batch (one gather, one norm over the rows), not a dozen per parameter.
@@ -116,9 +117,6 @@ class UpdateTracker:
         self._measured: list[int] = []  # parameters measured since the last results()
         self._partial = np.array([s is not None for s in self._sample], dtype=bool)
 
-    def learn(self, changed: np.ndarray) -> None:
-        """Note which parameters changed in the step just recorded (1 = changed)."""
-        self._moving = set(np.flatnonzero(changed == 1).tolist())
     def _flat(self, index: int) -> torch.Tensor:
         return local_tensor(self._params[index]).detach().reshape(-1)
 
@@ -162,7 +160,7 @@ class UpdateTracker:
                 gather = torch.stack(rows)
             order = whole + single
             full_check = [row for row, i in enumerate(order) if self._sample[i] is not None]
-            where = torch.tensor(full_check, dtype=torch.long, device=device)
+            where = on_device(full_check, device)
             buckets.append(_Bucket(order, whole, single, gather, full_check, where))
         return buckets
 
@@ -216,13 +214,16 @@ class UpdateTracker:
         missing = [row for row in wanted if row not in have]
         parts = []
         if present:
-            where = torch.tensor([have[row] for row in present], dtype=torch.long,
-                                 device=kept.base.device)
+            where = on_device([have[row] for row in present], kept.base.device)
             parts.append(kept.sums.index_select(0, where))
         if missing:
             parts.append(self._bit_sums(bucket, missing))
         sums = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
-        return _Snapshot(bucket, kept.values, kept.base, present + missing, sums)
+        # fresh samples: a write through .data moves no version counter, and a gather per
+        # bucket is cheap; only the whole-tensor bit sums, costly to redo, are carried over
+        values = self._values(bucket)
+        return _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
+                         present + missing, sums)
 
     @torch.no_grad()
     def after(self, indices: Sequence[int], batch: DeviceBatch, step: int = -1,
@@ -250,14 +251,13 @@ class UpdateTracker:
         diff = torch.linalg.vector_norm(new_values - snap.values, dim=1)
         new_sums = self._bit_sums(bucket, snap.checked)
         if keep:
-            self._kept[id(bucket)] = _Snapshot(
-                bucket, new_values, torch.linalg.vector_norm(new_values, dim=1),
-                snap.checked, new_sums, step, self._versions(bucket))
+            self._kept[id(bucket)] = _Snapshot(bucket, new_values, snap.base, snap.checked,
+                                               new_sums, step, self._versions(bucket))
         base = snap.base
         targets = bucket.indices
         if len(rows) < len(bucket.indices):
             rows = sorted(rows)
-            pick = torch.tensor([r for r, _ in rows], dtype=torch.long, device=base.device)
+            pick = on_device([r for r, _ in rows], base.device)
             diff, base = diff.index_select(0, pick), base.index_select(0, pick)
             targets = [i for _, i in rows]
         batch.put("update_diff", diff, targets)
@@ -270,8 +270,8 @@ class UpdateTracker:
             if checked:
                 differs = (new_sums != snap.sums).to(torch.float64)
                 if len(checked) < len(snap.checked):
-                    differs = differs.index_select(0, torch.tensor(
-                        [pos for pos, _ in checked], dtype=torch.long, device=base.device))
+                    differs = differs.index_select(0, on_device([pos for pos, _ in checked],
+                                                                base.device))
                 batch.put("update_bits_moved", differs, [i for _, i in checked])
 
     def results(self, host: dict[str, np.ndarray], count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +298,9 @@ class UpdateTracker:
         measured = np.zeros(count, dtype=bool)
         measured[np.asarray(self._measured, dtype=np.int64)] = True
         self._measured = []
+        # a tensor whose sample moved skips the whole-tensor check next time (a NaN
+        # difference does not count: such a tensor keeps being checked whole)
+        self._moving = set(np.flatnonzero(measured & (diff > 0)).tolist())
         ratio[~measured] = np.nan
         changed[~measured] = np.nan
         return ratio, changed
