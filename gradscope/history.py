@@ -260,66 +260,26 @@ class History:
         return self.loss_steps.array(), self.loss_values.array()
 
 
-class _Column:
-    """A read-only array with the part of Ring's interface the rules use."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self._values = values
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __getitem__(self, index: int):
-        return self._values[index]
-
-    def tail(self, count: int) -> np.ndarray:
-        return self._values[len(self._values) - min(count, len(self._values)):]
-
-    def array(self) -> np.ndarray:
-        return self._values
-
-
-class HistoryUpTo:
-    """The history as it stood `drop` records ago (records and losses after it left out).
+def history_up_to(history: History, drop: int) -> History:
+    """The history as it stood `drop` records ago: a new History holding the records and
+    losses up to then (used to find when a sign began; rare, so a copy is fine).
 
     Example:
         >>> import torch
         >>> h = History(ModelLayout.of(torch.nn.Linear(1, 1)))
-        >>> HistoryUpTo(h, 0).last is None
+        >>> history_up_to(h, 0).last is None
         True
     """
-
-    def __init__(self, history: History, drop: int) -> None:
-        records = history.records()
-        kept = records[: len(records) - drop] if drop else records
-        self.layout = history.layout
-        self.capacity = history.capacity
-        self._recent = kept
-        upto = kept[-1].step if kept else -1
-        self._first = [r for r in history.first if r.step <= upto]
-        steps, values = history.losses()
-        keep = steps <= upto
-        self.loss_steps = _Column(steps[keep])
-        self.loss_values = _Column(values[keep])
-        self.first_losses = list(history.first_losses[: int(keep.sum())])
-        self.total_recorded = history.total_recorded - drop
-
-    def __len__(self) -> int:
-        return len(self._recent)
-
-    def records(self) -> list[StepRecord]:
-        return list(self._recent)
-
-    def recent(self, count: int) -> list[StepRecord]:
-        return self._recent[max(0, len(self._recent) - count):] if count > 0 else []
-
-    @property
-    def first(self) -> list[StepRecord]:
-        return list(self._first)
-
-    @property
-    def last(self) -> StepRecord | None:
-        return self._recent[-1] if self._recent else None
-
-    def losses(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.loss_steps.array(), self.loss_values.array()
+    records = history.records()
+    kept = records[: len(records) - drop] if drop else records
+    upto = kept[-1].step if kept else -1
+    steps, values = history.losses()
+    keep = steps <= upto
+    earlier = History(history.layout, capacity=history.capacity,
+                      loss_capacity=max(int(keep.sum()), 1))
+    earlier.add_losses(steps[keep].tolist(), values[keep].tolist())
+    earlier.first_losses = list(history.first_losses[: int(keep.sum())])
+    for record in kept:
+        earlier.append(record)
+    earlier.total_recorded = history.total_recorded - drop
+    return earlier

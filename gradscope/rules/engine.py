@@ -10,7 +10,7 @@ import numpy as np
 
 from ..diagnosis import SEVERITY_RANK, Diagnosis
 from ..errors import GradscopeError, GradscopeWarning
-from ..history import History, HistoryUpTo, StepRecord
+from ..history import History, StepRecord, history_up_to
 from ..layout import ModelLayout
 from .advice import checks_for
 from .base import Finding, Rule
@@ -170,7 +170,7 @@ class RuleEngine:
     def _earliest(self, rule: Rule, history: History, unseen: int, finding: Finding) -> Finding:
         """`finding`, with the first step of the earliest unseen record it already held on."""
         for drop in range(unseen - 1, 0, -1):
-            earlier = HistoryUpTo(history, drop)
+            earlier = history_up_to(history, drop)
             try:
                 found = rule(RuleContext(earlier, self._values[rule.id]))
             except Exception:  # the full evaluation reports failures; this is best effort
