@@ -259,12 +259,11 @@ class Scope:
         if not self._recording:
             return
         indices = self._stepping.pop(id(optimizer), [])
-        untouched = self._guard.call("updates", self._updates.after, indices, self._batch,
-                                     self._step, self._keeps_snapshots())
-        self._unchanged.update(untouched or [])
+        self._guard.call("updates", self._updates.after, indices, self._batch, self._step,
+                         self._keeps_snapshots())
 
     def _keeps_snapshots(self) -> bool:
-        """Whether the next step is recorded too: then its before-step samples are this
+        """Whether the next step is recorded too: then its before-step bit sums are this
         step's after-step ones (the update tracker keeps them)."""
         return self._should_record(self._step + 1)
 
@@ -287,7 +286,6 @@ class Scope:
         self._read_early: set[int] = set()
         self._held_grads: dict[int, torch.Tensor] = {}
         self._grad_none = np.zeros(n, dtype=bool)
-        self._unchanged: set[int] = set()
         self._stepping: dict[int, list[int]] = {}
         self._orphans: list[int] | None = None
         self._backward_count = 0
@@ -395,9 +393,8 @@ class Scope:
         remaining = [i for i in range(n) if i not in self._read]
         self._guard.call("gradients", self._read_grads, remaining)
         if self._orphans:
-            untouched = self._guard.call("updates", self._updates.after, self._orphans,
-                                         self._batch, self._step, self._keeps_snapshots())
-            self._unchanged.update(untouched or [])
+            self._guard.call("updates", self._updates.after, self._orphans, self._batch,
+                             self._step, self._keeps_snapshots())
         self._put_losses()
         act_names: list[str] = []
         if self._activations is not None:
@@ -447,9 +444,6 @@ class Scope:
         nan = np.full(n, np.nan)
         update_ratio, changed = (self._guard.call("updates", self._updates.results, host, n)
                                  or (nan.copy(), nan.copy()))
-        for i in self._unchanged:
-            update_ratio[i] = 0.0
-            changed[i] = 0.0
         in_optimizer = {id(p) for opt in self.optimizers
                         for g in opt.param_groups for p in g["params"]}
         not_in_optimizer = np.array(

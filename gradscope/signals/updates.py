@@ -79,8 +79,17 @@ class _Snapshot:
     base: torch.Tensor  # float64 [rows]: norm of the sampled values
     checked: list[int]  # rows of bucket.full_check whose whole tensor is summed
     sums: torch.Tensor | None  # [len(checked)]: bit sums of those whole tensors
-    step: int = -1
-    versions: tuple[int, ...] = ()
+
+
+@dataclass
+class _KeptSums:
+    """After-step bit sums of a bucket, kept for the next step's before-step ones."""
+
+    bucket: _Bucket
+    checked: list[int]
+    sums: torch.Tensor | None
+    step: int
+    versions: tuple[int, ...]  # version counters of the bucket's tensors when kept
 
 
 class UpdateTracker:
@@ -112,7 +121,7 @@ class UpdateTracker:
                         for p in self._params]
         self._plans: dict[tuple[int, ...], list[_Bucket]] = {}
         self._before: dict[int, tuple[_Snapshot, int]] = {}
-        self._kept: dict[int, _Snapshot] = {}  # after-step snapshots, by id of their bucket
+        self._kept: dict[int, _KeptSums] = {}  # after-step bit sums, by id of their bucket
         self._moving: set[int] = set()  # parameters seen changed at their last measurement
         self._measured: list[int] = []  # parameters measured since the last results()
         self._partial = np.array([s is not None for s in self._sample], dtype=bool)
@@ -192,45 +201,40 @@ class UpdateTracker:
     @torch.no_grad()
     def before(self, indices: Sequence[int], step: int = -1) -> None:
         for bucket in self._plan(indices):
-            snapshot = self._reuse(bucket, step)
-            if snapshot is None:
-                values = self._values(bucket)
-                checked = self._to_check(bucket)
-                snapshot = _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
-                                     checked, self._bit_sums(bucket, checked))
+            # fresh samples every time (a write through .data moves no version counter, and
+            # a gather per bucket is cheap); bit sums are carried over when still valid
+            values = self._values(bucket)
+            checked, sums = self._before_sums(bucket, step)
+            snapshot = _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
+                                 checked, sums)
             for row, i in enumerate(bucket.indices):
                 self._before[i] = (snapshot, row)
 
-    def _reuse(self, bucket: _Bucket, step: int) -> _Snapshot | None:
-        """The kept after-step snapshot of the previous step (or an earlier optimizer of this
-        step), when no parameter of the bucket was written to since."""
+    def _before_sums(self, bucket: _Bucket, step: int) -> tuple[list[int], torch.Tensor | None]:
+        """The rows to check whole, and their bit sums: from the previous step's after-step
+        sums when no tensor of the bucket was written to since, else computed now."""
+        wanted = self._to_check(bucket)
         kept = self._kept.pop(id(bucket), None)
         if (kept is None or kept.bucket is not bucket or step - kept.step not in (0, 1)
                 or kept.versions != self._versions(bucket)):
-            return None
-        wanted = self._to_check(bucket)
+            return wanted, self._bit_sums(bucket, wanted)
         have = {row: pos for pos, row in enumerate(kept.checked)}
         present = [row for row in wanted if row in have]
         missing = [row for row in wanted if row not in have]
         parts = []
         if present:
-            where = on_device([have[row] for row in present], kept.base.device)
-            parts.append(kept.sums.index_select(0, where))
+            parts.append(kept.sums.index_select(
+                0, on_device([have[row] for row in present], kept.sums.device)))
         if missing:
             parts.append(self._bit_sums(bucket, missing))
         sums = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
-        # fresh samples: a write through .data moves no version counter, and a gather per
-        # bucket is cheap; only the whole-tensor bit sums, costly to redo, are carried over
-        values = self._values(bucket)
-        return _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
-                         present + missing, sums)
+        return present + missing, sums
 
     @torch.no_grad()
     def after(self, indices: Sequence[int], batch: DeviceBatch, step: int = -1,
-              keep: bool = False) -> list[int]:
-        """Queue update ratios and change flags; with `keep`, hold the after-step samples for
-        the next `before()`. Return the indices known unchanged without measuring (always
-        empty now that every tensor is measured; kept for callers)."""
+              keep: bool = False) -> None:
+        """Queue the update measurements of `indices`; with `keep`, hold the after-step bit
+        sums for the next `before()`."""
         wanted: dict[int, tuple[_Snapshot, list[tuple[int, int]]]] = {}
         for i in indices:
             entry = self._before.pop(i, None)
@@ -239,7 +243,6 @@ class UpdateTracker:
                 wanted.setdefault(id(snapshot), (snapshot, []))[1].append((row, i))
         for snapshot, rows in wanted.values():
             self._measure(snapshot, rows, batch, step, keep)
-        return []
 
     def _measure(self, snap: _Snapshot, rows: list[tuple[int, int]], batch: DeviceBatch,
                  step: int, keep: bool) -> None:
@@ -251,8 +254,8 @@ class UpdateTracker:
         diff = torch.linalg.vector_norm(new_values - snap.values, dim=1)
         new_sums = self._bit_sums(bucket, snap.checked)
         if keep:
-            self._kept[id(bucket)] = _Snapshot(bucket, new_values, snap.base, snap.checked,
-                                               new_sums, step, self._versions(bucket))
+            self._kept[id(bucket)] = _KeptSums(bucket, snap.checked, new_sums, step,
+                                               self._versions(bucket))
         base = snap.base
         targets = bucket.indices
         if len(rows) < len(bucket.indices):
