@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import torch
+from tolerance import norm_rtol
 from torch import nn
 
 import gradscope
@@ -60,8 +61,9 @@ def test_each_optimizer_reads_its_own_gradients_and_ema_forwards_are_ignored():
     for r in records:
         # each optimizer's parameters were read at its own pre-hook: disc's norms are those of
         # d_loss alone, not polluted by g_loss's backward that ran after opt_d.step()
-        np.testing.assert_allclose(r.grad_norm[d_idx], ref_d[r.step], rtol=1e-6)
-        np.testing.assert_allclose(r.grad_norm[g_idx], ref_g[r.step], rtol=1e-6)
+        rtol = norm_rtol(max(p.numel() for p in gan.parameters()))  # float32 norms
+        np.testing.assert_allclose(r.grad_norm[d_idx], ref_d[r.step], rtol=rtol)
+        np.testing.assert_allclose(r.grad_norm[g_idx], ref_g[r.step], rtol=rtol)
         assert np.all(r.update_ratio > 0) and not r.not_in_optimizer.any()
         # the EMA copy is not part of the watched model: its forwards leave no trace
         assert set(r.activations) <= {n for n, _ in gan.named_modules()}

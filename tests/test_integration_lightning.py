@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tolerance import gamma, model_norm_rtol, norm_rtol
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -79,10 +80,10 @@ def test_accumulation_gives_one_step_per_optimizer_step(tmp_path):
     assert all(r.stepped for r in records)
     reference = np.stack(module.ref_norms)
     measured = np.stack([r.grad_norm for r in records])
-    np.testing.assert_allclose(measured, reference, rtol=1e-6)
-    # the step's loss is the mean of its four micro-batch losses
+    np.testing.assert_allclose(measured, reference, rtol=model_norm_rtol(module))
+    # the step's loss is the mean of its four micro-batch losses (float32: 4 sums, a division)
     micro = np.array(module.micro_losses).reshape(3, 4).mean(axis=1)
-    np.testing.assert_allclose([r.loss for r in records], micro, rtol=1e-5)
+    np.testing.assert_allclose([r.loss for r in records], micro, rtol=gamma(6))
     # accumulating micro-batches on purpose is not a leftover-gradient problem
     assert not [d for d in scope.diagnose() if d.severity != "info"]
     # every hook is gone after fit
@@ -97,7 +98,8 @@ def test_bf16_mixed_reads_the_gradients_the_optimizer_uses(tmp_path):
     records = callback.scope.history.records()
     assert [r.step for r in records] == [0, 2, 4]
     reference = np.stack(module.ref_norms)[[0, 2, 4]]
-    np.testing.assert_allclose(np.stack([r.grad_norm for r in records]), reference, rtol=1e-6)
+    np.testing.assert_allclose(np.stack([r.grad_norm for r in records]), reference,
+                               rtol=model_norm_rtol(module))
     assert all(np.isfinite(r.loss) for r in records)
     assert all(r.activations for r in records)  # forward hooks saw the autocast forward
 
@@ -122,7 +124,8 @@ def test_logs_headline_figures_and_prints_the_report(tmp_path, capsys):
     assert len(rows) == 5
     total = [float(r["gradscope/grad_norm_total"]) for r in rows]
     expected = [np.sqrt(np.nansum(r.grad_norm ** 2)) for r in scope.history.records()]
-    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    total_numel = sum(p.numel() for p in module.parameters())
+    np.testing.assert_allclose(total, expected, rtol=2 * norm_rtol(total_numel))
     assert float(rows[-1]["gradscope/warnings"]) + float(rows[-1]["gradscope/errors"]) >= 1
     out = capsys.readouterr().out
     assert "gradscope report" in out and "unused.weight" in out
@@ -148,7 +151,8 @@ def test_read_before_the_optimizer_hook_keeps_pre_clip_norms_and_updates():
     scope.step(1.0)
     scope.close()
     record = scope.history.last
-    np.testing.assert_allclose(record.grad_norm, expected, rtol=1e-6)
+    # both sides are float32 norms: twice the bound of one
+    np.testing.assert_allclose(record.grad_norm, expected, rtol=2 * model_norm_rtol(model))
     assert np.all(record.update_ratio > 0) and np.all(record.changed == 1)
 
 
@@ -197,6 +201,7 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     d_idx = [i for i, n in enumerate(scope.layout.param_names) if n.startswith("d.")]
     for r in records:
         # disc's gradients as its own optimizer saw them, before g_loss's backward added more
-        np.testing.assert_allclose(r.grad_norm[d_idx], module.ref_d[r.step], rtol=1e-5)
+        np.testing.assert_allclose(r.grad_norm[d_idx], module.ref_d[r.step],
+                                   rtol=2 * model_norm_rtol(module))
         assert np.all(r.update_ratio > 0)
-    np.testing.assert_allclose([r.loss for r in records], module.returned, rtol=1e-6)
+    np.testing.assert_allclose([r.loss for r in records], module.returned, rtol=gamma(4))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerance import UNIT_ROUNDOFF
 from torch import nn
 
 pytest.importorskip("tensorboard")
@@ -12,6 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import gradscope
 from gradscope.integrations.tensorboard import TensorBoardExporter, export
+
+# TensorBoard stores scalars as float32: one rounding of a float64 value, plus a few float64
+# operations when a per-layer figure is assembled
+TB_ROUNDING = 2 * UNIT_ROUNDOFF[torch.float32]
 
 
 def _model() -> nn.Module:
@@ -59,14 +64,15 @@ def test_live_exporter_writes_per_layer_signals(tmp_path):
         names = [p.name for p in scope.layout.params if p.layer == layer]
         idx = [scope.layout.param_names.index(n) for n in names]
         expected = [np.sqrt(np.sum(r.grad_norm[idx] ** 2)) for r in records]
-        np.testing.assert_allclose(values, expected, rtol=1e-6)
+        np.testing.assert_allclose(values, expected, rtol=TB_ROUNDING)
         _, ratios = _scalars(acc, f"update_ratio/{layer}")
         np.testing.assert_allclose(ratios, [r.layer_update_ratio(scope.layout)[i]
-                                            for r in records], rtol=1e-6)
+                                            for r in records], rtol=TB_ROUNDING)
     _, dead = _scalars(acc, "dead_units/1")
-    np.testing.assert_allclose(dead, [r.activations["1"].dead_frac for r in records], atol=1e-7)
+    np.testing.assert_allclose(dead, [r.activations["1"].dead_frac for r in records],
+                               rtol=TB_ROUNDING)
     _, losses = _scalars(acc, "gradscope/loss")
-    np.testing.assert_allclose(losses, [r.loss for r in records], rtol=1e-6)
+    np.testing.assert_allclose(losses, [r.loss for r in records], rtol=TB_ROUNDING)
 
 
 def test_export_after_training_writes_diagnoses_as_text(tmp_path):

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tolerance import model_norm_rtol
 from torch.utils.data import Dataset
 
 transformers = pytest.importorskip("transformers")
@@ -70,8 +71,8 @@ def test_trainer_steps_and_gradients(tmp_path, accumulation):
     assert all(r.stepped for r in records)
     # tied weights are one parameter: gradscope's layout follows model.parameters()
     measured = np.stack([r.grad_norm for r in records])
-    np.testing.assert_allclose(measured, np.stack(reference.norms), rtol=1e-6)
-    # the step's loss is the one the Trainer logs for that step
+    np.testing.assert_allclose(measured, np.stack(reference.norms), rtol=model_norm_rtol(model))
+    # the step's loss is the one the Trainer logs for that step (which it rounds to 4 digits)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     np.testing.assert_allclose([r.loss for r in records], logged, rtol=1e-3, atol=1e-4)
     assert all(np.nanmax(r.update_ratio) > 0 for r in records)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from models import CASES, MLP
+from tolerance import mean_tol, model_norm_rtol, std_tol
 from torch import nn
 
 import gradscope
@@ -30,7 +31,7 @@ def test_gpt2_tied_embedding_is_counted_once():
     names = scope.layout.param_names
     assert names.count("transformer.wte.weight") == 1 and "lm_head.weight" not in names
     assert len(names) == len({id(p) for p in model.parameters()})
-    np.testing.assert_allclose(scope.history.last.grad_norm, expected, rtol=1e-6)
+    np.testing.assert_allclose(scope.history.last.grad_norm, expected, rtol=model_norm_rtol(model))
     assert not scope.history.last.grad_none.any()
 
 
@@ -43,7 +44,7 @@ def test_shared_module_parameters_are_counted_once():
     scope.step(0.0)
     scope.close()
     assert scope.layout.param_names == ["0.weight", "0.bias"]
-    np.testing.assert_allclose(scope.history.last.grad_norm, expected, rtol=1e-6)
+    np.testing.assert_allclose(scope.history.last.grad_norm, expected, rtol=model_norm_rtol(model))
     assert scope.history.last.activations["0"].calls == 2
 
 
@@ -66,13 +67,15 @@ def test_autocast_bfloat16_run_reads_gradients():
         scope.step(loss)
     scope.close()
     record = scope.history.last
-    np.testing.assert_allclose(record.grad_norm, expected, rtol=1e-6)
+    np.testing.assert_allclose(record.grad_norm, expected, rtol=model_norm_rtol(model))
     assert record.changed.all() and record.stepped
     out = captured[-1].double()
     assert captured[-1].dtype == torch.bfloat16
-    assert record.activations["fc1"].mean == pytest.approx(out.mean().item(), rel=1e-9)
-    assert record.activations["fc1"].std == pytest.approx(out.std(correction=0).item(), rel=1e-6)
-    assert record.loss == pytest.approx(loss.item())
+    # bfloat16 values are staged exactly as float32 and summed in float32
+    assert record.activations["fc1"].mean == pytest.approx(out.mean().item(), abs=mean_tol(out))
+    assert record.activations["fc1"].std == pytest.approx(out.std(correction=0).item(),
+                                                          abs=std_tol(out))
+    assert record.loss == loss.item()  # kept as given
 
 
 def test_grad_scaler_grads_are_read_unscaled_and_overflow_is_a_skipped_step():
@@ -103,7 +106,8 @@ def test_grad_scaler_grads_are_read_unscaled_and_overflow_is_a_skipped_step():
     assert [r.stepped for r in records] == [True, False, True]
     for record, ref in zip(records, expected):
         finite = np.isfinite(ref)
-        np.testing.assert_allclose(record.grad_norm[finite], np.asarray(ref)[finite], rtol=1e-6)
+        np.testing.assert_allclose(record.grad_norm[finite], np.asarray(ref)[finite],
+                                   rtol=model_norm_rtol(model))
     fc2 = scope.layout.param_names.index("fc2.weight")
     assert records[1].grad_nonfinite[fc2] == 1
     assert records[1].nonfinite_grad_params == ["fc2.weight"]

@@ -4,6 +4,7 @@ pooled over the training forwards of a step."""
 import pytest
 import torch
 from models import CASES
+from tolerance import mean_tol, std_tol
 from torch import nn
 
 import gradscope
@@ -18,8 +19,9 @@ def _reference(xs):
 
 
 def _check(data, ref):
+    # small batches are summed in float64: a few hundred roundings of 2**-53 each
     for key, value in ref.items():
-        assert getattr(data, key) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        assert getattr(data, key) == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
 def test_float_batch_statistics_match_reference():
@@ -48,8 +50,9 @@ def test_large_cpu_batch_takes_the_blocked_path_with_the_same_statistics(poisone
     scope.close()
     data, ref = scope.history.last.data, _reference([x])
     assert (data.min, data.max, data.nonfinite) == (ref["min"], ref["max"], ref["nonfinite"])
-    assert data.mean == pytest.approx(ref["mean"], rel=1e-6)
-    assert data.std == pytest.approx(ref["std"], rel=1e-6)
+    finite = x[torch.isfinite(x)]
+    assert data.mean == pytest.approx(ref["mean"], rel=0, abs=mean_tol(finite))
+    assert data.std == pytest.approx(ref["std"], rel=0, abs=std_tol(finite))
 
 
 def test_micro_batches_are_pooled_and_nonfinite_is_excluded_from_moments():
