@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import torch
 from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+try:
+    import accelerate  # noqa: F401  (the Trainer needs it)
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+except ModuleNotFoundError:
+    sys.exit("This example needs transformers and accelerate: pip install -e '.[transformers]'")
 
 from gradscope.integrations.transformers import GradscopeCallback
 

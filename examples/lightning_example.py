@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 
-import lightning as L
 import torch
+
+try:
+    import lightning as L
+except ModuleNotFoundError:
+    sys.exit("This example needs lightning: pip install -e '.[lightning]'")
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

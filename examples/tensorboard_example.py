@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from torch import nn
+
+try:
+    import tensorboard  # noqa: F401  (the exporter writes its event files)
+except ModuleNotFoundError:
+    sys.exit("This example needs tensorboard: pip install -e '.[tensorboard]'")
 
 import gradscope
 from gradscope.integrations.tensorboard import TensorBoardExporter

@@ -17,7 +17,11 @@ import tempfile
 
 import torch
 from torch.nn.functional import cross_entropy
-from transformers import GPT2Config, GPT2LMHeadModel
+
+try:
+    from transformers import GPT2Config, GPT2LMHeadModel
+except ModuleNotFoundError:
+    sys.exit("This example needs transformers: pip install -e '.[transformers]'")
 
 import gradscope
 

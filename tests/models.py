@@ -17,11 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+
+NEEDS_TRANSFORMERS = "needs transformers: pip install -e '.[test]'"
 
 
 # ------------------------------------------------------------------ plain torch models
@@ -115,6 +118,7 @@ VOCAB = 100
 
 def gpt2() -> nn.Module:
     """GPT-2 language model from a tiny config (wte and lm_head tied), random init."""
+    pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
@@ -125,6 +129,7 @@ def gpt2() -> nn.Module:
 
 def bert() -> nn.Module:
     """BERT sequence classifier from a tiny config, random init."""
+    pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,

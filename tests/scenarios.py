@@ -9,12 +9,15 @@ import itertools
 import math
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import nn
 
 import gradscope
 
 Loop = Callable[[], gradscope.Scope]
+
+NEEDS_TRANSFORMERS = "needs transformers: pip install -e '.[test]'"
 
 
 def _teacher_regression(n_in: int = 16, n_out: int = 1, seed: int = 0):
@@ -394,6 +397,7 @@ def _pattern_tokens(vocab: int = 64, length: int = 16, seed: int = 0):
 
 
 def healthy_gpt2(**watch) -> gradscope.Scope:
+    pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
@@ -418,6 +422,7 @@ def _train_lm(model, opt, steps: int, **watch) -> gradscope.Scope:
 
 
 def healthy_bert(**watch) -> gradscope.Scope:
+    pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,

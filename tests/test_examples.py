@@ -39,6 +39,7 @@ def test_cnn_live_prints_findings_as_lines_off_a_terminal(tmp_path):
 
 @pytest.mark.slow
 def test_transformer_log_runs_the_report_command(tmp_path):
+    pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test]'")
     log_dir = tmp_path / "gpt2"
     done = run_example("transformer_log.py", "--log-dir", str(log_dir), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -46,3 +47,23 @@ def test_transformer_log_runs_the_report_command(tmp_path):
     assert "gradscope report" in done.stdout
     assert "15 layers" in done.stdout  # 2 blocks of GPT-2: the log's layout was read back
     assert (log_dir / "gradscope.jsonl").exists()
+
+
+@pytest.mark.parametrize("name, missing, extra", [
+    ("transformer_log.py", "transformers", "transformers"),
+    ("hf_trainer_example.py", "transformers", "transformers"),
+    ("hf_trainer_example.py", "accelerate", "transformers"),
+    ("lightning_example.py", "lightning", "lightning"),
+    ("tensorboard_example.py", "tensorboard", "tensorboard"),
+])
+def test_example_without_its_optional_package_names_the_extra(tmp_path, name, missing, extra):
+    # None in sys.modules makes `import missing` fail as if the package were not installed
+    code = (f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = [{name!r}]; "
+            f"runpy.run_path({str(ROOT / 'examples' / name)!r}, run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and "Traceback" not in done.stderr  # one sentence, no traceback
+    assert f"pip install -e '.[{extra}]'" in lines[-1] and missing in lines[-1]
