@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from .history import History, StepRecord
 from .layout import ModelLayout, ParamInfo
 from .signals.activations import ActivationStats
 from .signals.data import DataStats
+
+if TYPE_CHECKING:
+    from .rules.engine import RuleEngine
 
 SCHEMA = 1
 LOG_NAME = "gradscope.jsonl"
@@ -423,7 +426,7 @@ class RunLog:
         self._replay(history, None)
         return history
 
-    def replay(self, engine: Any, capacity: int | None = None) -> History:
+    def replay(self, engine: RuleEngine, capacity: int | None = None) -> History:
         """Rebuild the History step by step, running `engine.update(history)` as the live run
         did (see RuleCadence; `every` from the logged options) and once more at the end."""
         history = History(self.layout, capacity=capacity or max(len(self.records), 1),
@@ -431,23 +434,25 @@ class RunLog:
         self._replay(history, engine)
         return history
 
-    def _replay(self, history: History, engine: Any) -> None:
-        from .rules.engine import RuleCadence
+    def _replay(self, history: History, engine: RuleEngine | None) -> None:
+        from .diagnoser import Diagnoser
 
         every = self.options.get("every")
-        cadence = RuleCadence(every if isinstance(every, int) and every > 0 else 10)
+        diagnoser = (Diagnoser(engine, history, every if isinstance(every, int) and every > 0
+                               else 10) if engine is not None else None)
+        losses_after_record = False  # as live: the rules see the last losses at close
         for entry in self._order:
+            losses_after_record = entry[0] == "loss"
             if entry[0] == "loss":
                 history.add_losses(entry[1], entry[2])
             else:
                 record = entry[1]
                 history.add_losses([record.step], [record.loss])
                 history.append(record)
-                if engine is not None and cadence.due(record):
-                    engine.update(history, cadence.unevaluated)
-                    cadence.ran()
-        if engine is not None and cadence.unevaluated:
-            engine.update(history, cadence.unevaluated)
+                if diagnoser is not None:
+                    diagnoser.feed(record)
+        if diagnoser is not None:
+            diagnoser.catch_up(new_losses=losses_after_record)
 
 
 def layout_from_summary(summary: dict[str, Any]) -> ModelLayout:
