@@ -22,6 +22,7 @@ from .layout import ModelLayout
 from .losses import LossBuffer, scalar_loss
 from .options import WatchOptions
 from .recorder import StepRecorder
+from .report.sinks import DiagnosisSink, Sink
 from .signals.distributed import is_rank_zero
 
 # model -> its open scope, both held weakly: a model nobody uses any more can be collected
@@ -95,7 +96,7 @@ class Scope:
 
         self.engine = RuleEngine.from_options(self.options, self.layout)
         self.diagnoser = Diagnoser(self.engine, self.history, self.options.every)
-        self._sinks: list[Any] = []
+        self._sinks: list[Sink] = []
         try:
             self.recorder.attach()
             self._sinks = self._make_sinks()
@@ -107,12 +108,13 @@ class Scope:
         self._at_exit = _CloseAtExit(self)
         atexit.register(self._at_exit)
 
-    def _make_sinks(self) -> list[Any]:
-        from .report.sinks import make_sinks
+    def _make_sinks(self) -> list[Sink]:
+        from .report import sinks
 
         if not self._reports_here():
             return []  # under torch.distributed only rank 0 shows and writes, by default
-        return make_sinks(self)
+        return sinks.make_sinks(self.options, self.history, self.layout,
+                                self.diagnoser.diagnoses)
 
     def _reports_here(self) -> bool:
         return self.options.all_ranks or is_rank_zero()
@@ -154,15 +156,16 @@ class Scope:
             return
         step = self.history.last.step if self.history.last is not None else self.step_count
         for sink in self._sinks:
-            tell = getattr(sink, "on_diagnoses", None)
-            if tell is not None:
-                self._guard.call(type(sink).__name__, tell, step, changed)
+            if isinstance(sink, DiagnosisSink):
+                self._guard.call(type(sink).__name__, sink.on_diagnoses, step, changed)
 
-    def add_sink(self, sink: Any) -> None:
+    def add_sink(self, sink: Sink) -> None:
         """Feed `sink` every recorded step: `sink.on_record(record, new_diagnoses)`, and
         `sink.on_close()` at close (e.g. gradscope.integrations.tensorboard's exporter).
         An optional `sink.on_diagnoses(step, new_diagnoses)` also gets the diagnoses that
         the rules find when they catch up on unseen records (at close, or in diagnose()).
+        A sink must not run the rules (no `scope.diagnose()` inside it): the diagnoses as of
+        the rules' last run are `scope.diagnoser.diagnoses()`.
 
         Example:
             >>> import torch, gradscope
@@ -175,8 +178,7 @@ class Scope:
             >>> model(torch.ones(1, 2)).sum().backward(); scope.step(); scope.close(); sink.n
             1
         """
-        if not (callable(getattr(sink, "on_record", None))
-                and callable(getattr(sink, "on_close", None))):
+        if not isinstance(sink, Sink):
             raise GradscopeError(
                 f"add_sink() needs an object with on_record(record, diagnoses) and on_close() "
                 f"methods, got {type(sink).__name__}."
