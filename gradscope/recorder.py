@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,14 +16,8 @@ from .hooks import Guard, HookSet
 from .layout import ModelLayout
 from .losses import LossBuffer, any_nonfinite
 from .options import WatchOptions
-from .signals.activations import (
-    ActivationCollector,
-    ActivationStats,
-    ActivationTable,
-    _float_leaves,
-    compiling,
-    in_backward,
-)
+from .records import ActivationTable
+from .signals.activations import ActivationCollector, _float_leaves, compiling, in_backward
 from .signals.data import DataCollector, first_tensor
 from .signals.distributed import is_sharded
 from .signals.grads import (
@@ -327,8 +320,8 @@ class StepRecorder:
             self._force_record = True
         record = self._build_record(host, losses.get(self.step, math.nan))
         if act_names and self.activations is not None:
-            record.activations = self.guard.call(
-                "activations", self.activations.results, host) or {}
+            record.activations = (self.guard.call("activations", self.activations.results, host)
+                                  or ActivationTable.empty())
             record.nonfinite_origin = nonfinite_origin(record.activations)
         record.data = self.guard.call("data", self._data.result, host)
         self.guard.call("gradients", self._count_nonfinite_grads, record)
@@ -405,23 +398,20 @@ class StepRecorder:
         )
 
 
-def nonfinite_origin(activations: Mapping[str, ActivationStats]) -> str | None:
+def nonfinite_origin(activations: ActivationTable) -> str | None:
     """The first module (in completion order) whose output went non-finite from finite inputs.
 
     A container is a candidate only when none of its submodules is one (its NaN came from
     its own code, not from a child), so the innermost origin wins whatever the hook order.
 
     Example:
-        >>> nonfinite_origin({})
+        >>> nonfinite_origin(ActivationTable.empty()) is None
+        True
     """
-    if isinstance(activations, ActivationTable):  # by columns, no object per module
-        hit = np.flatnonzero((activations.column("nonfinite_frac") > 0)
-                             & (activations.input_nonfinite == 0)).tolist()
-        names = activations.names
-        found = {names[i]: int(activations.orders[i]) for i in hit}
-    else:
-        found = {name: s.order for name, s in activations.items()
-                 if s.nonfinite_frac > 0 and s.input_nonfinite == 0}
+    hit = np.flatnonzero((activations.column("nonfinite_frac") > 0)
+                         & (activations.input_nonfinite == 0)).tolist()
+    names = activations.names
+    found = {names[i]: int(activations.orders[i]) for i in hit}
     inner = [(order, name) for name, order in found.items()
              if not any(other != name and (name == "" or other.startswith(name + "."))
                         for other in found)]

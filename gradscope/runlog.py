@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._version import __version__
 from .diagnosis import Diagnosis
 from .errors import GradscopeError
 from .history import History, StepRecord
 from .layout import ModelLayout, ParamInfo
-from .signals.activations import ActivationStats
-from .signals.data import DataStats
+from .records import ActivationStats, ActivationTable, DataStats
 
 if TYPE_CHECKING:
     from .rules.engine import RuleEngine
@@ -141,7 +141,7 @@ def _decode_array(values: list[Any], kind: str) -> np.ndarray:
 ACTIVATION_FIELDS = [f.name for f in dataclasses.fields(ActivationStats)]
 
 
-def _encode_activations(stats: dict[str, ActivationStats], modules: dict[str, int]) -> str:
+def _encode_activations(stats: ActivationTable, modules: dict[str, int]) -> str:
     """Module statistics as rows: [module index (or name), one value per field]."""
     rows = []
     for name, st in stats.items():
@@ -152,15 +152,14 @@ def _encode_activations(stats: dict[str, ActivationStats], modules: dict[str, in
             + ',"rows":[' + ",".join(rows) + "]}")
 
 
-def _decode_activations(raw: dict[str, Any], module_names: list[str]
-                        ) -> dict[str, ActivationStats]:
+def _decode_activations(raw: dict[str, Any], module_names: list[str]) -> ActivationTable:
     names = raw["fields"]
     out = {}
     for row in raw["rows"]:
         key = row[0]
         name = module_names[key] if isinstance(key, int) else str(key)
         out[name] = _activation_from_json(dict(zip(names, row[1:])))
-    return out
+    return ActivationTable.of(out)
 
 
 def _activation_from_json(data: dict[str, Any]) -> ActivationStats:
@@ -255,7 +254,8 @@ def decode_record(data: dict[str, Any], n_params: int, module_names: list[str] |
             kind = "bool[]" if f.name in bools else "float[]"
             values[f.name] = _decode_array(raw, kind)
         elif f.name == "activations":
-            values[f.name] = _decode_activations(raw, module_names or []) if raw else {}
+            values[f.name] = (_decode_activations(raw, module_names or []) if raw
+                              else ActivationTable.empty())
         elif f.name == "data":
             values[f.name] = _data_from_json(raw)
         elif f.name == "loss":
@@ -314,8 +314,6 @@ class RunLogWriter:
         self.bytes_written += len(data)
 
     def _header(self) -> None:
-        from . import __version__
-
         self._write(json.dumps({
             "type": "header", "schema": SCHEMA, "gradscope": __version__,
             "time": round(time.time(), 3), "layout": self.layout.summary(),

@@ -8,7 +8,7 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -254,15 +254,24 @@ class Scope:
         self._guard.call("record", self._bring_up_to_date)
         return self.diagnoser.diagnoses()
 
-    def report(self, file: Any = None, width: int | None = None) -> str:
-        """Print the final report (rich on a terminal, plain text to `file`); return its text."""
-        from .report.summary import print_report
+    def report(self, file: IO[str] | None = None, width: int | None = None) -> str:
+        """Print the report of every step so far (rich on a terminal, plain text to `file`);
+        return its text.
+
+        Example:
+            >>> import io, torch, gradscope
+            >>> scope = gradscope.watch(torch.nn.Linear(2, 2)); scope.close()
+            >>> scope.report(file=io.StringIO()).splitlines()[0]
+            'gradscope report'
+        """
+        from .report.summary import emit_report
 
         if file is None and not self._reports_here():
             import io  # under torch.distributed only rank 0 prints, by default
 
             file = io.StringIO()
-        return print_report(self, file=file, width=width)
+        return emit_report(self.history, self.diagnose(), file=file, width=width,
+                           rules_checked=len(self.engine.rules))
 
     def plot(self, path: str | Path, step: int | None = None) -> Path:
         """Save the gradient-norm figure to `path` (.png, .svg or .pdf) and return the path."""

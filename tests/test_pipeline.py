@@ -171,3 +171,28 @@ def test_diagnoser_runs_at_once_on_a_nonfinite_record():
     assert diagnoser.evaluations == 1
     assert [d.sign for d in diagnoser.diagnoses()] == ["loss-nonfinite"]
     assert np.isnan(history.losses()[1][-1])
+
+
+# --------------------------------------------------------------------------- records
+def test_records_hold_activations_as_one_table_whatever_they_were_given():
+    from gradscope.records import ActivationStats, ActivationTable
+
+    relu = ActivationStats(0.1, 1.0, 0.5, 0.0, None, 0.25, 0, 2, 1, True)
+    tanh = ActivationStats(0.0, 0.5, 0.0, 0.125, 0.75, None, 3, 1, 0, False)
+    n = 2
+    record = gradscope_record(n, activations={"relu": relu, "tanh": tanh})
+    table = record.activations
+    assert isinstance(table, ActivationTable)
+    assert dict(table) == {"relu": relu, "tanh": tanh}
+    assert table.column("dead_frac")[0] == 0.25 and np.isnan(table.column("dead_frac")[1])
+    assert table.input_nonfinite.tolist() == [0, 3] and table.orders.tolist() == [1, 0]
+    assert ActivationTable.of(table) is table
+    assert record.modules_over("nonfinite_frac", 0.0) == {"tanh": 0.125}
+    assert len(gradscope_record(n).activations) == 0
+
+
+def gradscope_record(n, **fields):
+    from gradscope import StepRecord
+
+    arrays = [np.zeros(n)] * 9
+    return StepRecord(0, 1.0, True, False, [0.1], *arrays, np.ones(n, bool), 1, True, **fields)
