@@ -11,24 +11,31 @@ Example:
     []
 """
 
+from ._version import __version__
 from .diagnosis import Cause, Diagnosis
 from .errors import GradscopeError, GradscopeWarning
-from .history import History, StepRecord
+from .history import History
+from .layout import ModelLayout
+from .records import ActivationStats, ActivationTable, DataStats, StepRecord
+from .report.sinks import Sink
 from .rules import Finding, Rule, RuleContext, Threshold, builtin_rules, rule
 from .scope import Scope, watch
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "ActivationStats",
+    "ActivationTable",
     "Cause",
+    "DataStats",
     "Diagnosis",
     "Finding",
     "GradscopeError",
     "GradscopeWarning",
     "History",
+    "ModelLayout",
     "Rule",
     "RuleContext",
     "Scope",
+    "Sink",
     "StepRecord",
     "Threshold",
     "__version__",

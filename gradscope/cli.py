@@ -52,7 +52,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `gradscope` command."""
-    from . import __version__
+    from ._version import __version__
     from .demo import DEFAULT, SCENARIOS
 
     parser = _Parser(prog="gradscope", description=(

@@ -1,144 +1,16 @@
-"""StepRecord (what one recorded step measured) and History (a bounded store of them)."""
+"""History: a bounded store of StepRecords (see gradscope.records) and of every step's loss."""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import numpy as np
 
 from .layout import ModelLayout
-from .signals.activations import ActivationStats, ActivationTable
-from .signals.data import DataStats
+from .records import StepRecord
 
-
-@dataclass
-class StepRecord:
-    """All signals of one recorded step. Per-parameter arrays follow `History.layout.params`.
-
-    NaN in a per-parameter array means "not measured at this step" (e.g. no gradient).
-    """
-
-    step: int
-    loss: float
-    stepped: bool
-    skipped: bool
-    lrs: list[float]
-    grad_norm: np.ndarray
-    grad_max: np.ndarray
-    grad_nonfinite: np.ndarray
-    grad_none: np.ndarray
-    param_norm: np.ndarray
-    update_ratio: np.ndarray
-    changed: np.ndarray
-    stale_grad: np.ndarray
-    not_in_optimizer: np.ndarray
-    requires_grad: np.ndarray
-    backward_count: int
-    loss_requires_grad: bool | None
-    activations: Mapping[str, ActivationStats] = field(default_factory=dict)
-    data: DataStats | None = None
-    nonfinite_origin: str | None = None
-    nonfinite_grad_params: list[str] = field(default_factory=list)
-    _derived: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def overflow(self) -> bool:
-        """An optimizer step skipped because gradients were non-finite (AMP loss scaling)."""
-        return self.skipped and self._cached(
-            "any_nonfinite_grad", lambda: bool(np.any(self.grad_nonfinite > 0)))
-
-    def layer_grad_norm(self, layout: ModelLayout) -> np.ndarray:
-        """Gradient L2 norm per layer (module owning the parameters), in model order."""
-        return self._cached("layer_grad", lambda: _per_layer(layout, self.grad_norm))
-
-    def layer_param_norm(self, layout: ModelLayout) -> np.ndarray:
-        return self._cached("layer_param", lambda: _per_layer(layout, self.param_norm))
-
-    def layer_update_ratio(self, layout: ModelLayout) -> np.ndarray:
-        """Update/weight ratio per layer: ||dW|| / ||W|| over all of the layer's parameters,
-        each parameter's sampled ratio weighted by its norm (so a small bias that moves a lot
-        does not stand for the whole layer). NaN where nothing was measured.
-        """
-
-        def compute() -> np.ndarray:
-            owners = layout.owners
-            ok = np.isfinite(self.update_ratio) & np.isfinite(self.param_norm)
-            moved = np.bincount(owners[ok], weights=(self.update_ratio[ok]
-                                                     * self.param_norm[ok]) ** 2,
-                                minlength=len(layout.layers))
-            weight = np.bincount(owners[ok], weights=self.param_norm[ok] ** 2,
-                                 minlength=len(layout.layers))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                return np.where(weight > 0, np.sqrt(moved / weight), np.nan)
-
-        return self._cached("layer_update", compute)
-
-    def total_grad_norm(self) -> float:
-        """Global gradient L2 norm (inf if any gradient held NaN/Inf; NaN if none measured)."""
-
-        def compute() -> float:
-            measured = ~np.isnan(self.grad_norm)
-            if not measured.any():
-                return float("nan")
-            return float(np.sqrt(np.sum(self.grad_norm[measured] ** 2)))
-
-        return self._cached("total_grad", compute)
-
-    def weights_finite(self) -> bool:
-        """True when every measured parameter norm is finite."""
-        return self._cached("weights_finite", lambda: bool(
-            np.all(np.isfinite(self.param_norm[~np.isnan(self.param_norm)]))))
-
-    def modules_over(self, field: str, limit: float) -> dict[str, float]:
-        """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
-
-        positive = self._cached("positive", self._positive_activations)[field]
-        if limit <= 0:
-            return positive
-        return self._cached(f"over:{field}:{limit}", lambda: {
-            name: value for name, value in positive.items() if value > limit})
-
-    def _positive_activations(self) -> dict[str, dict[str, float]]:
-        """Modules with a non-zero dead, saturated or non-finite fraction (one pass)."""
-        table = self.activations
-        if isinstance(table, ActivationTable):  # columns: no object per module
-            names = table.names
-            found = {}
-            for field in ("dead_frac", "saturated_frac", "nonfinite_frac"):
-                column = table.column(field)
-                hits = np.flatnonzero(np.nan_to_num(column) != 0).tolist()
-                found[field] = {names[i]: float(column[i]) for i in hits}
-            return found
-        dead: dict[str, float] = {}
-        saturated: dict[str, float] = {}
-        nonfinite: dict[str, float] = {}
-        for name, stats in self.activations.items():
-            if stats.dead_frac:
-                dead[name] = stats.dead_frac
-            if stats.saturated_frac:
-                saturated[name] = stats.saturated_frac
-            if stats.nonfinite_frac:
-                nonfinite[name] = stats.nonfinite_frac
-        return {"dead_frac": dead, "saturated_frac": saturated, "nonfinite_frac": nonfinite}
-
-    def _cached(self, key: str, compute):
-        """Per-layer views are derived once per record (records are not changed once stored)."""
-        if key not in self._derived:
-            self._derived[key] = compute()
-        return self._derived[key]
-
-
-def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:
-    """Combine per-parameter L2 norms into per-layer L2 norms (NaN when none was measured)."""
-    owners = layout.owners
-    measured = ~np.isnan(per_param)
-    squares = np.bincount(owners[measured], weights=per_param[measured] ** 2,
-                          minlength=len(layout.layers))
-    counts = np.bincount(owners[measured], minlength=len(layout.layers))
-    with np.errstate(invalid="ignore"):
-        return np.where(counts > 0, np.sqrt(squares), np.nan)
+__all__ = ["History", "Ring", "StepRecord", "history_up_to"]
 
 
 class Ring:

@@ -24,16 +24,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._version import __version__
 from .diagnosis import Diagnosis
 from .errors import GradscopeError
 from .history import History, StepRecord
 from .layout import ModelLayout, ParamInfo
-from .signals.activations import ActivationStats
-from .signals.data import DataStats
+from .records import ActivationStats, ActivationTable, DataStats
+
+if TYPE_CHECKING:
+    from .rules.engine import RuleEngine
 
 SCHEMA = 1
 LOG_NAME = "gradscope.jsonl"
@@ -138,7 +141,7 @@ def _decode_array(values: list[Any], kind: str) -> np.ndarray:
 ACTIVATION_FIELDS = [f.name for f in dataclasses.fields(ActivationStats)]
 
 
-def _encode_activations(stats: dict[str, ActivationStats], modules: dict[str, int]) -> str:
+def _encode_activations(stats: ActivationTable, modules: dict[str, int]) -> str:
     """Module statistics as rows: [module index (or name), one value per field]."""
     rows = []
     for name, st in stats.items():
@@ -149,15 +152,14 @@ def _encode_activations(stats: dict[str, ActivationStats], modules: dict[str, in
             + ',"rows":[' + ",".join(rows) + "]}")
 
 
-def _decode_activations(raw: dict[str, Any], module_names: list[str]
-                        ) -> dict[str, ActivationStats]:
+def _decode_activations(raw: dict[str, Any], module_names: list[str]) -> ActivationTable:
     names = raw["fields"]
     out = {}
     for row in raw["rows"]:
         key = row[0]
         name = module_names[key] if isinstance(key, int) else str(key)
         out[name] = _activation_from_json(dict(zip(names, row[1:])))
-    return out
+    return ActivationTable.of(out)
 
 
 def _activation_from_json(data: dict[str, Any]) -> ActivationStats:
@@ -252,7 +254,8 @@ def decode_record(data: dict[str, Any], n_params: int, module_names: list[str] |
             kind = "bool[]" if f.name in bools else "float[]"
             values[f.name] = _decode_array(raw, kind)
         elif f.name == "activations":
-            values[f.name] = _decode_activations(raw, module_names or []) if raw else {}
+            values[f.name] = (_decode_activations(raw, module_names or []) if raw
+                              else ActivationTable.empty())
         elif f.name == "data":
             values[f.name] = _data_from_json(raw)
         elif f.name == "loss":
@@ -311,8 +314,6 @@ class RunLogWriter:
         self.bytes_written += len(data)
 
     def _header(self) -> None:
-        from . import __version__
-
         self._write(json.dumps({
             "type": "header", "schema": SCHEMA, "gradscope": __version__,
             "time": round(time.time(), 3), "layout": self.layout.summary(),
@@ -423,7 +424,7 @@ class RunLog:
         self._replay(history, None)
         return history
 
-    def replay(self, engine: Any, capacity: int | None = None) -> History:
+    def replay(self, engine: RuleEngine, capacity: int | None = None) -> History:
         """Rebuild the History step by step, running `engine.update(history)` as the live run
         did (see RuleCadence; `every` from the logged options) and once more at the end."""
         history = History(self.layout, capacity=capacity or max(len(self.records), 1),
@@ -431,23 +432,25 @@ class RunLog:
         self._replay(history, engine)
         return history
 
-    def _replay(self, history: History, engine: Any) -> None:
-        from .rules.engine import RuleCadence
+    def _replay(self, history: History, engine: RuleEngine | None) -> None:
+        from .diagnoser import Diagnoser
 
         every = self.options.get("every")
-        cadence = RuleCadence(every if isinstance(every, int) and every > 0 else 10)
+        diagnoser = (Diagnoser(engine, history, every if isinstance(every, int) and every > 0
+                               else 10) if engine is not None else None)
+        losses_after_record = False  # as live: the rules see the last losses at close
         for entry in self._order:
+            losses_after_record = entry[0] == "loss"
             if entry[0] == "loss":
                 history.add_losses(entry[1], entry[2])
             else:
                 record = entry[1]
                 history.add_losses([record.step], [record.loss])
                 history.append(record)
-                if engine is not None and cadence.due(record):
-                    engine.update(history, cadence.unevaluated)
-                    cadence.ran()
-        if engine is not None and cadence.unevaluated:
-            engine.update(history, cadence.unevaluated)
+                if diagnoser is not None:
+                    diagnoser.feed(record)
+        if diagnoser is not None:
+            diagnoser.catch_up(new_losses=losses_after_record)
 
 
 def layout_from_summary(summary: dict[str, Any]) -> ModelLayout:

@@ -8,8 +8,7 @@ from torch import nn
 
 from gradscope.history import History, StepRecord
 from gradscope.layout import ModelLayout
-from gradscope.signals.activations import ActivationStats
-from gradscope.signals.data import DataStats
+from gradscope.records import ActivationStats, DataStats
 
 
 def deep_layout(layers: int = 4, width: int = 8) -> ModelLayout:

@@ -130,7 +130,7 @@ def test_bad_watch_options(options, word):
 def test_failure_half_way_through_watch_leaves_nothing_attached(monkeypatch):
     model, opt = _model_opt()
 
-    def broken_sinks(scope):
+    def broken_sinks(*args):
         raise gradscope.GradscopeError("log_dir is not writable; pass a writable folder.")
 
     monkeypatch.setattr(sinks, "make_sinks", broken_sinks)

@@ -16,7 +16,7 @@ from test_report_fixtures import (
 )
 
 import gradscope
-from gradscope.report.summary import emit_report, print_report
+from gradscope.report.summary import emit_report
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("GRADSCOPE_UPDATE_GOLDEN") == "1"
@@ -106,7 +106,8 @@ def test_scope_report_writes_file_and_returns_text():
     text = scope.report(file=out, width=90)
     assert out.getvalue() == text
     assert "6 steps, 3 recorded · 2 layers" in text
-    assert text == print_report(scope, file=io.StringIO(), width=90)
+    assert text == emit_report(scope.history, scope.diagnose(), file=io.StringIO(), width=90,
+                               rules_checked=len(scope.engine.rules))
 
 
 def test_report_without_any_loss_says_so():

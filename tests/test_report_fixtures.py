@@ -12,8 +12,7 @@ from torch import nn
 
 from gradscope import Cause, Diagnosis, History, StepRecord
 from gradscope.layout import ModelLayout
-from gradscope.signals.activations import ActivationStats
-from gradscope.signals.data import DataStats
+from gradscope.records import ActivationStats, DataStats
 
 BOOL_ARRAYS = {"grad_none", "not_in_optimizer", "requires_grad"}
 

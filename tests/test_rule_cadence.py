@@ -72,8 +72,23 @@ def test_every_record_is_evaluated_when_records_are_sparse():
     scope = gradscope.watch(model, opt, every=RULE_STEPS, live=False)
     calls = _counting(scope)
     _train(scope, model, opt, 3 * RULE_STEPS)
-    scope.close()
     assert calls == [(0, 1), (RULE_STEPS, 1), (2 * RULE_STEPS, 1)]
+    scope.close()
+    # close() brings the losses of the unrecorded last steps in: the rules look once more
+    assert calls[3:] == [(2 * RULE_STEPS, 1)]
+    assert scope.history.losses()[0][-1] == 3 * RULE_STEPS - 1
+
+
+def test_no_new_loss_and_no_unseen_record_runs_no_rule():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scope = gradscope.watch(model, opt, every=1, live=False)
+    calls = _counting(scope)
+    _train(scope, model, opt, RULE_STEPS)
+    scope.diagnose()
+    scope.close()
+    scope.diagnose()
+    assert calls == [(RULE_STEPS - 1, RULE_STEPS)]
 
 
 def test_first_step_is_the_same_as_with_rules_on_every_record(tmp_path):

@@ -248,3 +248,14 @@ def test_median_finite_matches_numpy_nanmedian():
                 expected = np.nanmedian(clean, axis=axis)
             np.testing.assert_allclose(median_finite(values, axis=axis), expected,
                                        equal_nan=True)
+
+
+def test_frozen_evidence_names_each_parameter_with_its_own_ratio():
+    layout = deep_layout(2)  # 0.weight, 0.bias, 1.weight, 1.bias
+    grads = np.array([0.1, 1e-9, 0.1, 0.1])  # only 0.bias is tiny next to its weight norm
+    records = [record(layout, s, grad_norm=grads, changed=np.zeros(4)) for s in range(5)]
+    [d] = [d for d in run(history(layout, records)) if d.sign == "params-frozen"]
+    assert d.evidence["tiny_grad_example"] == "0.bias" and d.evidence["tiny_grad_params"] == 1
+    assert d.evidence["tiny_grad_ratio"] == pytest.approx(1e-9)
+    [cause] = [c for c in d.causes if c.id == "vanishing-gradients"]
+    assert "'0.bias': 1.0e-09" in cause.evidence and "0.1" not in cause.evidence

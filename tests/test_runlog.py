@@ -16,9 +16,9 @@ import gradscope
 from gradscope.demo import run_demo
 from gradscope.layout import ModelLayout
 from gradscope.options import WatchOptions
+from gradscope.records import ActivationStats
 from gradscope.rules.engine import RuleEngine
 from gradscope.runlog import LOG_NAME, RunLogWriter, layout_from_summary, read_log
-from gradscope.signals.activations import ActivationStats
 
 # the log keeps each value's shortest float32 digits: one rounding to float32, and the digits
 # read back as float64 lie within half a float32 ulp of that float32 value

@@ -11,7 +11,7 @@ from models import CASES, train
 from torch.nn.modules import module as module_module
 
 import gradscope
-from gradscope import scope as scope_module
+from gradscope import recorder as recorder_module
 from gradscope.signals.activations import ActivationCollector
 from gradscope.signals.data import DataCollector
 from gradscope.signals.updates import UpdateTracker
@@ -116,8 +116,8 @@ def _boom(*args, **kwargs):
 
 @pytest.mark.parametrize("target, piece", [
     ((ActivationCollector, "_record"), "activations"),
-    ((scope_module, "put_grad_stats"), "gradients"),
-    ((scope_module, "put_stale_grad_norms"), "accumulation"),
+    ((recorder_module, "put_grad_stats"), "gradients"),
+    ((recorder_module, "put_stale_grad_norms"), "accumulation"),
     ((UpdateTracker, "after"), "updates"),
     ((DataCollector, "observe"), "data"),
 ], ids=["activations", "gradients", "accumulation", "updates", "data"])
@@ -153,7 +153,7 @@ def test_recording_switched_off_by_an_error_takes_its_hooks_off():
     def broken():
         raise RuntimeError("boom")
 
-    scope._record_step = broken
+    scope.recorder._record_step = broken
     with pytest.warns(gradscope.GradscopeWarning, match="'record'"):
         for _ in range(3):
             opt.zero_grad()
@@ -162,7 +162,7 @@ def test_recording_switched_off_by_an_error_takes_its_hooks_off():
             opt.step()
             scope.step(loss)
     assert "record" in scope.failures
-    assert not scope._activations.attached
-    assert len(scope._activations._stage) == 0
+    assert not scope.recorder.activations.attached
+    assert len(scope.recorder.activations._stage) == 0
     assert all(not m._forward_hooks for m in model.children())
     scope.close()

@@ -350,7 +350,7 @@ def test_many_calls_per_step_are_reduced_early_with_the_same_statistics(monkeypa
         loss = loss + h.pow(2).mean()
     loss.backward()
     scope.step(loss)
-    stage = scope._activations._stage
+    stage = scope.recorder.activations._stage
     scope.close()
     capture.remove()
     acts = scope.history.last.activations

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from ..diagnosis import Diagnosis
     from ..history import StepRecord
-    from ..scope import Scope
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,16 +59,17 @@ class StepLoss:
         self._requires_grad = False
 
 
-def headline(scope: Scope, record: StepRecord) -> dict[str, float]:
+def headline(record: StepRecord, diagnoses: Sequence[Diagnosis]) -> dict[str, float]:
     """A few figures worth logging per recorded step: total gradient norm, largest update
-    ratio, and the number of active warnings (and errors) diagnosed so far.
+    ratio, and the number of warnings (and errors) among `diagnoses` (pass the diagnoses as
+    of the rules' last run, `scope.diagnoser.diagnoses()`: this runs no rule).
 
     Example:
         >>> import gradscope
         >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), 0.1)
         >>> scope = gradscope.watch(model, opt, every=1)
         >>> model(torch.ones(4, 2)).sum().backward(); opt.step(); scope.step(1.0)
-        >>> figures = headline(scope, scope.history.last)
+        >>> figures = headline(scope.history.last, scope.diagnoser.diagnoses())
         >>> figures["gradscope/grad_norm_total"] > 0, figures["gradscope/warnings"]
         (True, 0.0)
     """
@@ -77,7 +78,6 @@ def headline(scope: Scope, record: StepRecord) -> dict[str, float]:
     if np.any(np.isinf(record.grad_norm)):
         total = math.inf
     ratios = record.update_ratio[np.isfinite(record.update_ratio)]
-    diagnoses = scope.diagnose()  # current counts (runs the rules on unseen records)
     return {
         "gradscope/grad_norm_total": total,
         "gradscope/update_ratio_max": float(ratios.max()) if ratios.size else math.nan,

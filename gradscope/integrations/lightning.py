@@ -106,10 +106,11 @@ class GradscopeCallback(Callback):
 
     def _log(self, trainer: Any, pl_module: Any) -> None:
         record = self.scope.history.last if self.scope is not None else None
-        if record is None:
+        if self.scope is None or record is None:
             return
         to_logger = bool(getattr(trainer, "loggers", None))
-        for name, value in headline(self.scope, record).items():
+        # counts as of the rules' last run: logging runs no rule (see RuleCadence)
+        for name, value in headline(record, self.scope.diagnoser.diagnoses()).items():
             self._once.call("logging", pl_module.log, name, value, on_step=True,
                            on_epoch=False, prog_bar=False, logger=to_logger)
 

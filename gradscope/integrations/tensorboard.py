@@ -19,6 +19,7 @@ Tags: `gradscope/loss`, `gradscope/grad_norm_total`, `gradscope/warnings`,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,8 +88,8 @@ class TensorBoardExporter:
         self._active = all_ranks or is_rank_zero()
         self._writer, self._owned = (_open_writer(writer_or_log_dir) if self._active
                                      else (None, False))
-        self._scope: Scope | None = None
         self._layout: ModelLayout | None = None
+        self._current: Callable[[], list[Diagnosis]] = list
 
     @property
     def writer(self) -> Any:
@@ -96,30 +97,25 @@ class TensorBoardExporter:
 
     def attach(self, scope: Scope) -> TensorBoardExporter:
         """Write every recorded step of `scope` from now on; return self."""
-        self._scope = scope
         self._layout = scope.layout
+        self._current = scope.diagnoser.diagnoses  # as of the rules' last run: runs none
         if self._active:
-            add = getattr(scope, "add_sink", None)
-            if add is not None:
-                add(self)
-            else:
-                scope._sinks.append(self)
+            scope.add_sink(self)
         return self
 
     # ------------------------------------------------------------------ sink protocol
-    def on_record(self, record: StepRecord, diagnoses: list[Diagnosis]) -> None:
+    def on_record(self, record: StepRecord, diagnoses: Sequence[Diagnosis]) -> None:
         """Write one recorded step (called by the Scope)."""
         if self._writer is None or self._layout is None:
             return
         self.write_record(record, self._layout)
-        # current counts: diagnose() runs the rules on records they have not seen yet
-        active = self._scope.diagnose() if self._scope is not None else list(diagnoses)
+        active = self._current()  # the counts as of the rules' last run (see RuleCadence)
         self._writer.add_scalar("gradscope/warnings",
                                 sum(d.severity in ("warning", "error") for d in active),
                                 record.step)
         self.write_diagnoses(diagnoses, record.step)
 
-    def on_diagnoses(self, step: int, diagnoses: list[Diagnosis]) -> None:
+    def on_diagnoses(self, step: int, diagnoses: Sequence[Diagnosis]) -> None:
         """Diagnoses found outside a recorded step (the rules catching up at close)."""
         if self._writer is not None:
             self.write_diagnoses(diagnoses, step)
@@ -154,7 +150,7 @@ class TensorBoardExporter:
             if stats.saturated_frac is not None:
                 w.add_scalar(f"saturated/{_tag(name)}", float(stats.saturated_frac), step)
 
-    def write_diagnoses(self, diagnoses: list[Diagnosis], step: int | None = None) -> None:
+    def write_diagnoses(self, diagnoses: Sequence[Diagnosis], step: int | None = None) -> None:
         """Write each diagnosis as text under `gradscope/diagnosis/<sign>`."""
         if self._writer is None:
             return
@@ -177,7 +173,6 @@ def export(scope: Scope, writer_or_log_dir: Any) -> TensorBoardExporter:
     exporter = TensorBoardExporter(writer_or_log_dir)
     if exporter.writer is None:
         return exporter
-    exporter._scope = scope
     for record in scope.history.records():
         exporter.write_record(record, scope.layout)
     exporter.write_diagnoses(scope.diagnose())

@@ -161,18 +161,3 @@ def emit_report(history: History, diagnoses: Sequence[Diagnosis], *, file: IO[st
     target.write(text)
     target.flush()
     return text
-
-
-def print_report(scope: Any, file: IO[str] | None = None, width: int | None = None) -> str:
-    """Print a Scope's final report and return its plain text.
-
-    Example:
-        >>> import io, torch, gradscope
-        >>> scope = gradscope.watch(torch.nn.Linear(2, 2)); scope.close()
-        >>> print_report(scope, file=io.StringIO()).splitlines()[0]
-        'gradscope report'
-    """
-    engine = getattr(scope, "engine", None)
-    rules = len(engine.rules) if engine is not None else None
-    return emit_report(scope.history, scope.diagnose(), file=file, width=width,
-                       rules_checked=rules)

@@ -6,7 +6,7 @@ from . import evidence as ev
 from .base import Finding, rule
 from .common import WARMUP, WINDOW, fmt, persistent, ranked, usable
 from .context import RuleContext
-from .loss import DATA_SCALE, HIGH_UPDATE, SATURATED
+from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
 
 
 def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
@@ -46,7 +46,7 @@ def _output_module(record) -> str | None:
         leaves = [(s.order, n) for n, s in record.activations.items() if s.leaf]
         return max(leaves)[1] if leaves else None
 
-    return record._cached("output_module", compute)
+    return record.derived("output_module", compute)
 
 
 def _model_order(ctx: RuleContext, names: list[str]) -> list[str]:

@@ -51,6 +51,14 @@ def head_too_large(ctx):
 
 scope = gradscope.watch(model, opt, rules=[*gradscope.builtin_rules(), head_too_large])
 ```
+
+A rule reads a `gradscope.RuleContext`: `ctx.records` (the recorded steps, each a
+`gradscope.StepRecord`), `ctx.last`, `ctx.losses` (every step's loss) and `ctx.layout` (a
+`gradscope.ModelLayout`: parameter and layer names). A record's per-parameter arrays follow
+`ctx.layout.params`; `record.activations` is a `gradscope.ActivationTable` (a mapping from
+module name to `gradscope.ActivationStats`, with `column(field)` for one field of every
+module) and `record.data` a `gradscope.DataStats` (or None). `record.derived(key, compute)`
+keeps a value worked out from the record so that other rules can reuse it.
 """
 
 

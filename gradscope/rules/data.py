@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import Finding, Threshold, rule
 from .common import fmt, ranked
 from .context import RuleContext
-from .loss import DATA_SCALE
+from .thresholds import DATA_SCALE
 
 EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
 

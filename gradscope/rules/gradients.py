@@ -8,7 +8,7 @@ from . import evidence as ev
 from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, persistent, ranked, usable
 from .context import RuleContext
-from .loss import HIGH_UPDATE, SATURATED
+from .thresholds import HIGH_UPDATE, SATURATED
 
 NONE_WINDOW = Threshold(3, "recorded steps a parameter must lack a gradient before it is "
                            "reported (a branch skipped once by control flow is not a bug)")
@@ -148,7 +148,7 @@ def _first_last_grad(ctx: RuleContext, record) -> tuple[float, float] | None:
         cols = np.flatnonzero(~np.isnan(grads))
         return (float(grads[cols[0]]), float(grads[cols[-1]])) if cols.size >= 2 else None
 
-    return record._cached("first_last_grad", compute)
+    return record.derived("first_last_grad", compute)
 
 
 SQUASHING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")
@@ -311,7 +311,7 @@ def _stale_total(record) -> float:
         checked = ~np.isnan(record.stale_grad)
         return float(record.stale_grad[checked].sum()) if checked.any() else float("nan")
 
-    return record._cached("stale_total", compute)
+    return record.derived("stale_total", compute)
 
 
 @rule(sign="layers-stalled", severity="warning", title="Some layers learn and others do not",
@@ -383,7 +383,7 @@ def _stall_view(ctx: RuleContext, record, stall: float):
         with np.errstate(invalid="ignore"):
             return trainable, median, ratios < stall * median
 
-    return record._cached(f"stall:{stall}", compute)
+    return record.derived(f"stall:{stall}", compute)
 
 
 def _trainable_layers(ctx: RuleContext, record) -> list[int]:

@@ -9,6 +9,7 @@ from . import evidence as ev
 from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked, usable
 from .context import RuleContext
+from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
 
 MIN_STEPS = Threshold(100, "steps before a loss can be called flat: fewer say little about a "
                            "trend when batches are small and noisy")
@@ -25,17 +26,11 @@ RECENT_STEPS = 20  # losses averaged for the recent level
 LOW_UPDATE = Threshold(
     1e-5, "update/weight ratio below which steps are too small to move the loss: two orders "
     "under the ~1e-3 of healthy training (CS231n)")
-HIGH_UPDATE = Threshold(
-    1e-2, "update/weight ratio above which steps are too large: ten times the healthy ~1e-3")
 TINY_GRAD = Threshold(
     1e-7, "total gradient L2 norm below which no layer gets a usable signal (float32 weights "
     "cannot even register steps that small at ordinary learning rates)")
 VANISHING_RATIO = 1e-3  # first/last layer gradient-norm ratio of vanishing (AUTOTRAINER)
 UNSTABLE_SPAN = 200  # recent steps the instability rule looks at
-SATURATED = Threshold(0.5, "fraction of a layer's outputs saturated/dead that blocks most of its "
-                           "gradient (the >50%-of-a-layer rule used by AUTOTRAINER)")
-DATA_SCALE = Threshold(1e3, "largest |input| considered normalised data; beyond it inputs "
-                            "saturate or blow up the first layers")
 
 
 def _rolling_mean(values: np.ndarray, width: int) -> np.ndarray:
@@ -148,6 +143,7 @@ def loss_nonfinite(ctx: RuleContext) -> Finding | None:
     before = [r for r in records if r.step < first_bad]
     around = [r for r in records if r.step >= first_bad] or records[-1:]
     scores = []
+    invalid_math_in: str | None = None  # the module that made NaN/Inf from finite inputs
     if around:
         scores.append(ev.data_nonfinite(around))
         origin = next((r for r in around if r.nonfinite_origin is not None), None)
@@ -156,6 +152,7 @@ def loss_nonfinite(ctx: RuleContext) -> Finding | None:
             kind = ctx.layout.module_types.get(module, "module")
             weights_bad = _weights_nonfinite(ctx, origin, module)
             if not weights_bad:
+                invalid_math_in = module
                 scores.append(("invalid-math", 2.0,
                                f"'{module}' ({kind}) produced NaN/Inf from finite inputs at step "
                                f"{origin.step}: look for log/sqrt/division/exp in it"))
@@ -172,7 +169,8 @@ def loss_nonfinite(ctx: RuleContext) -> Finding | None:
         scores.append(ev.lr_too_high(ctx, before[-5:], ctx.t["high_update"]))
         scores.append(ev.data_scale(before[-1:], ctx.t["data_scale"]))
     causes = ranked(scores)
-    layers = [c.evidence.split("'")[1] for c in causes[:1] if c.id == "invalid-math"]
+    layers = ([invalid_math_in] if invalid_math_in is not None and causes
+              and causes[0].id == "invalid-math" else [])
     return Finding(
         summary=f"loss is {losses[bad[0]]} from step {first_bad} "
                 f"({bad.size} of the last {len(losses)} steps)",

@@ -8,7 +8,7 @@ from . import evidence as ev
 from .base import Finding, Threshold, rule
 from .common import ranked
 from .context import RuleContext
-from .loss import HIGH_UPDATE
+from .thresholds import HIGH_UPDATE
 
 OVERFLOW_RUN = Threshold(10, "AMP overflow-skipped steps in a row tolerated: GradScaler skips a "
                              "few steps while it lowers its scale, but not for long")
@@ -74,7 +74,7 @@ def values_nonfinite(ctx: RuleContext) -> Finding | None:
 
 
 def _nonfinite(record) -> bool:
-    return record._cached("nonfinite_any", lambda: bool(
+    return record.derived("nonfinite_any", lambda: bool(
         record.nonfinite_origin is not None or record.nonfinite_grad_params
         or not record.weights_finite() or record.modules_over("nonfinite_frac", 0.0)))
 

@@ -41,6 +41,8 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
     names = ctx.param_names(idx)
     missing = idx[last.not_in_optimizer[idx]]
     scores = []
+    evidence: dict[str, object] = {"frozen_params": int(idx.size),
+                                   "not_in_optimizer": int(missing.size)}
     if missing.size:
         scores.append(("missing-from-optimizer", 2.0 * missing.size / idx.size,
                        f"{missing.size} of them are in no optimizer param group (e.g. "
@@ -48,14 +50,18 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
     in_opt = idx[~last.not_in_optimizer[idx]]
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = last.grad_norm[in_opt] / last.param_norm[in_opt]
-    tiny = in_opt[relative < ctx.t["tiny_relative_grad"]]
+    small = relative < ctx.t["tiny_relative_grad"]
+    tiny = in_opt[small]
     if tiny.size:
+        # the example is the first tiny parameter, with its own ratio
+        example, ratio = ctx.layout.params[tiny[0]].name, float(relative[small][0])
+        evidence.update(tiny_grad_params=int(tiny.size), tiny_grad_example=example,
+                        tiny_grad_ratio=ratio)
         scores.append(("vanishing-gradients", 2.0 * tiny.size / idx.size,
                        f"{tiny.size} of them get gradients below "
                        f"{fmt(ctx.t['tiny_relative_grad'])} of their weight norm (e.g. "
-                       f"'{ctx.layout.params[tiny[0]].name}': {fmt(float(relative[0]))}), so "
-                       "each update is lost to float rounding"))
-        in_opt = np.setdiff1d(in_opt, tiny)
+                       f"'{example}': {fmt(ratio)}), so each update is lost to float rounding"))
+        in_opt = in_opt[~small]
     if in_opt.size:
         lrs = [lr for lr in last.lrs if np.isfinite(lr)]
         zero_lr = any(lr == 0 for lr in lrs)
@@ -69,7 +75,7 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
         summary=(f"{idx.size} parameter(s) received gradients but did not change in {window} "
                  f"optimizer steps (e.g. '{names[0]}')"),
         causes=ranked(scores), layers=layers, first_step=tail[0].step,
-        evidence={"frozen_params": int(idx.size), "not_in_optimizer": int(missing.size)},
+        evidence=evidence,
         checks=[
             "Build the optimizer from model.parameters() after the model is complete (layers "
             "added later are not in it).",

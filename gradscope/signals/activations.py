@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ..hooks import Guard, HookSet
+from ..records import FLOAT_FIELDS, ActivationStats, ActivationTable
 from .reduce import nonfinite_count
 from .staging import (
     CENTRED,
@@ -39,88 +38,6 @@ CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 
 # Per-module accumulator columns (float64 on the host, summed over the calls of a step).
 A_SUM, A_SUMSQ, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_NONFINITE, A_DEAD = range(7)
-
-
-@dataclass(frozen=True, slots=True)
-class ActivationStats:
-    """Statistics of one module's outputs over the training forwards of one step."""
-
-    mean: float
-    std: float
-    zero_frac: float
-    nonfinite_frac: float
-    saturated_frac: float | None
-    dead_frac: float | None
-    input_nonfinite: int
-    calls: int
-    order: int
-    leaf: bool
-
-
-#: The float fields of ActivationStats, in ActivationTable's column order.
-FLOAT_FIELDS = ("mean", "std", "zero_frac", "nonfinite_frac", "saturated_frac", "dead_frac")
-
-
-class ActivationTable(Mapping[str, ActivationStats]):
-    """The ActivationStats of one step, stored as columns: a few arrays per step instead of
-    an object per module (a long history of a large model holds less memory and gives the
-    garbage collector far fewer objects to walk). Items are built when read.
-
-    Example:
-        >>> table = ActivationTable(["relu"], np.array([[0.5, 1.0, 0.4, 0.0, np.nan, 0.1]]),
-        ...                         np.array([[0, 1, 0]]), np.array([[True, False, True]]))
-        >>> table["relu"].dead_frac, table["relu"].saturated_frac
-        (0.1, None)
-    """
-
-    __slots__ = ("_flags", "_floats", "_index", "_ints", "_names")
-
-    def __init__(self, names: list[str], floats: np.ndarray, ints: np.ndarray,
-                 flags: np.ndarray, index: dict[str, int] | None = None) -> None:
-        self._names = names
-        self._index = index if index is not None else {n: i for i, n in enumerate(names)}
-        self._floats = floats  # [modules, 6] FLOAT_FIELDS (saturated/dead NaN when None)
-        self._ints = ints  # [modules, 3] input_nonfinite, calls, order
-        self._flags = flags  # [modules, 3] leaf, has a saturated fraction, has a dead one
-
-    def __getitem__(self, name: str) -> ActivationStats:
-        return self._row(self._index[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._index
-
-    def _row(self, row: int) -> ActivationStats:
-        mean, std, zero, nonfinite, saturated, dead = self._floats[row].tolist()
-        inputs, calls, order = self._ints[row].tolist()
-        leaf, has_saturated, has_dead = self._flags[row].tolist()
-        return ActivationStats(mean=mean, std=std, zero_frac=zero, nonfinite_frac=nonfinite,
-                               saturated_frac=saturated if has_saturated else None,
-                               dead_frac=dead if has_dead else None, input_nonfinite=inputs,
-                               calls=calls, order=order, leaf=leaf)
-
-    def column(self, field: str) -> np.ndarray:
-        """One float field for every module, in name order (NaN where it is None)."""
-        return self._floats[:, FLOAT_FIELDS.index(field)]
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    @property
-    def input_nonfinite(self) -> np.ndarray:
-        """NaN/Inf count of the inputs of every module, in name order."""
-        return self._ints[:, 0]
-
-    @property
-    def orders(self) -> np.ndarray:
-        """Order of first call of every module, in name order."""
-        return self._ints[:, 2]
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:

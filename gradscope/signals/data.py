@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
+from ..records import DataStats
 from .reduce import CPU_SHARED_CAST, moments, sum_and_sumsq
 from .transfer import DeviceBatch
 
 COUNT, MIN, MAX, SUM, SUMSQ, NONFINITE = range(6)
-
-
-@dataclass(frozen=True)
-class DataStats:
-    """The model input of one step (all training forwards of the step pooled)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    min: float
-    max: float
-    mean: float
-    std: float
-    nonfinite: int
-    is_float: bool
 
 
 def first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:

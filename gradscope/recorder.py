@@ -1,0 +1,418 @@
+"""StepRecorder: the hooks on a model and its optimizers, and the StepRecord of each step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import GradscopeWarning
+from .history import StepRecord
+from .hooks import Guard, HookSet
+from .layout import ModelLayout
+from .losses import LossBuffer, any_nonfinite
+from .options import WatchOptions
+from .records import ActivationTable
+from .signals.activations import ActivationCollector, _float_leaves, compiling, in_backward
+from .signals.data import DataCollector, first_tensor
+from .signals.distributed import is_sharded
+from .signals.grads import (
+    measurable,
+    put_grad_stats,
+    put_nonfinite_counts,
+    put_param_norms,
+    put_stale_grad_norms,
+)
+from .signals.transfer import DeviceBatch
+from .signals.updates import UpdateTracker
+
+#: Per-parameter fields of the step's transfer (each an array over the layout's parameters).
+PARAM_FIELDS = ("grad_norm", "grad_max", "param_norm", "update_diff", "update_base",
+                "update_bits_moved", "stale_grad", "grad_nonfinite")
+
+
+class StepRecorder:
+    """Hooks on the model and optimizers; measures the recorded steps into StepRecords.
+
+    Every `options.every`-th step (and the step after a non-finite loss) is recorded: its
+    forward, backward and optimizer step are observed and `finish_step()` returns its record
+    after one device-to-host transfer. Other steps cost nothing but their loss, which waits
+    on the device in `losses`. Each signal runs under `guard`: one failing is switched off
+    and never stops training.
+
+    Example:
+        >>> import torch
+        >>> from gradscope.history import History
+        >>> model = torch.nn.Linear(3, 1); opt = torch.optim.SGD(model.parameters(), 0.1)
+        >>> layout = ModelLayout.of(model)
+        >>> losses = LossBuffer(History(layout))
+        >>> recorder = StepRecorder(model, layout, [opt], WatchOptions(every=1), losses, Guard())
+        >>> recorder.attach()
+        >>> loss = model(torch.randn(4, 3)).pow(2).mean(); loss.backward(); opt.step()
+        >>> record = recorder.finish_step(loss.detach(), True)
+        >>> record.step, record.stepped, record.grad_norm.shape
+        (0, True, (2,))
+        >>> recorder.detach()
+    """
+
+    def __init__(self, model: nn.Module, layout: ModelLayout,
+                 optimizers: list[torch.optim.Optimizer], options: WatchOptions,
+                 losses: LossBuffer, guard: Guard) -> None:
+        self.model = model
+        self.layout = layout
+        self.optimizers = optimizers
+        self.every = options.every
+        self.losses = losses
+        self.guard = guard
+        self.closed = False
+        self.step = 0  # the step being observed: how many times finish_step() ran
+        self._hooks = HookSet()
+        self._recording_hooks = HookSet()
+        self._tensor_hooks = HookSet()
+        self._batch = DeviceBatch()
+        self._index = {id(t): i for i, t in enumerate(layout.tensors)}
+        self._updates = UpdateTracker(layout.tensors, options.update_sample)
+        self.activations = (ActivationCollector(model, guard, options.nonfinite_origin)
+                            if options.activations else None)
+        self._data = DataCollector()
+        # sharded (FSDP2) gradients are combined by a collective on recorded steps, so every
+        # rank must record the same steps: no extra recording triggered by this rank's loss
+        self._sharded = any(is_sharded(t) for t in layout.tensors)
+        self._warned_no_forward = False
+        self._force_record = False
+        self._stepped = False
+        self._prev_stepped = False
+        self.recording = False
+        self._reset_step_state()
+
+    # ----------------------------------------------------------------- attach / detach
+    def attach(self) -> None:
+        """Hook the optimizers, and the model when the first step is recorded."""
+        for opt in self.optimizers:
+            # each signal inside is guarded on its own: one failing never stops the others
+            self._hooks.add(opt.register_step_pre_hook(
+                self.guard.wrap("optimizer", self._on_optimizer_pre)))
+            self._hooks.add(opt.register_step_post_hook(
+                self.guard.wrap("optimizer", self._on_optimizer_post)))
+        self.recording = True
+        self._begin_recording()
+
+    def detach(self) -> None:
+        """Remove every hook and drop what the step held; nothing of the recorder remains."""
+        self.closed = True
+        self._hooks.remove()
+        self._detach_recording_hooks()
+        self._held_grads = {}
+        self._updates.reset()
+
+    def _begin_recording(self) -> None:
+        self.guard.call("activations", self._attach_recording_hooks)
+
+    def _attach_recording_hooks(self) -> None:
+        root = self.model
+        self._recording_hooks.add(root.register_forward_pre_hook(
+            self.guard.wrap("data", self._on_root_input), with_kwargs=True))
+        self._recording_hooks.add(root.register_forward_hook(
+            self.guard.wrap("accumulation", self._on_root_output)))
+        if self.activations is not None:
+            self.activations.attach()
+
+    def _detach_recording_hooks(self) -> None:
+        self._recording_hooks.remove()
+        self._tensor_hooks.remove()
+        if self.activations is not None:
+            self.activations.detach()
+
+    # ----------------------------------------------------------------- optimizer bookkeeping
+    def optimizer_param_ids(self) -> set[int]:
+        """ids of the parameters some optimizer holds (read per use: groups may be added)."""
+        return {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+
+    def _params_outside_optimizers(self, held: set[int]) -> list[int]:
+        """Trainable parameters in no optimizer: their change is measured over the whole step."""
+        return [i for i, p in enumerate(self.layout.tensors)
+                if p.requires_grad and id(p) not in held]
+
+    def _optimizer_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        seen: list[int] = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                i = self._index.get(id(p))
+                if i is not None and i not in self._read:
+                    seen.append(i)
+        return seen
+
+    # ----------------------------------------------------------------- hooks
+    def _training_forward(self, module: nn.Module) -> bool:
+        return (not compiling() and module.training and torch.is_grad_enabled()
+                and not in_backward())
+
+    def _on_root_input(self, module: nn.Module, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> None:
+        if self.closed or not self._training_forward(module):
+            return
+        tensor = first_tensor(args, kwargs)
+        if tensor is not None:
+            self._data.observe(tensor)
+
+    def _on_root_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        # Any forward whose output is later backpropagated counts, eval mode included
+        # (fine-tuning with dropout off); outputs that never get a backward cost nothing.
+        if self.closed or compiling() or not torch.is_grad_enabled() or in_backward():
+            return
+        # every output that needs grad: the loss may come from any of them
+        for leaf in _float_leaves(output):
+            if leaf.requires_grad:
+                self._tensor_hooks.add(
+                    leaf.register_hook(self.guard.wrap("accumulation", self._on_backward_start)))
+
+    def _on_backward_start(self, grad: torch.Tensor) -> None:
+        if self.closed:
+            return
+        task = torch._C._current_graph_task_id()  # one id per backward() call
+        if task in self._backward_tasks:
+            return
+        self._backward_tasks.add(task)
+        self._backward_count += 1
+        if self._backward_count == 1 and self._prev_stepped and not self._stale_checked:
+            self._stale_checked = True
+            # Parameters outside every optimizer are never cleared by optimizer.zero_grad()
+            # and never stepped, so leftover gradient there is harmless: check the others.
+            held = self.optimizer_param_ids()
+            indices = [i for i, p in enumerate(self.layout.tensors)
+                       if p.requires_grad and (not held or id(p) in held)]
+            put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
+
+    def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.closed or not self.recording:
+            return
+        indices = self._optimizer_indices(optimizer)
+        self.guard.call("gradients", self._read_grads, indices)
+        # gradients read earlier by read_gradients() still get their update measured
+        early = [i for g in optimizer.param_groups for p in g["params"]
+                 if (i := self._index.get(id(p))) in self._read_early]
+        self._read_early.difference_update(early)
+        indices = indices + early
+        self.guard.call("updates", self._updates.before, indices, self.step)
+        self._stepping[id(optimizer)] = indices
+        if self._orphans is None:
+            self._orphans = self._params_outside_optimizers(self.optimizer_param_ids())
+            self.guard.call("updates", self._updates.before, self._orphans, self.step)
+
+    def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.closed:
+            return
+        self._stepped = True
+        if not self.recording:
+            return
+        indices = self._stepping.pop(id(optimizer), [])
+        self.guard.call("updates", self._updates.after, indices, self._batch, self.step,
+                        self._next_is_recorded())
+
+    def _next_is_recorded(self) -> bool:
+        """Whether the next step is recorded too: then its before-step bit sums are this
+        step's after-step ones (the update tracker keeps them)."""
+        return self.will_record(self.step + 1)
+
+    def _read_grads(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        tensors = [self.layout.tensors[i] for i in indices]
+        grads = put_grad_stats(tensors, indices, self._batch)
+        put_param_norms(tensors, indices, self._batch, "param_norm")
+        for i, p, g in zip(indices, tensors, grads):
+            self._read.add(i)
+            self._grad_none[i] = p.requires_grad and g is None
+            if g is not None:
+                self._held_grads[i] = g
+
+    def read_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Read the gradients of `optimizer`'s parameters (all when None) now."""
+        if self.closed or not self.recording:
+            return
+        if optimizer is None:
+            indices = list(range(len(self.layout.params)))
+        else:
+            indices = [self._index[id(p)] for g in optimizer.param_groups for p in g["params"]
+                       if id(p) in self._index]
+        self._read_early.update(indices)
+        self.guard.call("gradients", self._read_grads, indices)
+
+    # ----------------------------------------------------------------- step lifecycle
+    def _reset_step_state(self) -> None:
+        n = len(self.layout.params)
+        self._read: set[int] = set()
+        self._read_early: set[int] = set()
+        self._held_grads: dict[int, torch.Tensor] = {}
+        self._grad_none = np.zeros(n, dtype=bool)
+        self._stepping: dict[int, list[int]] = {}
+        self._orphans: list[int] | None = None
+        self._backward_count = 0
+        self._backward_tasks: set[int] = set()
+        self._stale_checked = False
+        self._loss_requires_grad: bool | None = None
+
+    def will_record(self, step: int) -> bool:
+        """Whether `step` is to be recorded (every `every`-th, or forced by a NaN/Inf loss)."""
+        if self.guard.is_off("record"):  # switched off by an error: hooks come off too
+            return False
+        forced = self._force_record and not self._sharded
+        return forced or step % self.every == 0
+
+    def finish_step(self, loss: torch.Tensor | float | None,
+                    loss_requires_grad: bool | None = None) -> StepRecord | None:
+        """End the current step: its record if it was recorded (None otherwise, or when
+        recording failed), then get ready for the next one."""
+        if loss is not None:
+            self.losses.add(self.step, loss)
+        self._loss_requires_grad = loss_requires_grad
+        record = None
+        if self.recording and not self.guard.is_off("record"):
+            record = self.guard.call("record", self._record_step)
+            self._batch = DeviceBatch()  # nothing a failed recording queued may leak onward
+        elif self.losses.full:
+            self.guard.call("loss", self._flush_losses)
+        self._tensor_hooks.remove()  # this step's output-gradient hooks have done their job
+        self._prev_stepped = self._stepped or not self.optimizers
+        self._stepped = False
+        self._reset_step_state()
+        self.step += 1
+        was_recording = self.recording
+        self.recording = self.will_record(self.step)
+        self._force_record = False
+        if self.recording and not was_recording:
+            self._begin_recording()
+        elif was_recording and not self.recording:
+            self._detach_recording_hooks()
+        return record
+
+    def flush_losses(self) -> bool:
+        """Move the losses waiting on the device into the history now (one transfer);
+        whether there were any."""
+        return bool(self.guard.call("loss", self._flush_losses))
+
+    def _flush_losses(self) -> dict[int, float]:
+        moved = self.losses.flush()
+        if any_nonfinite(moved):
+            self._force_record = True
+        return moved
+
+    def _record_step(self) -> StepRecord:
+        n = len(self.layout.params)
+        remaining = [i for i in range(n) if i not in self._read]
+        self.guard.call("gradients", self._read_grads, remaining)
+        if self._orphans:
+            self.guard.call("updates", self._updates.after, self._orphans, self._batch,
+                            self.step, self._next_is_recorded())
+        self.losses.put(self._batch)
+        act_names: list[str] = []
+        if self.activations is not None:
+            act_names = self.guard.call("activations", self.activations.put, self._batch) or []
+        self.guard.call("data", self._data.put, self._batch)
+        self._check_forward_seen()
+        host = self._batch.fetch({name: n for name in PARAM_FIELDS})
+        losses = self.losses.take(host)
+        if any_nonfinite(losses):
+            self._force_record = True
+        record = self._build_record(host, losses.get(self.step, math.nan))
+        if act_names and self.activations is not None:
+            record.activations = (self.guard.call("activations", self.activations.results, host)
+                                  or ActivationTable.empty())
+            record.nonfinite_origin = nonfinite_origin(record.activations)
+        record.data = self.guard.call("data", self._data.result, host)
+        self.guard.call("gradients", self._count_nonfinite_grads, record)
+        self._held_grads = {}
+        return record
+
+    def _build_record(self, host: dict[str, np.ndarray], loss: float) -> StepRecord:
+        n = len(self.layout.params)
+        nan = np.full(n, np.nan)
+        update_ratio, changed = (self.guard.call("updates", self._updates.results, host, n)
+                                 or (nan.copy(), nan.copy()))
+        held = self.optimizer_param_ids()
+        not_in_optimizer = np.array(
+            [bool(self.optimizers) and p.requires_grad and id(p) not in held
+             for p in self.layout.tensors], dtype=bool)
+        lrs = [float(g["lr"]) if isinstance(g.get("lr"), (int, float)) else math.nan
+               for opt in self.optimizers for g in opt.param_groups]
+        return StepRecord(
+            step=self.step,
+            loss=loss,
+            stepped=self._stepped,
+            skipped=bool(self.optimizers) and not self._stepped,
+            lrs=lrs,
+            grad_norm=host.get("grad_norm", nan.copy()),
+            grad_max=host.get("grad_max", nan.copy()),
+            grad_nonfinite=np.zeros(n),
+            grad_none=self._grad_none.copy(),
+            param_norm=host.get("param_norm", nan.copy()),
+            update_ratio=update_ratio,
+            changed=changed,
+            stale_grad=host.get("stale_grad", nan.copy()),
+            not_in_optimizer=not_in_optimizer,
+            requires_grad=np.array([p.requires_grad for p in self.layout.tensors], dtype=bool),
+            backward_count=self._backward_count,
+            loss_requires_grad=self._loss_requires_grad,
+        )
+
+    def _count_nonfinite_grads(self, record: StepRecord) -> None:
+        bad = np.flatnonzero(np.isinf(record.grad_norm)).tolist()
+        # a held gradient that went into the norm kernels but came back NaN holds NaN itself
+        bad += [i for i in np.flatnonzero(np.isnan(record.grad_norm)).tolist()
+                if i in self._held_grads and measurable(self._held_grads[i])]
+        if not bad:
+            return
+        # NaN in grad_norm means "no gradient"; a gradient holding NaN is stored as inf.
+        record.grad_norm[bad] = np.inf
+        record.grad_max[bad] = np.inf
+        put_nonfinite_counts([self._held_grads.get(i) for i in bad], bad, self._batch)
+        counts = self._batch.fetch({"grad_nonfinite": len(record.grad_norm)})
+        record.grad_nonfinite = np.nan_to_num(counts.get("grad_nonfinite",
+                                                         record.grad_nonfinite), nan=0.0)
+        names = self.layout.param_names
+        record.nonfinite_grad_params = [names[i] for i in sorted(bad, reverse=True)
+                                        if record.grad_nonfinite[i] > 0]
+
+    def _check_forward_seen(self) -> None:
+        """Warn once when gradients were computed but no leaf module's forward hook ran."""
+        if self.activations is None:
+            return
+        calls, self.activations.hook_calls = self.activations.hook_calls, 0
+        if (self._warned_no_forward or calls or not self._held_grads
+                or self.guard.is_off("activations")):
+            return
+        self._warned_no_forward = True
+        warnings.warn(
+            "gradscope: gradients were computed but no forward of the model reached gradscope's "
+            "module hooks, so activation statistics (dead/saturated units, NaN origin) are not "
+            "recorded; this happens under torch.compile, whose compiled code runs no Python "
+            "hooks. Gradients, updates and the loss are still measured. For activation "
+            "statistics run a few steps without torch.compile; to keep input statistics, watch "
+            "the compiled module: gradscope.watch(torch.compile(model), optimizer).",
+            GradscopeWarning,
+            stacklevel=7,  # the user's scope.step() call
+        )
+
+
+def nonfinite_origin(activations: ActivationTable) -> str | None:
+    """The first module (in completion order) whose output went non-finite from finite inputs.
+
+    A container is a candidate only when none of its submodules is one (its NaN came from
+    its own code, not from a child), so the innermost origin wins whatever the hook order.
+
+    Example:
+        >>> nonfinite_origin(ActivationTable.empty()) is None
+        True
+    """
+    hit = np.flatnonzero((activations.column("nonfinite_frac") > 0)
+                         & (activations.input_nonfinite == 0)).tolist()
+    names = activations.names
+    found = {names[i]: int(activations.orders[i]) for i in hit}
+    inner = [(order, name) for name, order in found.items()
+             if not any(other != name and (name == "" or other.startswith(name + "."))
+                        for other in found)]
+    return min(inner)[1] if inner else None

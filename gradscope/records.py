@@ -1,0 +1,281 @@
+"""The record schema: what one recorded step holds, live and read back from a run log alike.
+
+StepRecord holds per-parameter arrays (in the order of ModelLayout.params), the step's
+activation statistics as an ActivationTable (one row per module) and the input's DataStats.
+The collectors in gradscope.signals fill them; history, rules, reporters and the run log
+read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .layout import ModelLayout
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationStats:
+    """Statistics of one module's outputs over the training forwards of one step."""
+
+    mean: float
+    std: float
+    zero_frac: float
+    nonfinite_frac: float
+    saturated_frac: float | None
+    dead_frac: float | None
+    input_nonfinite: int
+    calls: int
+    order: int
+    leaf: bool
+
+
+#: The float fields of ActivationStats, in ActivationTable's column order.
+FLOAT_FIELDS = ("mean", "std", "zero_frac", "nonfinite_frac", "saturated_frac", "dead_frac")
+
+
+class ActivationTable(Mapping[str, ActivationStats]):
+    """The ActivationStats of one step, stored as columns: a few arrays per step instead of
+    an object per module (a long history of a large model holds less memory and gives the
+    garbage collector far fewer objects to walk). Items are built when read.
+
+    Example:
+        >>> table = ActivationTable(["relu"], np.array([[0.5, 1.0, 0.4, 0.0, np.nan, 0.1]]),
+        ...                         np.array([[0, 1, 0]]), np.array([[True, False, True]]))
+        >>> table["relu"].dead_frac, table["relu"].saturated_frac
+        (0.1, None)
+    """
+
+    __slots__ = ("_flags", "_floats", "_index", "_ints", "_names")
+
+    def __init__(self, names: list[str], floats: np.ndarray, ints: np.ndarray,
+                 flags: np.ndarray, index: dict[str, int] | None = None) -> None:
+        self._names = names
+        self._index = index if index is not None else {n: i for i, n in enumerate(names)}
+        self._floats = floats  # [modules, 6] FLOAT_FIELDS (saturated/dead NaN when None)
+        self._ints = ints  # [modules, 3] input_nonfinite, calls, order
+        self._flags = flags  # [modules, 3] leaf, has a saturated fraction, has a dead one
+
+    def __getitem__(self, name: str) -> ActivationStats:
+        return self._row(self._index[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def _row(self, row: int) -> ActivationStats:
+        mean, std, zero, nonfinite, saturated, dead = self._floats[row].tolist()
+        inputs, calls, order = self._ints[row].tolist()
+        leaf, has_saturated, has_dead = self._flags[row].tolist()
+        return ActivationStats(mean=mean, std=std, zero_frac=zero, nonfinite_frac=nonfinite,
+                               saturated_frac=saturated if has_saturated else None,
+                               dead_frac=dead if has_dead else None, input_nonfinite=inputs,
+                               calls=calls, order=order, leaf=leaf)
+
+    @classmethod
+    def of(cls, stats: Mapping[str, ActivationStats]) -> ActivationTable:
+        """The table of `stats` (a table is returned as it is).
+
+        Example:
+            >>> s = ActivationStats(0.0, 1.0, 0.5, 0.0, None, 0.25, 0, 1, 0, True)
+            >>> ActivationTable.of({"relu": s})["relu"] == s
+            True
+        """
+        if isinstance(stats, ActivationTable):
+            return stats
+        names = list(stats)
+        floats = np.array([[_or_nan(getattr(s, f)) for f in FLOAT_FIELDS]
+                           for s in stats.values()], dtype=np.float64).reshape(-1, 6)
+        ints = np.array([[s.input_nonfinite, s.calls, s.order] for s in stats.values()],
+                        dtype=np.int64).reshape(-1, 3)
+        flags = np.array([[s.leaf, s.saturated_frac is not None, s.dead_frac is not None]
+                          for s in stats.values()], dtype=bool).reshape(-1, 3)
+        return cls(names, floats, ints, flags)
+
+    @classmethod
+    def empty(cls) -> ActivationTable:
+        """A table of no module (a step with no activation statistics)."""
+        return cls([], np.zeros((0, 6)), np.zeros((0, 3), dtype=np.int64),
+                   np.zeros((0, 3), dtype=bool))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def column(self, field: str) -> np.ndarray:
+        """One float field for every module, in name order (NaN where it is None)."""
+        return self._floats[:, FLOAT_FIELDS.index(field)]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def input_nonfinite(self) -> np.ndarray:
+        """NaN/Inf count of the inputs of every module, in name order."""
+        return self._ints[:, 0]
+
+    @property
+    def orders(self) -> np.ndarray:
+        """Order of first call of every module, in name order."""
+        return self._ints[:, 2]
+
+
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """The model input of one step (all training forwards of the step pooled)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    min: float
+    max: float
+    mean: float
+    std: float
+    nonfinite: int
+    is_float: bool
+
+
+@dataclass
+class StepRecord:
+    """All signals of one recorded step. Per-parameter arrays follow `History.layout.params`.
+
+    NaN in a per-parameter array means "not measured at this step" (e.g. no gradient).
+    """
+
+    step: int
+    loss: float
+    stepped: bool
+    skipped: bool
+    lrs: list[float]
+    grad_norm: np.ndarray
+    grad_max: np.ndarray
+    grad_nonfinite: np.ndarray
+    grad_none: np.ndarray
+    param_norm: np.ndarray
+    update_ratio: np.ndarray
+    changed: np.ndarray
+    stale_grad: np.ndarray
+    not_in_optimizer: np.ndarray
+    requires_grad: np.ndarray
+    backward_count: int
+    loss_requires_grad: bool | None
+    activations: ActivationTable = field(default_factory=ActivationTable.empty)
+    data: DataStats | None = None
+    nonfinite_origin: str | None = None
+    nonfinite_grad_params: list[str] = field(default_factory=list)
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # one representation: statistics given as {module: ActivationStats} become a table
+        if not isinstance(self.activations, ActivationTable):
+            self.activations = ActivationTable.of(self.activations)
+
+    @property
+    def overflow(self) -> bool:
+        """An optimizer step skipped because gradients were non-finite (AMP loss scaling)."""
+        return self.skipped and self.derived(
+            "any_nonfinite_grad", lambda: bool(np.any(self.grad_nonfinite > 0)))
+
+    def layer_grad_norm(self, layout: ModelLayout) -> np.ndarray:
+        """Gradient L2 norm per layer (module owning the parameters), in model order."""
+        return self.derived("layer_grad", lambda: _per_layer(layout, self.grad_norm))
+
+    def layer_param_norm(self, layout: ModelLayout) -> np.ndarray:
+        return self.derived("layer_param", lambda: _per_layer(layout, self.param_norm))
+
+    def layer_update_ratio(self, layout: ModelLayout) -> np.ndarray:
+        """Update/weight ratio per layer: ||dW|| / ||W|| over all of the layer's parameters,
+        each parameter's sampled ratio weighted by its norm (so a small bias that moves a lot
+        does not stand for the whole layer). NaN where nothing was measured.
+        """
+
+        def compute() -> np.ndarray:
+            owners = layout.owners
+            ok = np.isfinite(self.update_ratio) & np.isfinite(self.param_norm)
+            moved = np.bincount(owners[ok], weights=(self.update_ratio[ok]
+                                                     * self.param_norm[ok]) ** 2,
+                                minlength=len(layout.layers))
+            weight = np.bincount(owners[ok], weights=self.param_norm[ok] ** 2,
+                                 minlength=len(layout.layers))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(weight > 0, np.sqrt(moved / weight), np.nan)
+
+        return self.derived("layer_update", compute)
+
+    def total_grad_norm(self) -> float:
+        """Global gradient L2 norm (inf if any gradient held NaN/Inf; NaN if none measured)."""
+
+        def compute() -> float:
+            measured = ~np.isnan(self.grad_norm)
+            if not measured.any():
+                return float("nan")
+            return float(np.sqrt(np.sum(self.grad_norm[measured] ** 2)))
+
+        return self.derived("total_grad", compute)
+
+    def weights_finite(self) -> bool:
+        """True when every measured parameter norm is finite."""
+        return self.derived("weights_finite", lambda: bool(
+            np.all(np.isfinite(self.param_norm[~np.isnan(self.param_norm)]))))
+
+    def modules_over(self, field: str, limit: float) -> dict[str, float]:
+        """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
+
+        positive = self.derived("positive", self._positive_activations)[field]
+        if limit <= 0:
+            return positive
+        return self.derived(f"over:{field}:{limit}", lambda: {
+            name: value for name, value in positive.items() if value > limit})
+
+    def _positive_activations(self) -> dict[str, dict[str, float]]:
+        """Modules with a non-zero dead, saturated or non-finite fraction (one pass)."""
+        table = self.activations
+        names = table.names
+        found = {}
+        for name in ("dead_frac", "saturated_frac", "nonfinite_frac"):
+            column = table.column(name)
+            hits = np.flatnonzero(np.nan_to_num(column) != 0).tolist()
+            found[name] = {names[i]: float(column[i]) for i in hits}
+        return found
+
+    def derived(self, key: str, compute: Callable[[], T]) -> T:
+        """`compute()`, worked out once per record and kept under `key` (records are not
+        changed once stored): for views that rules and reporters share.
+
+        Example:
+            >>> r = StepRecord(0, 1.0, True, False, [], *[np.ones(1)] * 9, np.ones(1, bool),
+            ...                1, True)
+            >>> r.derived("twice", lambda: 2 * r.loss)
+            2.0
+        """
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]  # type: ignore[no-any-return]
+
+
+def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:
+    """Combine per-parameter L2 norms into per-layer L2 norms (NaN when none was measured)."""
+    owners = layout.owners
+    measured = ~np.isnan(per_param)
+    squares = np.bincount(owners[measured], weights=per_param[measured] ** 2,
+                          minlength=len(layout.layers))
+    counts = np.bincount(owners[measured], minlength=len(layout.layers))
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, np.sqrt(squares), np.nan)
