@@ -14,6 +14,7 @@ from rich.text import Text
 
 from ..diagnosis import Diagnosis
 from ..history import History
+from .display import Report, show_report
 from .views import fmt, fold_list, loss_summary, severity_sorted, total_steps
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold cyan"}
@@ -149,15 +150,23 @@ def render_text(renderable: RenderableType, width: int = DEFAULT_WIDTH) -> str:
 
 def emit_report(history: History, diagnoses: Sequence[Diagnosis], *, file: IO[str] | None = None,
                 width: int | None = None, rules_checked: int | None = None,
-                notes: Sequence[str] = ()) -> str:
-    """Print the report (colour on a terminal, plain text to a file or pipe); return its text."""
+                notes: Sequence[str] = ()) -> Report:
+    """Print the report (colour on a terminal, once in a notebook, plain text to a file or
+    pipe) and return its plain text as a `Report` (a `str` that does not echo it again)."""
     renderable = report_renderable(history, diagnoses, rules_checked=rules_checked, notes=notes)
     target = file if file is not None else sys.stdout
     console = Console(file=target, width=width, highlight=False, emoji=False)
-    if file is None and (console.is_terminal or console.is_jupyter):
+    if file is None and console.is_jupyter:
+        return show_report(renderable, width or DEFAULT_WIDTH)
+    if file is None and console.is_terminal:
         console.print(renderable)
-        return render_text(renderable, width or console.width)
-    text = render_text(renderable, width or DEFAULT_WIDTH)
-    target.write(text)
-    target.flush()
-    return text
+        report = Report(render_text(renderable, width or console.width), renderable,
+                        width or console.width)
+    else:
+        report = Report(render_text(renderable, width or DEFAULT_WIDTH), renderable,
+                        width or DEFAULT_WIDTH)
+        target.write(report)
+        target.flush()
+    report._mark_shown()
+    return report
+
