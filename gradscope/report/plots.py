@@ -491,11 +491,17 @@ def build_figure(history: History, diagnoses: Sequence[Diagnosis], step: int | N
     return fig
 
 
-def _check_args(path: str | Path | None, step: int | None) -> None:
-    if path is not None and Path(path).suffix.lower() not in FORMATS:
+def check_plot_path(path: str | Path) -> Path:
+    """`path` as a Path, or a GradscopeError saying which file names can be written."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
         raise GradscopeError(
-            f"cannot save a plot as {Path(path).name!r}; use a file name ending in "
+            f"cannot save a plot as {path.name!r}; use a file name ending in "
             f"{', '.join(FORMATS)}.")
+    return path
+
+
+def _check_step(step: int | None) -> None:
     if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
         raise GradscopeError(f"step={step!r} must be an integer training step.")
 
@@ -513,8 +519,9 @@ def save_plot(history: History, diagnoses: Sequence[Diagnosis], path: str | Path
         >>> save_plot(h, [], tempfile.mkdtemp() + "/grads.svg").suffix
         '.svg'
     """
-    _check_args(path, step)
-    return _save(build_figure(history, diagnoses, step), Path(path), dpi)
+    path = check_plot_path(path)
+    _check_step(step)
+    return _save(build_figure(history, diagnoses, step), path, dpi)
 
 
 def _save(fig: Figure, path: Path, dpi: int) -> Path:
@@ -523,10 +530,31 @@ def _save(fig: Figure, path: Path, dpi: int) -> Path:
     return path
 
 
+def present_figure(fig: ScopeFigure, path: str | Path | None = None, dpi: int = 110
+                   ) -> SavedPlot | ScopeFigure:
+    """Save `fig` to `path` when given, show it inline when a notebook is running (once: the
+    value returned does not display it again in that cell), and return the path (a `Path`),
+    or the figure when no path is given. Every `plot()` method ends here.
+
+    Example:
+        >>> import tempfile
+        >>> fig = ScopeFigure(figsize=(2, 2))
+        >>> present_figure(fig) is fig, present_figure(fig, tempfile.mkdtemp() + "/f.pdf").name
+        (True, 'f.pdf')
+    """
+    saved = None if path is None else SavedPlot(_save(fig, check_plot_path(path), dpi))
+    if in_notebook():
+        png = saved.read_bytes() if saved is not None and saved.suffix.lower() == ".png" else None
+        show_figure(fig, png)
+        if saved is not None:
+            saved._mark_shown()
+    return fig if saved is None else saved
+
+
 def plot(history: History, diagnoses: Sequence[Diagnosis], path: str | Path | None = None,
          step: int | None = None, dpi: int = 110) -> SavedPlot | ScopeFigure:
-    """What `Scope.plot` does: save the figure to `path` when given, show it inline when a
-    notebook is running, and return the path (a `Path`), or the figure when no path is given.
+    """What `Scope.plot` does: build the figure, then `present_figure` (save when `path` is
+    given, show inline in a notebook; return the path, or the figure without a path).
 
     Example:
         >>> import torch
@@ -535,12 +563,7 @@ def plot(history: History, diagnoses: Sequence[Diagnosis], path: str | Path | No
         >>> len(fig.axes)
         5
     """
-    _check_args(path, step)
-    fig = build_figure(history, diagnoses, step)
-    saved = None if path is None else SavedPlot(_save(fig, Path(path), dpi))
-    if in_notebook():
-        png = saved.read_bytes() if saved is not None and saved.suffix.lower() == ".png" else None
-        show_figure(fig, png)
-        if saved is not None:
-            saved._mark_shown()
-    return fig if saved is None else saved
+    if path is not None:
+        check_plot_path(path)
+    _check_step(step)
+    return present_figure(build_figure(history, diagnoses, step), path, dpi)
