@@ -41,6 +41,15 @@ EXTRA_CELLS = [
     "import io\nbuffer = io.StringIO()\nscope.report(file=buffer);",
     "import pathlib\n"
     "print(buffer.getvalue() == str(text), isinstance(scope.plot('grads.svg'), pathlib.Path))",
+    # watch in one cell, train in the next, close in a third: the panel stays in the loop's cell
+    "again = gradscope.watch(model, optimizer, every=1, live='auto')",
+    "for _ in range(30):\n"
+    "    optimizer.zero_grad()\n"
+    "    loss = loss_fn(model(inputs[:64]), targets[:64])\n"
+    "    loss.backward()\n"
+    "    optimizer.step()\n"
+    "    again.step(loss)",
+    "again.close()",
 ]
 
 
@@ -181,4 +190,7 @@ def test_returned_values_show_once_per_cell_and_keep_the_text(executed):
     assert kinds[5] == ["display_data:image/png", "stream:stdout"]  # plot(path) mid-cell
     assert cells[5].outputs[1].text == "True True\n"
     assert (tmp_path / "grads.svg").stat().st_size > 10_000
+    assert kinds[6:9] == [[], ["display_data:text/html"], []]
+    final = cells[7].outputs[0].data["text/plain"]          # updated by close() in cell 9
+    assert final.startswith("╭─ gradscope · recorded 30") and re.search(r"step 29\s", final)
 

@@ -183,6 +183,37 @@ def test_jupyter_redraws_one_output_area_in_place_and_ends_on_the_final_panel(mo
     assert view.console.file.getvalue() == ""  # nothing printed beside the output area
 
 
+def test_jupyter_panel_opens_anew_in_the_next_training_cell_and_closes_in_place(monkeypatch):
+    calls = []
+
+    class Handle:
+        def __init__(self, n):
+            self.n = n
+
+        def update(self, bundle, raw):
+            calls.append(("update", self.n))
+
+    def display(bundle, raw, display_id=False):
+        calls.append(("display", len(calls)))
+        return Handle(len(calls) - 1)
+
+    cell = [5]
+    monkeypatch.setattr("IPython.display.display", display)
+    monkeypatch.setattr("gradscope.report.display.current_cell", lambda: cell[0])
+    history = small_history()
+    view = LiveView(history, small_diagnoses, refresh_per_second=1000,
+                    console=Console(file=io.StringIO(), force_jupyter=True))
+    view.on_record(history.last, [])
+    view._last = -1e9
+    view.on_record(history.last, [])
+    cell[0] = 6  # the training loop's cell run again: its old outputs are gone
+    view._last = -1e9
+    view.on_record(history.last, [])
+    cell[0] = 7  # scope.close() in a later cell: the final panel replaces the last one
+    view.on_close()
+    assert calls == [("display", 0), ("update", 0), ("display", 2), ("update", 2)]
+
+
 def test_a_failing_render_gives_the_terminal_back():
     history = small_history()
     calls = []

@@ -177,20 +177,26 @@ def show_figure(fig: Figure, png: bytes | None = None) -> None:
 
 
 class OutputArea:
-    """One output area of the running cell, redrawn in place (IPython's display ids).
+    """One output area of the running cell, redrawn in place (Jupyter display ids).
 
-    The first `show()` displays; later ones replace that display, wherever the cell is, so a
-    notebook holds one panel however often it is redrawn. No ipywidgets needed.
+    The first `show()` displays; later ones replace that display, so a notebook holds one
+    panel however often it is redrawn. When training goes on in another cell (a loop cell run
+    again, whose old outputs the notebook cleared), the panel opens anew in that cell; `last=
+    True` (the final redraw, maybe from a later cell) updates the panel where it is. No
+    ipywidgets needed.
     """
 
     def __init__(self) -> None:
         self._handle: Any = None
+        self._cell: int | None = None
         self.updates = 0
 
-    def show(self, renderable: RenderableType, width: int) -> None:
+    def show(self, renderable: RenderableType, width: int, *, last: bool = False) -> None:
         bundle = rich_bundle(renderable, width)
-        if self._handle is None:
+        cell = current_cell()
+        if self._handle is None or (not last and cell != self._cell):
             self._handle = _display(bundle, display_id=True)
+            self._cell = cell
         else:
             self._handle.update(bundle, raw=True)
             self.updates += 1

@@ -241,13 +241,13 @@ class LiveView:
             self._seen.add(key)
             self.console.out(finding_line(d, step, new), highlight=False)
 
-    def _render(self) -> None:
+    def _render(self, last: bool = False) -> None:
         renderable = panel(self.history, self._diagnoses(), max_rows=self.max_rows,
                            width=self._width())
         if self.mode == "notebook":
             if self._area is None:
                 self._area = OutputArea()
-            self._area.show(renderable, self._width())
+            self._area.show(renderable, self._width(), last=last)
         elif self._live is None:
             self._live = Live(renderable, console=self.console, auto_refresh=False,
                               transient=False, redirect_stdout=True, redirect_stderr=True)
@@ -264,7 +264,7 @@ class LiveView:
             return
         try:
             if self._dirty or self._live is not None or self._area is not None:
-                self._render()
+                self._render(last=True)
         finally:
             if self._live is not None:
                 self._live.stop()
