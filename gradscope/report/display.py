@@ -66,14 +66,14 @@ def rich_bundle(renderable: RenderableType, width: int) -> dict[str, str]:
         >>> sorted(rich_bundle("hello", 40))
         ['text/html', 'text/plain']
     """
-    from .summary import render_text
-
     console = Console(file=io.StringIO(), width=width, record=True, force_terminal=True,
                       force_jupyter=False, color_system="truecolor", legacy_windows=False,
                       soft_wrap=False, emoji=False, highlight=False)
-    console.print(renderable)
+    console.print(renderable)  # rendered once; both exports read the recording
+    text = console.export_text(clear=False, styles=False)
     html = console.export_html(inline_styles=True, code_format=PRE_FORMAT)
-    return {"text/plain": render_text(renderable, width).rstrip("\n"), "text/html": html}
+    return {"text/plain": "\n".join(line.rstrip() for line in text.splitlines()),
+            "text/html": html}
 
 
 def figure_bundle(fig: Figure, png: bytes | None = None) -> dict[str, str]:
