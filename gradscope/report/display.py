@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +41,8 @@ def in_notebook() -> bool:
 
 
 def _shell() -> Any:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    return get_ipython()
+    ipython = sys.modules.get("IPython")  # under IPython it is imported; never import it here
+    return None if ipython is None else ipython.get_ipython()
 
 
 def current_cell() -> int | None:
@@ -148,8 +146,9 @@ class Report(ShownOnce, str):
 
 def show_report(renderable: RenderableType, width: int) -> Report:
     """Display a report in the running notebook now; return its text, which will not echo."""
-    report = Report(rich_bundle(renderable, width)["text/plain"] + "\n", renderable, width)
-    _display(report._bundle())
+    bundle = rich_bundle(renderable, width)
+    report = Report(bundle["text/plain"] + "\n", renderable, width)
+    _display(bundle)
     report._mark_shown()
     return report
 
