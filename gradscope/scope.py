@@ -255,8 +255,11 @@ class Scope:
         return self.diagnoser.diagnoses()
 
     def report(self, file: IO[str] | None = None, width: int | None = None) -> str:
-        """Print the report of every step so far (rich on a terminal, plain text to `file`);
-        return its text.
+        """Print the report of every step so far and return its plain text.
+
+        On a terminal it is printed in colour, in Jupyter displayed once (the returned text
+        does not echo it again), to `file` (or a pipe) written as plain text. The returned
+        value is a `str` subclass: `str()`, `print()`, comparisons and writes see the text.
 
         Example:
             >>> import io, torch, gradscope
@@ -273,11 +276,14 @@ class Scope:
         return emit_report(self.history, self.diagnose(), file=file, width=width,
                            rules_checked=len(self.engine.rules))
 
-    def plot(self, path: str | Path, step: int | None = None) -> Path:
-        """Save the gradient-norm figure to `path` (.png, .svg or .pdf) and return the path."""
-        from .report.plots import save_plot
+    def plot(self, path: str | Path | None = None, step: int | None = None) -> Any:
+        """Draw the gradient-norm figure: save it to `path` (.png, .svg or .pdf) and return the
+        path, or return the matplotlib figure when no path is given. In Jupyter the figure is
+        shown inline either way (once per call).
+        """
+        from .report.plots import plot
 
-        return save_plot(self.history, self.diagnose(), path, step=step)
+        return plot(self.history, self.diagnose(), path, step=step)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

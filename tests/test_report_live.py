@@ -155,17 +155,63 @@ def test_live_auto_off_a_terminal_prints_nothing(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_jupyter_without_widgets_prints_lines_then_one_panel(recwarn, monkeypatch):
-    shown = []
-    monkeypatch.setattr("rich.jupyter.display", lambda segments, text: shown.append(text))
+def test_jupyter_redraws_one_output_area_in_place_and_ends_on_the_final_panel(monkeypatch):
+    calls = []
+
+    class Handle:
+        def update(self, bundle, raw):
+            calls.append(("update", bundle["text/plain"]))
+
+    def display(bundle, raw, display_id=False):
+        assert raw and display_id
+        calls.append(("display", bundle["text/plain"]))
+        return Handle()
+
+    monkeypatch.setattr("IPython.display.display", display)
+    clock = [0.0]
     history = small_history()
-    view = LiveView(history, small_diagnoses, console=Console(force_jupyter=True, width=100))
-    view.on_record(history.last, small_diagnoses()[:1])
+    view = LiveView(history, small_diagnoses, refresh_per_second=2, clock=lambda: clock[0],
+                    console=Console(file=io.StringIO(), force_jupyter=True, width=115))
+    assert view.mode == "notebook"
+    for t in (0.0, 0.1, 0.2, 0.6, 0.7):  # a 0.5 s cap: renders at 0.0 and 0.6 only
+        clock[0] = t
+        view.on_record(history.last, [])
     view.on_close()
-    text = "".join(shown)
-    assert "gradscope step 35: WARNING units-dead" in text
-    assert text.count("╭─ ") == 1 and "embed" in text
-    assert not [w for w in recwarn if "ipywidgets" in str(w.message)]
+    assert [kind for kind, _ in calls] == ["display", "update", "update"]
+    final = calls[-1][1]
+    assert final.count("╭─ gradscope") == 1 and "step 39" in final and "units-dead" in final
+    assert view.console.file.getvalue() == ""  # nothing printed beside the output area
+
+
+def test_jupyter_panel_opens_anew_in_the_next_training_cell_and_closes_in_place(monkeypatch):
+    calls = []
+
+    class Handle:
+        def __init__(self, n):
+            self.n = n
+
+        def update(self, bundle, raw):
+            calls.append(("update", self.n))
+
+    def display(bundle, raw, display_id=False):
+        calls.append(("display", len(calls)))
+        return Handle(len(calls) - 1)
+
+    cell = [5]
+    monkeypatch.setattr("IPython.display.display", display)
+    monkeypatch.setattr("gradscope.report.display.current_cell", lambda: cell[0])
+    history = small_history()
+    view = LiveView(history, small_diagnoses, refresh_per_second=1000,
+                    console=Console(file=io.StringIO(), force_jupyter=True))
+    view.on_record(history.last, [])
+    view._last = -1e9
+    view.on_record(history.last, [])
+    cell[0] = 6  # the training loop's cell run again: its old outputs are gone
+    view._last = -1e9
+    view.on_record(history.last, [])
+    cell[0] = 7  # scope.close() in a later cell: the final panel replaces the last one
+    view.on_close()
+    assert calls == [("display", 0), ("update", 0), ("display", 2), ("update", 2)]
 
 
 def test_a_failing_render_gives_the_terminal_back():

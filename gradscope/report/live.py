@@ -1,7 +1,9 @@
-"""The live view: a compact panel on a terminal (or in Jupyter), one line per finding elsewhere.
+"""The live view: a compact panel on a terminal or in Jupyter, one line per finding elsewhere.
 
 It renders only when a step is recorded and at most `refresh_per_second` times a second,
-on the training thread (no background thread), so training is not slowed down.
+on the training thread (no background thread), so training is not slowed down. On a terminal
+rich's `Live` redraws the panel; in Jupyter one output area of the cell is replaced in place
+(IPython display updates, no ipywidgets needed), and the last panel stays there.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from importlib.util import find_spec
 from typing import IO, Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from rich.text import Text
 
 from ..diagnosis import Diagnosis
 from ..history import History, StepRecord
+from .display import OutputArea
 from .summary import SEVERITY_STYLE
 from .views import (
     UPDATE_RATIO_REFERENCE,
@@ -163,6 +165,9 @@ def finding_line(d: Diagnosis, step: int, new: bool) -> str:
 class LiveView:
     """The live sink: a refreshing panel on a terminal or in Jupyter, plain lines otherwise.
 
+    `mode` is "panel" (rich Live on a terminal), "notebook" (one output area redrawn in place)
+    or "lines" (one plain line per new or changed finding).
+
     Example:
         >>> import io, torch
         >>> from gradscope.layout import ModelLayout
@@ -181,12 +186,11 @@ class LiveView:
         self.console = console or Console(highlight=False, emoji=False)
         if panel_mode is None:
             panel_mode = self.console.is_terminal or self.console.is_jupyter
-        # rich refreshes a panel in Jupyter through ipywidgets; without them, print plain lines
-        # while training and the panel once at the end
-        self._panel_at_close = False
-        if panel_mode and self.console.is_jupyter and find_spec("ipywidgets") is None:
-            panel_mode, self._panel_at_close = False, True
-        self.mode = "panel" if panel_mode else "lines"
+        if not panel_mode:
+            self.mode = "lines"
+        else:
+            self.mode = "notebook" if self.console.is_jupyter else "panel"
+        self._area: OutputArea | None = None
         self.interval = 1.0 / refresh_per_second
         self._clock = clock
         self._last = -math.inf
@@ -237,10 +241,14 @@ class LiveView:
             self._seen.add(key)
             self.console.out(finding_line(d, step, new), highlight=False)
 
-    def _render(self) -> None:
+    def _render(self, last: bool = False) -> None:
         renderable = panel(self.history, self._diagnoses(), max_rows=self.max_rows,
                            width=self._width())
-        if self._live is None:
+        if self.mode == "notebook":
+            if self._area is None:
+                self._area = OutputArea()
+            self._area.show(renderable, self._width(), last=last)
+        elif self._live is None:
             self._live = Live(renderable, console=self.console, auto_refresh=False,
                               transient=False, redirect_stdout=True, redirect_stderr=True)
             self._live.start(refresh=True)
@@ -253,13 +261,10 @@ class LiveView:
 
     def on_close(self) -> None:
         if self.mode == "lines":
-            if self._panel_at_close:
-                self.console.print(panel(self.history, self._diagnoses(),
-                                         max_rows=self.max_rows, width=self._width()))
             return
         try:
-            if self._dirty or self._live is not None:
-                self._render()
+            if self._dirty or self._live is not None or self._area is not None:
+                self._render(last=True)
         finally:
             if self._live is not None:
                 self._live.stop()

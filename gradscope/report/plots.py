@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from ..diagnosis import Diagnosis
 from ..errors import GradscopeError
 from ..history import History, StepRecord
+from .display import SavedPlot, ShownOnce, figure_bundle, in_notebook, show_figure
 from .views import (
     UPDATE_RATIO_BAND,
     UPDATE_RATIO_REFERENCE,
@@ -410,8 +412,19 @@ def _tick_inches(chars: int, count: int) -> float:
     return 0.08 + 0.062 * chars
 
 
+class ScopeFigure(ShownOnce, Figure):
+    """The gradscope figure: a matplotlib `Figure` drawn with Agg, not managed by pyplot.
+
+    Save it with `fig.savefig(path)`; in Jupyter a cell ending in it shows it inline (but not
+    a second time in the cell where `scope.plot()` displayed it already).
+    """
+
+    def _bundle(self) -> dict[str, Any]:
+        return figure_bundle(self)
+
+
 def build_figure(history: History, diagnoses: Sequence[Diagnosis], step: int | None = None
-                 ) -> Figure:
+                 ) -> ScopeFigure:
     """The five-panel figure (loss, norms over time, flow, update ratio, dead/saturated).
 
     Panels are placed at fixed sizes in inches, so the figure grows with the model instead
@@ -447,7 +460,7 @@ def build_figure(history: History, diagnoses: Sequence[Diagnosis], step: int | N
     left = 0.85 + (0.055 * _label_chars(names, 22) if heat else 0.0)
     right = 2.4
     height = top + sum(title_room + h + below for h, below in rows) + 0.1
-    fig = Figure(figsize=(width, height))
+    fig = ScopeFigure(figsize=(width, height))
     FigureCanvasAgg(fig)
     axes = []
     y = height - top
@@ -478,6 +491,21 @@ def build_figure(history: History, diagnoses: Sequence[Diagnosis], step: int | N
     return fig
 
 
+def check_plot_path(path: str | Path) -> Path:
+    """`path` as a Path, or a GradscopeError saying which file names can be written."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise GradscopeError(
+            f"cannot save a plot as {path.name!r}; use a file name ending in "
+            f"{', '.join(FORMATS)}.")
+    return path
+
+
+def _check_step(step: int | None) -> None:
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+        raise GradscopeError(f"step={step!r} must be an integer training step.")
+
+
 def save_plot(history: History, diagnoses: Sequence[Diagnosis], path: str | Path,
               step: int | None = None, dpi: int = 110) -> Path:
     """Write the figure to `path` (.png, .svg or .pdf, by extension) and return the path.
@@ -491,14 +519,51 @@ def save_plot(history: History, diagnoses: Sequence[Diagnosis], path: str | Path
         >>> save_plot(h, [], tempfile.mkdtemp() + "/grads.svg").suffix
         '.svg'
     """
-    path = Path(path)
-    if path.suffix.lower() not in FORMATS:
-        raise GradscopeError(
-            f"cannot save a plot as {path.name!r}; use a file name ending in "
-            f"{', '.join(FORMATS)}.")
-    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
-        raise GradscopeError(f"step={step!r} must be an integer training step.")
-    fig = build_figure(history, diagnoses, step)
+    path = check_plot_path(path)
+    _check_step(step)
+    return _save(build_figure(history, diagnoses, step), path, dpi)
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format=path.suffix.lower()[1:])
     return path
+
+
+def present_figure(fig: ScopeFigure, path: str | Path | None = None, dpi: int = 110
+                   ) -> SavedPlot | ScopeFigure:
+    """Save `fig` to `path` when given, show it inline when a notebook is running (once: the
+    value returned does not display it again in that cell), and return the path (a `Path`),
+    or the figure when no path is given. Every `plot()` method ends here.
+
+    Example:
+        >>> import tempfile
+        >>> fig = ScopeFigure(figsize=(2, 2))
+        >>> present_figure(fig) is fig, present_figure(fig, tempfile.mkdtemp() + "/f.pdf").name
+        (True, 'f.pdf')
+    """
+    saved = None if path is None else SavedPlot(_save(fig, check_plot_path(path), dpi))
+    if in_notebook():
+        png = saved.read_bytes() if saved is not None and saved.suffix.lower() == ".png" else None
+        show_figure(fig, png)
+        if saved is not None:
+            saved._mark_shown()
+    return fig if saved is None else saved
+
+
+def plot(history: History, diagnoses: Sequence[Diagnosis], path: str | Path | None = None,
+         step: int | None = None, dpi: int = 110) -> SavedPlot | ScopeFigure:
+    """What `Scope.plot` does: build the figure, then `present_figure` (save when `path` is
+    given, show inline in a notebook; return the path, or the figure without a path).
+
+    Example:
+        >>> import torch
+        >>> from gradscope.layout import ModelLayout
+        >>> fig = plot(History(ModelLayout.of(torch.nn.Linear(2, 2))), [])
+        >>> len(fig.axes)
+        5
+    """
+    if path is not None:
+        check_plot_path(path)
+    _check_step(step)
+    return present_figure(build_figure(history, diagnoses, step), path, dpi)

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from ..diagnosis import Diagnosis
 from ..history import History
+from .display import Report, show_report
 from .views import fmt, fold_list, loss_summary, severity_sorted, total_steps
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold cyan"}
@@ -124,7 +125,7 @@ def report_renderable(history: History, diagnoses: Sequence[Diagnosis], *,
         parts.append(Text(f"No problems found: {history.total_recorded} recorded steps "
                           f"checked{checked}.", style="bold green"))
         return Group(*parts)
-    counts = {}
+    counts: dict[str, int] = {}
     for d in ordered:
         counts[d.severity] = counts.get(d.severity, 0) + 1
     summary = ", ".join(f"{counts[s]} {s}{'s' if counts[s] > 1 else ''}"
@@ -147,17 +148,42 @@ def render_text(renderable: RenderableType, width: int = DEFAULT_WIDTH) -> str:
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
 
 
-def emit_report(history: History, diagnoses: Sequence[Diagnosis], *, file: IO[str] | None = None,
-                width: int | None = None, rules_checked: int | None = None,
-                notes: Sequence[str] = ()) -> str:
-    """Print the report (colour on a terminal, plain text to a file or pipe); return its text."""
-    renderable = report_renderable(history, diagnoses, rules_checked=rules_checked, notes=notes)
+def emit(renderable: RenderableType, *, file: IO[str] | None = None,
+         width: int | None = None) -> Report:
+    """Print a report-like renderable where reports go and return its plain text.
+
+    On a terminal: in colour. In Jupyter: displayed once, as HTML with its plain text (the
+    returned `Report` does not display it again in the same cell). To `file`, or when standard
+    output is a pipe: plain text at `width` (default 100 columns). Every report (the scope's,
+    the checkup's, the CLI's) goes through here, so they behave alike.
+
+    Example:
+        >>> import io
+        >>> buffer = io.StringIO()
+        >>> text = emit("gradscope report", file=buffer)
+        >>> text == buffer.getvalue() == "gradscope report\\n"
+        True
+    """
     target = file if file is not None else sys.stdout
     console = Console(file=target, width=width, highlight=False, emoji=False)
-    if file is None and (console.is_terminal or console.is_jupyter):
+    if file is None and console.is_jupyter:
+        return show_report(renderable, width or DEFAULT_WIDTH)
+    if file is None and console.is_terminal:
         console.print(renderable)
-        return render_text(renderable, width or console.width)
-    text = render_text(renderable, width or DEFAULT_WIDTH)
-    target.write(text)
-    target.flush()
-    return text
+        width = width or console.width
+        report = Report(render_text(renderable, width), renderable, width)
+    else:
+        width = width or DEFAULT_WIDTH
+        report = Report(render_text(renderable, width), renderable, width)
+        target.write(report)
+        target.flush()
+    report._mark_shown()
+    return report
+
+
+def emit_report(history: History, diagnoses: Sequence[Diagnosis], *, file: IO[str] | None = None,
+                width: int | None = None, rules_checked: int | None = None,
+                notes: Sequence[str] = ()) -> Report:
+    """Print the report of a run (see `emit`) and return its plain text."""
+    renderable = report_renderable(history, diagnoses, rules_checked=rules_checked, notes=notes)
+    return emit(renderable, file=file, width=width)
