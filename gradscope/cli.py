@@ -1,4 +1,4 @@
-"""The `gradscope` command: demo, report, plot and rules.
+"""The `gradscope` command: demo, report, plot, rules and run.
 
 Exit codes: 0 fine, 1 findings at or above the failing severity, 2 bad usage or unreadable input.
 
@@ -6,6 +6,7 @@ Example (shell)::
 
     gradscope demo dead-relu --log-dir runs/dead
     gradscope report runs/dead --fail-on warning
+    gradscope run train.py --epochs 3
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rules", help="list the rules with their signs, severities and thresholds",
                    description="List every built-in rule: id, sign, severity and thresholds "
                    "(override with watch(thresholds={rule_id: {name: value}})).")
+
+    from .autorun.command import add_parser as add_run_parser
+
+    add_run_parser(sub, FAIL_CHOICES)
     return parser
 
 
@@ -230,7 +235,14 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"demo": cmd_demo, "report": cmd_report, "plot": cmd_plot, "rules": cmd_rules}
+def cmd_run(args: argparse.Namespace, script_args: Sequence[str] = ()) -> int:
+    from .autorun.command import command
+
+    return command(args, script_args)
+
+
+COMMANDS = {"demo": cmd_demo, "report": cmd_report, "plot": cmd_plot, "rules": cmd_rules,
+            "run": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,6 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["run"]:  # the script's own arguments are passed on, not parsed here
+            from .autorun.command import split_argv
+
+            own, script_args = split_argv(argv[1:])
+            return cmd_run(parser.parse_args(["run", *own]), script_args)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
