@@ -97,7 +97,8 @@ def _show_traceback(error: BaseException, script: Path | None) -> None:
     while tb is not None and (tb.tb_frame.f_code.co_filename.startswith("<frozen runpy")
                               or str(Path(tb.tb_frame.f_code.co_filename).resolve()) in here):
         tb = tb.tb_next
-    sys.stderr.flush()
+    sys.stdout.flush()
+    error.__traceback__ = tb  # Python's printer reads the exception's own traceback
     try:
         sys.excepthook(type(error), error, tb)
     except Exception:  # a broken custom excepthook: fall back to the standard printer

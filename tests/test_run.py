@@ -1,0 +1,332 @@
+"""`gradscope run`: unmodified scripts are watched, trained bit for bit as without it, diagnosed
+as with watch(), and exit as they would."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradscope.autorun.command import split_argv
+from gradscope.runlog import read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "run_scripts"
+PLAIN = SCRIPTS / "plain_loop.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADSCOPE_FAST="1")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+def python(*args: str | Path, cwd: Path | None = None,
+           timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          env=_env(), cwd=cwd, timeout=timeout)
+
+
+def gradscope_run(*args: str | Path, cwd: Path | None = None,
+                  timeout: float = 240) -> subprocess.CompletedProcess:
+    return python("-m", "gradscope", "run", "--no-live", *args, cwd=cwd, timeout=timeout)
+
+
+def _diagnoses(log_dir: Path) -> list[tuple]:
+    return [(d.sign, d.severity, d.cause, tuple(d.layers), d.first_step)
+            for d in read_log(log_dir).logged_diagnoses()]
+
+
+def _records(log_dir: Path) -> list:
+    return read_log(log_dir).history().records()
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    left, right = torch.load(a), torch.load(b)
+    assert left.keys() == right.keys()
+    for key, value in left.items():
+        if isinstance(value, dict):
+            assert all(torch.equal(value[k], right[key][k]) for k in value), key
+        else:
+            assert torch.equal(value, right[key]), key
+
+
+def strip_gradscope(source: str) -> str:
+    """An example with every gradscope line taken out: the script a user has before adding it."""
+    tree = ast.parse(source)
+    lines: list[str | None] = list(source.splitlines())
+    doc = tree.body[0]
+    if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+        for i in range(doc.lineno - 1, doc.end_lineno or doc.lineno):
+            lines[i] = None
+        lines[doc.lineno - 1] = '"""A training script."""'
+    out: list[str] = []
+    skip_deeper_than: int | None = None
+    for line in lines:
+        if line is None:
+            continue
+        indent = len(line) - len(line.lstrip())
+        if skip_deeper_than is not None:
+            if line.strip() and indent > skip_deeper_than:
+                continue
+            skip_deeper_than = None
+        block = re.match(r"(\s*)with gradscope\.watch\(.*\) as scope:", line)
+        if block:
+            out.append(block.group(1) + "if True:")
+            continue
+        line = line.replace("callbacks=[callback],", "").replace("callbacks=[callback])", ")")
+        if re.search(r"gradscope|\bscope\b|callback|TensorBoardExporter|\bcommand\b", line):
+            if line.rstrip().endswith(":"):
+                skip_deeper_than = indent
+            continue
+        out.append(line)
+    stripped = "\n".join(out) + "\n"
+    assert "gradscope" not in stripped and "scope." not in stripped
+    return stripped
+
+
+def _example_copy(name: str, tmp_path: Path) -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(strip_gradscope((ROOT / "examples" / f"{name}.py").read_text()))
+    return path
+
+
+# ------------------------------------------------------------------ examples, unmodified
+@pytest.mark.parametrize("name, every, expect", [
+    ("quickstart", "5", "WARNING loss-flat"),
+    ("cnn_live", "2", "No problems found"),
+    ("tensorboard_example", "5", "grad-vanishing"),
+    ("transformer_log", "5", "No problems found"),
+])
+def test_examples_without_their_gradscope_lines(tmp_path, name, every, expect):
+    script = _example_copy(name, tmp_path)
+    done = gradscope_run("--every", every, script, "--fast", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "gradscope report" in done.stdout
+    assert expect in done.stdout
+    steps = re.search(r"(\d+) steps, (\d+) recorded", done.stdout)
+    assert steps is not None and int(steps.group(1)) > 0
+
+
+def test_quickstart_copy_gets_the_report_watch_gives(tmp_path):
+    original = python(ROOT / "examples" / "quickstart.py", "--fast", "--plot",
+                      tmp_path / "q.png", cwd=tmp_path)
+    script = _example_copy("quickstart", tmp_path)
+    watched = gradscope_run("--every", "5", "--plot", tmp_path / "run.png", script, "--fast",
+                            cwd=tmp_path)
+    assert original.returncode == 0 and watched.returncode == 0, watched.stderr
+    report = original.stdout.split("figure saved")[0].strip()
+    assert "lr-too-low" in report
+    assert report in watched.stdout  # the same report, word for word
+    assert (tmp_path / "run.png").stat().st_size > 1000
+
+
+def test_lightning_example_without_its_callback(tmp_path):
+    pytest.importorskip("lightning")
+    script = _example_copy("lightning_example", tmp_path)
+    done = gradscope_run("--every", "5", script, "--fast", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # the example's bug: the encoder is detached from the loss, found with no callback
+    assert "grad-none" in done.stdout and "encoder.0" in done.stdout
+    assert "20 steps" in done.stdout  # max_steps=20, accumulate_grad_batches=2: per step
+
+
+def test_hf_trainer_example_without_its_callback(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    original = python(ROOT / "examples" / "hf_trainer_example.py", "--fast", cwd=tmp_path)
+    script = _example_copy("hf_trainer_example", tmp_path)
+    done = gradscope_run("--every", "2", script, "--fast", cwd=tmp_path)
+    assert original.returncode == 0 and done.returncode == 0, done.stderr
+    # max_steps=12 with gradient_accumulation_steps=2: one gradscope step per optimizer step
+    assert "12 steps, 6 recorded" in done.stdout
+    report = original.stdout[original.stdout.index("gradscope report"):]
+    report = report[:report.index("\nwarning:")]
+    assert "params-frozen" in report and report in done.stdout
+
+
+# ------------------------------------------------------------------ same diagnosis as watch()
+@pytest.mark.parametrize("bug, sign, steps", [
+    ("no-zero-grad", "grad-accumulating", "20"),
+    ("lr-low", "loss-flat", "120"),
+    ("detach", "grad-none", "20"),
+])
+def test_injected_bug_gets_the_diagnosis_watch_gives(tmp_path, bug, sign, steps):
+    ref = python(PLAIN, "--bug", bug, "--watch", tmp_path / "ref", "--steps", steps)
+    assert ref.returncode == 0, ref.stderr
+    run = gradscope_run("--every", "5", "--log-dir", tmp_path / "run", PLAIN, "--bug", bug,
+                        "--steps", steps)
+    assert run.returncode == 0, run.stderr
+    expected = _diagnoses(tmp_path / "ref")
+    assert sign in {d[0] for d in expected}
+    assert _diagnoses(tmp_path / "run") == expected
+    ref_records, run_records = _records(tmp_path / "ref"), _records(tmp_path / "run")
+    assert [r.step for r in run_records] == [r.step for r in ref_records]
+    for a, b in zip(ref_records, run_records):
+        np.testing.assert_array_equal(a.grad_norm, b.grad_norm)
+        np.testing.assert_array_equal(a.update_ratio, b.update_ratio)
+        assert a.loss == b.loss and a.backward_count == b.backward_count
+        assert a.activations.keys() == b.activations.keys()
+        for name, stats in a.activations.items():
+            assert stats.dead_frac == b.activations[name].dead_frac, name
+
+
+def test_accumulation_amp_is_one_step_per_optimizer_step_and_bit_identical(tmp_path):
+    args = ["--accum", "3", "--amp", "--steps", "12"]
+    plain = python(PLAIN, *args, "--save", tmp_path / "plain.pt")
+    ref = python(PLAIN, *args, "--watch", tmp_path / "ref", "--every", "1")
+    run = gradscope_run("--every", "1", "--log-dir", tmp_path / "run", PLAIN, *args,
+                        "--save", tmp_path / "run.pt")
+    assert plain.returncode == ref.returncode == run.returncode == 0, run.stderr
+    _same_weights(tmp_path / "plain.pt", tmp_path / "run.pt")
+    records = _records(tmp_path / "run")
+    assert [r.backward_count for r in records] == [3] * 12
+    ref_records = _records(tmp_path / "ref")
+    # the loss is the unscaled one: the sum of the micro-batch losses, as the reference gives
+    np.testing.assert_array_equal([r.loss for r in records], [r.loss for r in ref_records])
+    assert all(1.0 < r.loss < 2.0 for r in records)
+    for a, b in zip(ref_records, records):
+        np.testing.assert_array_equal(a.grad_norm, b.grad_norm)
+    assert _diagnoses(tmp_path / "run") == _diagnoses(tmp_path / "ref")
+
+
+def test_gan_with_two_optimizers(tmp_path):
+    plain = python(SCRIPTS / "gan.py", "--save", tmp_path / "plain.pt")
+    ref = python(SCRIPTS / "gan.py", "--watch", tmp_path / "ref")
+    run = gradscope_run("--every", "2", "--log-dir", tmp_path / "run", SCRIPTS / "gan.py",
+                        "--save", tmp_path / "run.pt")
+    assert plain.returncode == ref.returncode == run.returncode == 0, run.stderr
+    _same_weights(tmp_path / "plain.pt", tmp_path / "run.pt")
+    ref_records, run_records = _records(tmp_path / "ref"), _records(tmp_path / "run")
+    # one gradscope step per round of both optimizers, the models named as in the script
+    assert [r.step for r in run_records] == list(range(0, 24, 2))
+    assert read_log(tmp_path / "run").layout.param_names == \
+        read_log(tmp_path / "ref").layout.param_names
+    for a, b in zip(ref_records, run_records):
+        np.testing.assert_array_equal(a.grad_norm, b.grad_norm)
+        np.testing.assert_array_equal(a.update_ratio, b.update_ratio)
+        assert a.loss == b.loss
+    assert _diagnoses(tmp_path / "run") == _diagnoses(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------ endings and exit codes
+def test_a_script_that_raises_shows_its_traceback_and_the_report(tmp_path):
+    done = gradscope_run(PLAIN, "--raise-at", "7")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    start = lines.index("Traceback (most recent call last):")
+    assert str(PLAIN) in lines[start + 1]  # the script's own frames, gradscope's are left out
+    assert "gradscope" not in "\n".join(lines[start:]).replace(str(PLAIN), "")
+    assert lines[-1] == "RuntimeError: data loader broke at step 7"
+    assert "7 steps" in done.stdout and "gradscope report" in done.stdout
+
+
+@pytest.mark.parametrize("ending, code", [
+    (["--exit", "0"], 0), (["--exit", "3"], 3), (["--exit", "stopped early"], 1),
+    (["--interrupt-at", "4"], 130),
+])
+def test_exit_codes_pass_through(ending, code):
+    done = gradscope_run(PLAIN, "--steps", "8", *ending)
+    assert done.returncode == code, done.stderr
+    assert "gradscope report" in done.stdout
+    if ending[-1] == "stopped early":
+        assert done.stderr.strip().endswith("stopped early")
+    if code == 130:
+        assert "KeyboardInterrupt" in done.stderr and "4 steps" in done.stdout
+
+
+def test_fail_on_gates_a_clean_exit():
+    args = [PLAIN, "--bug", "lr-low", "--steps", "120"]
+    assert gradscope_run("--every", "5", "--fail-on", "warning", *args).returncode == 1
+    assert gradscope_run("--every", "5", "--fail-on", "error", *args).returncode == 0
+    assert gradscope_run("--every", "5", "--fail-on", "warning", PLAIN, "--steps", "8",
+                         "--exit", "4").returncode == 4  # the script's own failure wins
+
+
+def test_nothing_to_watch_says_so_and_runs_untouched(tmp_path):
+    script = tmp_path / "no_optimizer.py"
+    script.write_text("import sys, torch\nprint(torch.nn.Linear(2, 1)(torch.ones(1, 2)).shape,"
+                      " sys.argv[1:])\nsys.exit(5)\n")
+    done = gradscope_run(script, "a", "--b")
+    assert done.returncode == 5
+    assert done.stdout.strip() == "torch.Size([1, 1]) ['a', '--b']"
+    message = [line for line in done.stderr.splitlines() if line.startswith("gradscope:")]
+    assert len(message) == 1 and "no torch optimizer" in message[0]
+
+
+def test_module_mode_and_bad_usage(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text(PLAIN.read_text())
+    done = gradscope_run("-m", "pkg.train", "--steps", "6", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "6 steps" in done.stdout
+    missing = gradscope_run(tmp_path / "nope.py")
+    assert missing.returncode == 2 and "there is no script" in missing.stderr
+    assert gradscope_run().returncode == 2
+    assert gradscope_run("--plot", "x.txt", PLAIN).returncode == 2
+
+
+def test_help_shows_an_example():
+    done = python("-m", "gradscope", "run", "--help")
+    assert done.returncode == 0
+    assert "gradscope run train.py" in done.stdout and "-m MODULE" in done.stdout
+
+
+def test_split_argv_leaves_the_script_arguments_alone():
+    assert split_argv(["--no-live", "t.py", "--no-live", "-m", "x"]) == \
+        (["--no-live", "t.py"], ["--no-live", "-m", "x"])
+    assert split_argv(["--plot", "a.png", "-m", "pkg.mod", "--every", "3"]) == \
+        (["--plot", "a.png", "-m", "pkg.mod"], ["--every", "3"])
+
+
+def test_nothing_of_it_remains_after_the_script(tmp_path):
+    from gradscope.autorun import run
+
+    torch_state = (torch.optim.Optimizer.__init__, torch.autograd.backward,
+                   torch.amp.GradScaler.scale, torch.amp.GradScaler.update)
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\nmodel = torch.nn.Linear(3, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), 0.1)\n"
+        "for _ in range(3):\n"
+        "    opt.zero_grad(); model(torch.randn(4, 3)).pow(2).mean().backward(); opt.step()\n"
+        "MODEL = model\n")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert run(str(script), live=False, every=1) == 0
+    assert "3 steps, 3 recorded" in out.getvalue()
+    after = (torch.optim.Optimizer.__init__, torch.autograd.backward,
+             torch.amp.GradScaler.scale, torch.amp.GradScaler.update)
+    assert after == torch_state
+    from torch.nn.modules import module as module_hooks
+    from torch.optim import optimizer as optimizer_hooks
+
+    assert not module_hooks._global_forward_pre_hooks
+    assert not module_hooks._global_forward_hooks
+    assert not optimizer_hooks._global_optimizer_pre_hooks
+    assert not optimizer_hooks._global_optimizer_post_hooks
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    done = python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "-m", "gradscope", "run", "--no-live", "--every", "5",
+                  "--log-dir", tmp_path / "log", SCRIPTS / "ddp.py", cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("gradscope report") == 1  # rank 0 reports, rank 1 stays quiet
+    assert "ranks 2 done" in done.stdout
+    assert "loss-flat" in done.stdout and "lr-too-low" in done.stdout
+    records = _records(tmp_path / "log")
+    assert len(records) == 12 and all(r.stepped for r in records)
