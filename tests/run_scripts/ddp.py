@@ -11,11 +11,11 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
 model = DistributedDataParallel(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1)))
-optimizer = torch.optim.SGD(model.parameters(), lr=1e-7)  # too small: the loss stays flat
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 gen = torch.Generator().manual_seed(rank)
-for _ in range(60):
+for _ in range(30):
     x = torch.randn(64, 8, generator=gen)
-    optimizer.zero_grad()
+    # the bug: optimizer.zero_grad() is never called, gradients pile up across steps
     loss = (model(x).squeeze(1) - x.sum(1)).pow(2).mean()
     loss.backward()
     optimizer.step()
