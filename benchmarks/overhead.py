@@ -35,7 +35,7 @@ from benchmarks.methods import METHODS, make_method
 from benchmarks.workloads import WORKLOADS, Workload, make_workload
 
 DEEP = ("deep10", "deep100", "deep1000")
-SMOKE_METHODS = ("plain", "default", "every1", "naive", "anomaly")
+SMOKE_METHODS = ("plain", "default", "run", "every1", "naive", "anomaly")
 
 
 def log(message: str) -> None:

@@ -93,6 +93,10 @@ class AutoWatch:
         self._forward_hooks.add(register_module_forward_pre_hook(self._on_forward_pre))
         self._forward_hooks.add(register_module_forward_hook(self._on_forward, always_call=True))
 
+    def track(self, optimizer: torch.optim.Optimizer) -> None:
+        """Consider an optimizer built before attach() (those built after are seen anyway)."""
+        self._optimizers.add(optimizer)
+
     def detach(self) -> None:
         """Remove every hook, put every wrapped attribute back and close the scope."""
         if not self._attached:
@@ -195,7 +199,6 @@ class AutoWatch:
 
     def _step_pre(self, optimizer: torch.optim.Optimizer) -> None:
         self._depth = 0  # no module forward is running around an optimizer step
-        self._optimizers.add(optimizer)
         self._in_step = optimizer
         if self.scope is None or not self._watches(optimizer):
             return
