@@ -269,6 +269,22 @@ def test_nothing_to_watch_says_so_and_runs_untouched(tmp_path):
     assert len(message) == 1 and "no torch optimizer" in message[0]
 
 
+def test_a_script_that_watches_itself_keeps_its_own_scope(tmp_path):
+    script = tmp_path / "watched.py"
+    script.write_text(
+        "import torch, gradscope\nmodel = torch.nn.Linear(3, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), 0.1)\n"
+        "scope = gradscope.watch(model, opt, every=1)\n"
+        "for _ in range(4):\n"
+        "    opt.zero_grad(); loss = model(torch.randn(4, 3)).pow(2).mean()\n"
+        "    loss.backward(); opt.step(); scope.step(loss)\n"
+        "scope.close(); print('own scope', scope.history.total_recorded)\n")
+    done = gradscope_run(script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "own scope 4"
+    assert "already watched" in done.stderr and "ran untouched" in done.stderr
+
+
 def test_module_mode_and_bad_usage(tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import GradscopeWarning
+from ..errors import GradscopeError
 from ..hooks import Guard, HookSet
 from ..integrations._common import StepLoss
 from ..scope import Scope, watch
@@ -68,6 +68,7 @@ class AutoWatch:
         self._in_step: torch.optim.Optimizer | None = None
         self._outside_warned: set[int] = set()
         self._attached = False
+        self.refused: str | None = None
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -240,7 +241,8 @@ class AutoWatch:
     # ------------------------------------------------------------------ finding the model
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
         depth, self._depth = self._depth, self._depth + 1
-        if depth == 0 and self.scope is None and torch.is_grad_enabled():
+        if (depth == 0 and self.scope is None and self.refused is None
+                and torch.is_grad_enabled()):
             self._guard.call("model", self._maybe_watch, module, args)
 
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -261,7 +263,11 @@ class AutoWatch:
         before = set(module._forward_pre_hooks)
         self._forward_hooks.remove()  # found: the global forward hooks cost time, drop them
         self._depth = 0
-        self.scope = watch(root, used, **self.options)
+        try:
+            self.scope = watch(root, used, **self.options)
+        except GradscopeError as err:  # e.g. the script watches its model itself
+            self.refused = str(err)
+            return
         self.models = dict(zip(names, models))
         self._expected = {id(o) for o in used}
         if root is module:
@@ -274,6 +280,9 @@ class AutoWatch:
     # ------------------------------------------------------------------ end of the run
     def missing(self) -> str | None:
         """One sentence saying what could not be found, or None when the scope is watching."""
+        if self.refused is not None:
+            return (f"it could not watch the model ({self.refused.rstrip('.')}), so the script "
+                    "ran untouched.")
         if self.scope is not None:
             if self.scope.step_count == 0:
                 return ("it found the model but no optimizer step ended a training "
@@ -339,9 +348,4 @@ def _names_in_main(models: list[nn.Module]) -> list[str]:
     return names
 
 
-def warn_missing(sentence: str) -> None:
-    """Say, once and on stderr, what gradscope could not find."""
-    print(f"gradscope: {sentence}", file=sys.stderr, flush=True)
-
-
-__all__ = ["AutoWatch", "GradscopeWarning"]
+__all__ = ["AutoWatch"]

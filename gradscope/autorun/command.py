@@ -80,12 +80,12 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         token = argv[i]
         if token == "--":
-            return own + argv[i + 1:i + 2], list(argv[i + 2:])
+            return own + list(argv[i + 1:i + 2]), list(argv[i + 2:])
         if token == "-m" or (token.startswith("-m") and len(token) > 2 and token[1] == "m"):
             take = 2 if token == "-m" else 1
             return own + list(argv[i:i + take]), list(argv[i + take:])
         if not token.startswith("-"):
-            return own + [token], list(argv[i + 1:])
+            return [*own, token], list(argv[i + 1:])
         own.append(token)
         if token in _WITH_VALUE:
             own.extend(argv[i + 1:i + 2])

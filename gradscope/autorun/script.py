@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GradscopeError
-from .attach import AutoWatch, warn_missing
+from .attach import AutoWatch
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by Ctrl-C
 
@@ -57,7 +57,7 @@ def run_target(target: str, args: Sequence[str], *, module: bool = False,
         sys.path[0] = str(spec_path.resolve().parent)  # as `python train.py` would set it
     elif module and sys.path:
         sys.path[0] = os.getcwd()                        # as `python -m pkg.mod` would set it
-    code, error = 0, None
+    code, error = 0, None  # type: int, BaseException | None
     auto.attach()
     try:
         if module:
@@ -106,4 +106,4 @@ def _show_traceback(error: BaseException, script: Path | None) -> None:
     sys.stderr.flush()
 
 
-__all__ = ["RunResult", "run_target", "EXIT_INTERRUPTED", "warn_missing"]
+__all__ = ["EXIT_INTERRUPTED", "RunResult", "run_target"]

@@ -63,10 +63,8 @@ for step in range(args.steps):
         x = torch.randn(32, 16, generator=gen)
         y = (x @ w_true).argmax(dim=1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
-            if args.bug == "detach":
-                out = model.head(model.encoder(x).detach())
-            else:
-                out = model(x)
+            # the detach bug cuts the encoder off the loss
+            out = model.head(model.encoder(x).detach()) if args.bug == "detach" else model(x)
             loss = nn.functional.cross_entropy(out.float(), y) / args.accum
         if scaler is not None:
             scaler.scale(loss).backward()
