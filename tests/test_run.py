@@ -6,9 +6,11 @@ from __future__ import annotations
 import ast
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,29 @@ def python(*args: str | Path, cwd: Path | None = None,
 def gradscope_run(*args: str | Path, cwd: Path | None = None,
                   timeout: float = 240) -> subprocess.CompletedProcess:
     return python("-m", "gradscope", "run", "--no-live", *args, cwd=cwd, timeout=timeout)
+
+
+def run_here(capsys, script: Path | str, *args: Any, **options: Any) -> tuple[int, str, str]:
+    """`gradscope run` in this process (much faster than a new interpreter per run)."""
+    from gradscope.autorun import run
+
+    options.setdefault("live", False)
+    code = run(str(script), [str(a) for a in args], **options)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def plain_here(script: Path, *args: Any) -> int:
+    """The script as `python script args...` runs it, in this process, without gradscope."""
+    saved = sys.argv[:]
+    sys.argv = [str(script), *map(str, args)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 1
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def _diagnoses(log_dir: Path) -> list[tuple]:
@@ -112,17 +137,20 @@ def _report(stdout: str) -> str:
     pytest.param("cnn_live", "2", "units-dead", marks=pytest.mark.slow),
     pytest.param("tensorboard_example", "5", "No problems found", marks=pytest.mark.slow),
 ])
-def test_example_copies_get_the_report_watch_gives(tmp_path, name, every, sign):
+def test_example_copies_get_the_report_watch_gives(tmp_path, capsys, monkeypatch, name,
+                                                   every, sign):
     """Each example, with its gradscope lines removed, under `gradscope run --every N` (its
     watch() setting): the same report, word for word, as the example prints itself."""
-    original = python(ROOT / "examples" / f"{name}.py", "--fast", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "100")
+    assert plain_here(ROOT / "examples" / f"{name}.py", "--fast") == 0
+    report = _report(capsys.readouterr().out)
     script = _example_copy(name, tmp_path)
-    watched = gradscope_run("--every", every, "--plot", tmp_path / "run.png", script, "--fast",
-                            cwd=tmp_path)
-    assert original.returncode == 0 and watched.returncode == 0, watched.stderr
-    report = _report(original.stdout)
+    code, out, err = run_here(capsys, script, "--fast", every=int(every),
+                              plot=tmp_path / "run.png")
+    assert code == 0, err
     assert sign in report
-    assert report in watched.stdout
+    assert report in out
     assert (tmp_path / "run.png").stat().st_size > 1000
 
 
@@ -166,12 +194,11 @@ def test_hf_trainer_example_without_its_callback(tmp_path):
     ("lr-low", "loss-flat", "120"),
     ("detach", "grad-none", "20"),
 ])
-def test_injected_bug_gets_the_diagnosis_watch_gives(tmp_path, bug, sign, steps):
-    ref = python(PLAIN, "--bug", bug, "--watch", tmp_path / "ref", "--steps", steps)
-    assert ref.returncode == 0, ref.stderr
-    run = gradscope_run("--every", "5", "--log-dir", tmp_path / "run", PLAIN, "--bug", bug,
-                        "--steps", steps)
-    assert run.returncode == 0, run.stderr
+def test_injected_bug_gets_the_diagnosis_watch_gives(tmp_path, capsys, bug, sign, steps):
+    assert plain_here(PLAIN, "--bug", bug, "--watch", tmp_path / "ref", "--steps", steps) == 0
+    code, _, err = run_here(capsys, PLAIN, "--bug", bug, "--steps", steps, every=5,
+                            log_dir=tmp_path / "run")
+    assert code == 0, err
     expected = _diagnoses(tmp_path / "ref")
     assert sign in {d[0] for d in expected}
     assert _diagnoses(tmp_path / "run") == expected
@@ -186,13 +213,13 @@ def test_injected_bug_gets_the_diagnosis_watch_gives(tmp_path, bug, sign, steps)
             assert stats.dead_frac == b.activations[name].dead_frac, name
 
 
-def test_accumulation_amp_is_one_step_per_optimizer_step_and_bit_identical(tmp_path):
+def test_accumulation_amp_is_one_step_per_optimizer_step_and_bit_identical(tmp_path, capsys):
     args = ["--accum", "3", "--amp", "--steps", "12"]
-    plain = python(PLAIN, *args, "--save", tmp_path / "plain.pt")
-    ref = python(PLAIN, *args, "--watch", tmp_path / "ref", "--every", "1")
-    run = gradscope_run("--every", "1", "--log-dir", tmp_path / "run", PLAIN, *args,
-                        "--save", tmp_path / "run.pt")
-    assert plain.returncode == ref.returncode == run.returncode == 0, run.stderr
+    assert plain_here(PLAIN, *args, "--save", tmp_path / "plain.pt") == 0
+    assert plain_here(PLAIN, *args, "--watch", tmp_path / "ref", "--every", "1") == 0
+    code, _, err = run_here(capsys, PLAIN, *args, "--save", tmp_path / "run.pt", every=1,
+                            log_dir=tmp_path / "run")
+    assert code == 0, err
     _same_weights(tmp_path / "plain.pt", tmp_path / "run.pt")
     records = _records(tmp_path / "run")
     assert [r.backward_count for r in records] == [3] * 12
@@ -205,12 +232,13 @@ def test_accumulation_amp_is_one_step_per_optimizer_step_and_bit_identical(tmp_p
     assert _diagnoses(tmp_path / "run") == _diagnoses(tmp_path / "ref")
 
 
-def test_gan_with_two_optimizers(tmp_path):
-    plain = python(SCRIPTS / "gan.py", "--save", tmp_path / "plain.pt")
-    ref = python(SCRIPTS / "gan.py", "--watch", tmp_path / "ref")
-    run = gradscope_run("--every", "2", "--log-dir", tmp_path / "run", SCRIPTS / "gan.py",
-                        "--save", tmp_path / "run.pt")
-    assert plain.returncode == ref.returncode == run.returncode == 0, run.stderr
+def test_gan_with_two_optimizers(tmp_path, capsys):
+    gan = SCRIPTS / "gan.py"
+    assert plain_here(gan, "--save", tmp_path / "plain.pt") == 0
+    assert plain_here(gan, "--watch", tmp_path / "ref") == 0
+    code, _, err = run_here(capsys, gan, "--save", tmp_path / "run.pt", every=2,
+                            log_dir=tmp_path / "run")
+    assert code == 0, err
     _same_weights(tmp_path / "plain.pt", tmp_path / "run.pt")
     ref_records, run_records = _records(tmp_path / "ref"), _records(tmp_path / "run")
     # one gradscope step per round of both optimizers, the models named as in the script
@@ -240,36 +268,39 @@ def test_a_script_that_raises_shows_its_traceback_and_the_report(tmp_path):
     (["--exit", "0"], 0), (["--exit", "3"], 3), (["--exit", "stopped early"], 1),
     (["--interrupt-at", "4"], 130),
 ])
-def test_exit_codes_pass_through(ending, code):
-    done = gradscope_run(PLAIN, "--steps", "8", *ending)
-    assert done.returncode == code, done.stderr
-    assert "gradscope report" in done.stdout
+def test_exit_codes_pass_through(capsys, ending, code):
+    got, out, err = run_here(capsys, PLAIN, "--steps", "8", *ending)
+    assert got == code, err
+    assert "gradscope report" in out
     if ending[-1] == "stopped early":
-        assert done.stderr.strip().endswith("stopped early")
+        assert err.strip().endswith("stopped early")
     if code == 130:
-        assert "KeyboardInterrupt" in done.stderr and "4 steps" in done.stdout
+        assert "KeyboardInterrupt" in err and "4 steps" in out
 
 
-def test_fail_on_gates_a_clean_exit():
-    args = [PLAIN, "--bug", "lr-low", "--steps", "120"]
-    assert gradscope_run("--every", "5", "--fail-on", "warning", *args).returncode == 1
-    assert gradscope_run("--every", "5", "--fail-on", "error", *args).returncode == 0
-    assert gradscope_run("--every", "5", "--fail-on", "warning", PLAIN, "--steps", "8",
-                         "--exit", "4").returncode == 4  # the script's own failure wins
+def test_fail_on_gates_a_clean_exit(capsys):
+    args = [PLAIN, "--bug", "detach", "--steps", "20"]  # grad-none, a warning
+    assert run_here(capsys, *args, fail_on="warning", every=5)[0] == 1
+    assert run_here(capsys, *args, fail_on="error", every=5)[0] == 0
+    # the script's own failure wins over --fail-on
+    assert run_here(capsys, *args, "--exit", "4", fail_on="warning", every=5)[0] == 4
+    # and the command line gets there too
+    done = gradscope_run("--every", "5", "--fail-on", "warning", *args)
+    assert done.returncode == 1 and "grad-none" in done.stdout
 
 
-def test_nothing_to_watch_says_so_and_runs_untouched(tmp_path):
+def test_nothing_to_watch_says_so_and_runs_untouched(tmp_path, capsys):
     script = tmp_path / "no_optimizer.py"
     script.write_text("import sys, torch\nprint(torch.nn.Linear(2, 1)(torch.ones(1, 2)).shape,"
                       " sys.argv[1:])\nsys.exit(5)\n")
-    done = gradscope_run(script, "a", "--b")
-    assert done.returncode == 5
-    assert done.stdout.strip() == "torch.Size([1, 1]) ['a', '--b']"
-    message = [line for line in done.stderr.splitlines() if line.startswith("gradscope:")]
+    code, out, err = run_here(capsys, script, "a", "--b")
+    assert code == 5
+    assert out.strip() == "torch.Size([1, 1]) ['a', '--b']"
+    message = [line for line in err.splitlines() if line.startswith("gradscope:")]
     assert len(message) == 1 and "no torch optimizer" in message[0]
 
 
-def test_a_script_that_watches_itself_keeps_its_own_scope(tmp_path):
+def test_a_script_that_watches_itself_keeps_its_own_scope(tmp_path, capsys):
     script = tmp_path / "watched.py"
     script.write_text(
         "import torch, gradscope\nmodel = torch.nn.Linear(3, 1)\n"
@@ -279,24 +310,30 @@ def test_a_script_that_watches_itself_keeps_its_own_scope(tmp_path):
         "    opt.zero_grad(); loss = model(torch.randn(4, 3)).pow(2).mean()\n"
         "    loss.backward(); opt.step(); scope.step(loss)\n"
         "scope.close(); print('own scope', scope.history.total_recorded)\n")
-    done = gradscope_run(script)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "own scope 4"
-    assert "already watched" in done.stderr and "ran untouched" in done.stderr
+    code, out, err = run_here(capsys, script)
+    assert code == 0, err
+    assert out.strip() == "own scope 4"
+    assert "already watched" in err and "ran untouched" in err
 
 
-def test_module_mode_and_bad_usage(tmp_path):
-    package = tmp_path / "pkg"
+def test_module_mode_and_bad_usage(tmp_path, capsys, monkeypatch):
+    from gradscope.cli import main
+
+    package = tmp_path / "pkg_run_test"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "train.py").write_text(PLAIN.read_text())
-    done = gradscope_run("-m", "pkg.train", "--steps", "6", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "6 steps" in done.stdout
-    missing = gradscope_run(tmp_path / "nope.py")
-    assert missing.returncode == 2 and "there is no script" in missing.stderr
-    assert gradscope_run().returncode == 2
-    assert gradscope_run("--plot", "x.txt", PLAIN).returncode == 2
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--no-live", "-m", "pkg_run_test.train", "--steps", "6"]) == 0
+    assert "6 steps" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "nope.py")]) == 2
+    assert "there is no script" in capsys.readouterr().err
+    assert main(["run"]) == 2
+    assert main(["run", "--plot", "x.txt", str(PLAIN)]) == 2
+    # after the module, even gradscope's own option names belong to the script
+    assert main(["run", "--no-live", "-m", "pkg_run_test.train", "--steps", "3", "--every",
+                 "1"]) == 0
+    assert "3 steps, 1 recorded" in capsys.readouterr().out
 
 
 def test_help_shows_an_example():
