@@ -17,6 +17,8 @@ parser.add_argument("--accum", type=int, default=1, help="micro-batches per opti
 parser.add_argument("--bug", default="none",
                     choices=["none", "no-zero-grad", "lr-low", "detach"])
 parser.add_argument("--amp", action="store_true", help="bfloat16 autocast with a GradScaler")
+parser.add_argument("--overflow-at", type=int, default=-1,
+                    help="this step's gradients overflow (with --amp the scaler skips the step)")
 parser.add_argument("--watch", default=None, metavar="LOG_DIR")
 parser.add_argument("--every", type=int, default=5)
 parser.add_argument("--save", default=None)
@@ -62,6 +64,8 @@ for step in range(args.steps):
     for _ in range(args.accum):
         x = torch.randn(32, 16, generator=gen)
         y = (x @ w_true).argmax(dim=1)
+        if step == args.overflow_at:
+            x = x * 1e38
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
             # the detach bug cuts the encoder off the loss
             out = model.head(model.encoder(x).detach()) if args.bug == "detach" else model(x)
