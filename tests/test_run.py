@@ -167,12 +167,17 @@ def test_transformer_example_copy(tmp_path, capsys, monkeypatch):
 def test_lightning_example_without_its_callback(tmp_path, capsys, monkeypatch):
     pytest.importorskip("lightning")
     monkeypatch.chdir(tmp_path)
+    assert plain_here(ROOT / "examples" / "lightning_example.py", "--fast") == 0
+    original = capsys.readouterr().out
     script = _example_copy("lightning_example", tmp_path)
     code, out, err = run_here(capsys, script, "--fast", every=5)
     assert code == 0, err
     # the example's bug: the encoder is detached from the loss, found with no callback
     assert "grad-none" in out and "encoder.0" in out
     assert "20 steps, 4 recorded" in out  # max_steps=20 with accumulate_grad_batches=2
+    report = original[original.index("gradscope report"):]
+    report = report[:report.index("\nwarning:")]
+    assert report in out  # word for word the report of the example's GradscopeCallback
 
 
 def test_hf_trainer_example_without_its_callback(tmp_path, capsys, monkeypatch):

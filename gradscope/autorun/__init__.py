@@ -37,9 +37,10 @@ def run(target: str, args: Sequence[str] = (), *, module: bool = False,
         ...     opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
         ... ''')
         >>> import contextlib, io
-        >>> with contextlib.redirect_stdout(io.StringIO()):
-        ...     run(str(script), every=1, live=False)
-        0
+        >>> with contextlib.redirect_stdout(io.StringIO()) as printed:
+        ...     code = run(str(script), every=1, live=False)
+        >>> code, "3 steps, 3 recorded" in printed.getvalue()
+        (0, True)
     """
     from ..options import WatchOptions
 
