@@ -226,8 +226,8 @@ class AutoWatch:
         if id(optimizer) not in self._outside_warned:
             self._outside_warned.add(id(optimizer))
             self.notes.append(
-                f"a {type(optimizer).__name__} built after the model was found steps "
-                "parameters gradscope does not watch; its steps are not recorded")
+                f"a {type(optimizer).__name__} steps parameters outside the watched model "
+                "(built after the model was found); its steps are not recorded")
         return False
 
     def _step(self) -> None:
