@@ -12,6 +12,7 @@ Example:
 """
 
 from ._version import __version__
+from .checklist import Checkup, CheckResult, checkup
 from .diagnosis import Cause, Diagnosis
 from .errors import GradscopeError, GradscopeWarning
 from .history import History
@@ -25,6 +26,8 @@ __all__ = [
     "ActivationStats",
     "ActivationTable",
     "Cause",
+    "CheckResult",
+    "Checkup",
     "DataStats",
     "Diagnosis",
     "Finding",
@@ -40,6 +43,7 @@ __all__ = [
     "Threshold",
     "__version__",
     "builtin_rules",
+    "checkup",
     "rule",
     "watch",
 ]

@@ -1,0 +1,6 @@
+"""gradscope.checkup(): the debugging checklist, run on copies before training starts."""
+
+from .result import CHECK_TITLES, Checkup, CheckResult
+from .run import checkup
+
+__all__ = ["CHECK_TITLES", "CheckResult", "Checkup", "checkup"]

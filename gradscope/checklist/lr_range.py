@@ -1,0 +1,139 @@
+"""Check 6: the learning-rate range test (Smith 2015) on a fresh copy of the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..rules.common import fmt
+from .inputs import Batch
+from .isolation import base_lr, model_copy, optimizer_copy, scale_lrs
+from .result import CheckResult, finding
+
+#: The sweep runs over these learning rates, exponentially spaced (8 decades: from far too
+#: small for any optimizer to far too large for any).
+LR_LOW, LR_HIGH = 1e-7, 10.0
+#: The loss has started falling once it is this fraction below its first value.
+START_DROP = 0.05
+#: The sweep stops as diverged when the loss rises above this multiple of its first value,
+#: or loses half of the progress it made while also exceeding 4x its best value (fastai's
+#: stopping rule), or becomes NaN/Inf.
+DIVERGE_RISE = 1.5
+DIVERGE_BEST = 4.0
+#: The user's learning rate counts as too low when it is this factor below the start.
+TOO_LOW = 10.0
+
+
+@dataclass
+class Sweep:
+    lrs: list[float]
+    losses: list[float]
+
+
+def sweep(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | None,
+          steps: int, low: float = LR_LOW, high: float = LR_HIGH) -> Sweep:
+    """Train a fresh copy on the batch while the learning rate grows from `low` to `high`
+    (every param group scaled alike); stop at divergence."""
+    copy, params = model_copy(model)
+    opt = optimizer_copy(optimizer, params, copy)
+    bases = [float(g["lr"]) for g in opt.param_groups]
+    main = bases[0] if bases[0] > 0 else 1.0
+    bases = [b / main if main else 1.0 for b in bases]  # group ratios relative to the first
+    lrs = np.geomspace(low, high, steps).tolist()
+    done = Sweep([], [])
+    first = best = math.inf
+    for lr in lrs:
+        scale_lrs(opt, bases, lr)
+        opt.zero_grad(set_to_none=True)
+        _, loss = batch.forward(copy)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        done.lrs.append(lr)
+        done.losses.append(value)
+        if not math.isfinite(value):
+            break
+        first = value if not math.isfinite(first) else first
+        best = min(best, value)
+        if value > DIVERGE_RISE * first or (value > DIVERGE_BEST * best
+                                            and value > best + 0.5 * (first - best)):
+            break
+    return done
+
+
+def _smooth(values: np.ndarray) -> np.ndarray:
+    """Running median of 3 (one noisy step does not move the landmarks)."""
+    if values.size < 3:
+        return values
+    padded = np.concatenate([values[:1], values, values[-1:]])
+    return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+
+
+def landmarks(result: Sweep) -> dict[str, float | None]:
+    """Where the loss starts falling, falls fastest, and diverges (None where not seen)."""
+    lrs = np.asarray(result.lrs)
+    losses = np.asarray(result.losses, dtype=float)
+    finite = np.isfinite(losses)
+    out: dict[str, float | None] = {"start": None, "steepest": None, "diverge": None,
+                                    "best": None}
+    if not finite.any():
+        return out
+    stop = int(np.argmin(finite)) if not finite.all() else losses.size
+    first = losses[0]
+    smooth = _smooth(losses[:stop])
+    diverged = stop < losses.size or (losses[stop - 1] > DIVERGE_RISE * first) or (
+        losses[stop - 1] > DIVERGE_BEST * smooth.min()
+        and losses[stop - 1] > smooth.min() + 0.5 * (first - smooth.min()))
+    if diverged:
+        out["diverge"] = float(lrs[min(stop, losses.size - 1)] if stop < losses.size
+                               else lrs[stop - 1])
+    below = np.flatnonzero(smooth < (1 - START_DROP) * first)
+    if below.size:
+        out["start"] = float(lrs[below[0]])
+        best = int(np.argmin(smooth))
+        out["best"] = float(lrs[best])
+        if best > below[0]:
+            slope = np.gradient(smooth[: best + 1], np.log(lrs[: best + 1]))
+            out["steepest"] = float(lrs[int(np.argmin(slope))])
+        else:
+            out["steepest"] = float(lrs[best])
+    return out
+
+
+def check_lr_range(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | None,
+                   steps: int) -> CheckResult:
+    """Sweep the learning rate and place the user's on the scale."""
+    result = CheckResult("lr-range")
+    done = sweep(model, batch, optimizer, steps)
+    marks = landmarks(done)
+    user = base_lr(optimizer) if optimizer is not None else None
+    result.data = {"lrs": done.lrs, "losses": done.losses, "user_lr": user, **marks}
+    where = []
+    if marks["start"] is not None:
+        where.append(f"the loss starts falling at {fmt(marks['start'])}")
+        where.append(f"falls fastest at {fmt(marks['steepest'])}")
+    else:
+        where.append(f"the loss did not fall anywhere from {fmt(done.lrs[0])} to "
+                     f"{fmt(done.lrs[-1])}")
+    where.append(f"diverges at {fmt(marks['diverge'])}" if marks["diverge"] is not None
+                 else f"no divergence up to {fmt(done.lrs[-1])}")
+    yours = f"yours is {fmt(user)}; " if user is not None else "no optimizer given (Adam); "
+    result.summary = yours + ", ".join(where)
+    if user is None or not user > 0:
+        return result
+    if marks["diverge"] is not None and user >= marks["diverge"]:
+        result.diagnoses.append(finding(
+            "training-unstable", "warning", "The learning rate is past the divergence point",
+            f"{result.summary}", [("lr-too-high", 1.0,
+                                   f"at {fmt(marks['diverge'])} the loss already blew up in the "
+                                   f"sweep; yours is {fmt(user)}")], "lr-range",
+            evidence={"user_lr": user, **{k: v for k, v in marks.items() if v is not None}},
+            checks=[f"Try a learning rate near {fmt(marks['steepest'] or marks['diverge'] / 10)}"
+                    " (where the loss fell fastest), well below the divergence point."]))
+    result.data["too_low"] = bool(marks["start"] is not None
+                                  and user < marks["start"] / TOO_LOW)
+    return result

@@ -1,0 +1,154 @@
+"""Check 1: the loss at initialisation against what the task implies."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..rules.common import fmt
+from .inputs import Batch, model_logits
+from .result import CheckResult, finding
+
+#: Excess of the initial cross-entropy over ln C (nats) beyond which the start is called far
+#: off: for small logit spreads the excess is about var(logits)/2, so 1 nat means logits that
+#: already differ by ~1.4 units between classes before any learning.
+CE_EXCESS = 1.0
+#: Initial cross-entropy below this fraction of ln C: the untrained model already predicts the
+#: labels, which points at targets leaking into the inputs.
+CE_LOW = 0.5
+#: Initial regression loss above this multiple of the constant-mean loss (the target variance
+#: for MSE): the outputs' error at init is twice the targets' spread or more.
+REGRESSION_HIGH = 4.0
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The loss an uninformed model should start at, and the assumption behind it."""
+
+    kind: str  # "cross-entropy", "binary-cross-entropy" or "regression"
+    value: float
+    assumption: str
+    classes: int | None = None
+
+
+def class_count(logits: torch.Tensor, targets: torch.Tensor) -> int | None:
+    """The class dimension's size when `targets` holds class ids for `logits`, else None.
+
+    Example:
+        >>> class_count(torch.zeros(4, 10), torch.zeros(4, dtype=torch.long))
+        10
+    """
+    if targets.is_floating_point() or targets.is_complex() or logits.dim() != targets.dim() + 1:
+        return None
+    if logits.shape[:-1] == targets.shape:
+        return int(logits.shape[-1])
+    if logits.shape[0] == targets.shape[0] and logits.shape[2:] == targets.shape[1:]:
+        return int(logits.shape[1])
+    return None
+
+
+def reference(batch: Batch, output: Any) -> Reference | None:
+    """What the loss should be at initialisation for this task, or None when unknown."""
+    logits, targets = model_logits(output), batch.target
+    if logits is None or targets is None:
+        return None
+    logits = logits.detach()
+    classes = class_count(logits, targets)
+    if classes is not None and classes > 1:
+        value = math.log(classes)
+        assumption = (f"{classes}-class cross-entropy with near-uniform outputs at init: "
+                      f"ln {classes} = {value:.3f}")
+        if batch.loss_fn is not None and isinstance(output, torch.Tensor):
+            uniform = torch.full_like(logits, -value)  # log(1/C): right for CE and NLL alike
+            with torch.no_grad():
+                measured = float(batch.loss_fn(uniform, targets))
+            if math.isfinite(measured) and abs(measured - value) > 1e-3:
+                value = measured
+                assumption = f"loss_fn on uniform class probabilities: {fmt(measured)}"
+        return Reference("cross-entropy", value, assumption, classes)
+    if not targets.is_floating_point() or logits.numel() != targets.numel():
+        return None
+    shaped = targets.reshape(logits.shape).to(logits.dtype)
+    if batch.loss_fn is not None and isinstance(output, torch.Tensor):
+        with torch.no_grad():
+            at_zero = float(batch.loss_fn(torch.zeros_like(logits), targets))
+        in_unit = bool(((shaped >= 0) & (shaped <= 1)).all())
+        if in_unit and abs(at_zero - math.log(2)) < 1e-4:
+            return Reference("binary-cross-entropy", math.log(2),
+                             "binary cross-entropy with p = 0.5 outputs at init: ln 2 = 0.693")
+        mean = shaped.mean(dim=0, keepdim=True).expand_as(shaped)
+        with torch.no_grad():
+            value = float(batch.loss_fn(mean.reshape(logits.shape), targets))
+        return Reference("regression", value,
+                         f"loss_fn when predicting the target mean (for MSE the target "
+                         f"variance): {fmt(value)}")
+    value = float(shaped.var(dim=0, unbiased=False).mean())
+    return Reference("regression", value, f"MSE when predicting the target mean (the target "
+                                          f"variance): {fmt(value)}")
+
+
+def check_init_loss(batch: Batch, output: Any, loss: float,
+                    data_scale_flagged: bool) -> CheckResult:
+    """Compare the first loss with the reference; a far-off start is a warning."""
+    result = CheckResult("init-loss")
+    ref = reference(batch, output)
+    if ref is None:
+        result.summary = f"loss {fmt(loss)}; no reference (outputs or targets of unknown form)"
+        result.data = {"loss": loss}
+        return result
+    result.data = {"loss": loss, "reference": ref.value, "kind": ref.kind,
+                   "assumption": ref.assumption}
+    result.summary = f"loss {fmt(loss)} vs expected {fmt(ref.value)} ({ref.assumption})"
+    if not math.isfinite(loss):
+        return result  # the gradients check reports the non-finite loss with its origin
+    logits = model_logits(output)
+    spread = float(logits.detach().float().std()) if logits is not None and logits.numel() > 1 \
+        else float("nan")
+    evidence = {"loss": loss, "expected": ref.value, "output_std": spread}
+    checks_high = [
+        "Initialise the last layer smaller (or zero its weights) so outputs start near "
+        "neutral.",
+        "Check the output scaling (e.g. a missing 1/sqrt(d) or temperature) and that the loss "
+        "matches the outputs (logits into cross-entropy, not probabilities).",
+    ]
+    if ref.kind == "regression":
+        if ref.value > 0 and loss > REGRESSION_HIGH * ref.value:
+            target = batch.target.detach().float()
+            offset = abs(float(target.mean())) > 2 * float(target.std()) if target.numel() > 1 \
+                else False
+            causes = [("data-scale", 2.0 if offset else 0.5,
+                       f"targets have mean {fmt(float(target.mean()))} and std "
+                       f"{fmt(float(target.std()))}: standardise them or start the output "
+                       "bias at their mean"),
+                      ("poor-init", 0.5 if offset else 2.0,
+                       f"outputs at init have std {fmt(spread)}, large against the targets")]
+            result.diagnoses.append(finding(
+                "loss-init-off", "warning", "Loss at initialisation is far off",
+                f"initial loss {fmt(loss)} is {fmt(loss / ref.value)}x {ref.assumption}",
+                causes, "init-loss", evidence=evidence, checks=checks_high))
+        return result
+    excess = loss - ref.value
+    if excess > CE_EXCESS:
+        causes = [("poor-init", 2.0 if spread > 1 else 1.0,
+                   f"logits at init have std {fmt(spread)}: the model is confident before it "
+                   "has learned anything")]
+        if data_scale_flagged:
+            causes.append(("data-scale", 1.5, "unnormalised inputs blow up the logits"))
+        result.diagnoses.append(finding(
+            "loss-init-off", "warning", "Loss at initialisation is far off",
+            f"initial loss {fmt(loss)} is {fmt(excess)} nats above {ref.assumption}",
+            causes, "init-loss", evidence=evidence, checks=checks_high))
+    elif loss < CE_LOW * ref.value:
+        result.diagnoses.append(finding(
+            "loss-init-off", "warning", "Loss at initialisation is far below chance",
+            f"initial loss {fmt(loss)} is under half of {ref.assumption}: the untrained model "
+            "already predicts the labels",
+            [("label-leak", 1.0, "the targets (or a function of them) are among the inputs")],
+            "init-loss", evidence=evidence,
+            checks=["Check that the labels are not fed to the model (a leaked column, the "
+                    "target token in the input sequence)."]))
+    return result

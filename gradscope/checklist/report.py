@@ -1,0 +1,76 @@
+"""The checkup report: one line per check (status, time, result), then each diagnosis."""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, TYPE_CHECKING
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from ..report.summary import DEFAULT_WIDTH, diagnosis_block, render_text
+
+if TYPE_CHECKING:
+    from .result import Checkup
+
+STATUS_STYLE = {"ok": "bold green", "info": "bold cyan", "warning": "bold yellow",
+                "error": "bold red", "skipped": "dim"}
+
+
+def checkup_renderable(ck: Checkup) -> RenderableType:
+    """The whole checkup report as one rich renderable."""
+    parts: list[RenderableType] = [Text("gradscope checkup", style="bold underline")]
+    table = Table.grid(padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(overflow="fold")
+    for result in ck.results:
+        status = result.status
+        detail = result.summary if result.skipped is None else f"skipped: {result.skipped}"
+        table.add_row(Text(f"{status.upper():<7}", style=STATUS_STYLE.get(status, "bold")),
+                      result.title, Text(f"{result.seconds:.2f}s", style="dim"), detail)
+    parts.append(table)
+    parts.append(Text(f"{len(ck.results)} checks in {ck.seconds:.1f}s", style="dim"))
+    for note in ck.notes:
+        parts.append(Text(note, style="dim"))
+    parts.append(Text(""))
+    found = ck.diagnoses
+    if not found:
+        parts.append(Text("No problems found: the model is ready to train.", style="bold green"))
+        return Group(*parts)
+    counts: dict[str, int] = {}
+    for d in found:
+        counts[d.severity] = counts.get(d.severity, 0) + 1
+    summary = ", ".join(f"{counts[s]} {s}{'s' if counts[s] > 1 else ''}"
+                        for s in ("error", "warning", "info") if s in counts)
+    parts.append(Text(f"{len(found)} finding{'s' if len(found) > 1 else ''}: {summary}",
+                      style="bold"))
+    for d in found:
+        parts.append(Text(""))
+        parts.append(diagnosis_block(d))
+    return Group(*parts)
+
+
+def emit_checkup_report(ck: Checkup, file: IO[str] | None = None,
+                        width: int | None = None) -> str:
+    """Print the report (colour on a terminal, plain text to a file or pipe); return its text.
+
+    Example:
+        >>> import io
+        >>> from gradscope.checklist.result import Checkup, CheckResult
+        >>> text = emit_checkup_report(Checkup([CheckResult("data")]), file=io.StringIO())
+        >>> text.splitlines()[0]
+        'gradscope checkup'
+    """
+    renderable = checkup_renderable(ck)
+    target = file if file is not None else sys.stdout
+    console = Console(file=target, width=width, highlight=False, emoji=False)
+    if file is None and (console.is_terminal or console.is_jupyter):
+        console.print(renderable)
+        return render_text(renderable, width or console.width)
+    text = render_text(renderable, width or DEFAULT_WIDTH)
+    target.write(text)
+    target.flush()
+    return text
