@@ -12,7 +12,7 @@ Example:
 """
 
 from ._version import __version__
-from .checklist import Checkup, CheckResult, checkup
+from .checklist import CheckResult, Checkup, checkup
 from .diagnosis import Cause, Diagnosis
 from .errors import GradscopeError, GradscopeWarning
 from .history import History

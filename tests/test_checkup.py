@@ -329,7 +329,7 @@ def test_integer_inputs_into_float_layers():
     torch.manual_seed(0)
     (x, y), loss_fn = batch_of("mlp")
     ints = (x * 10).long()
-    with pytest.raises(GradscopeError, match="no embedding layer: cast them with .float()"):
+    with pytest.raises(GradscopeError, match=r"no embedding layer: cast them with \.float\(\)"):
         run(MLP(), (ints, y), loss_fn)
 
     class Casting(MLP):

@@ -94,8 +94,8 @@ def check_data(batch: Batch, stats: DataStats | None, ref: Reference | None,
             wrong = labels_out_of_range(y, ref.classes)
             if wrong:
                 problems.append(("error", "data-labels", 3.0, wrong))
-        elif ref is not None and ref.kind == "binary-cross-entropy":
-            if bool(((y < 0) | (y > 1)).any()):
+        elif (ref is not None and ref.kind == "binary-cross-entropy"
+              and bool(((y < 0) | (y > 1)).any())):
                 problems.append(("error", "data-labels", 3.0,
                                  f"binary targets must lie in [0, 1]; they span "
                                  f"[{fmt(float(y.min()))}, {fmt(float(y.max()))}]"))

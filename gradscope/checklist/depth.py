@@ -103,16 +103,20 @@ def check_depth(layout: ModelLayout, record: StepRecord, data_scale_flagged: boo
                      f"third of {len(hidden)} hidden weight layers (x{fmt(factor)})")
         if factor < 1 / SCALE_FACTOR or factor > SCALE_FACTOR:
             shrink = factor < 1
+            scale_causes = [("poor-init", 1.0, f"each layer scales its input by about "
+                                               f"{fmt(factor ** (1 / max(1, span)))} on average: "
+                                               "the weights' variance does not match 1/fan_in "
+                                               "(or 2/fan_in for ReLU)")]
+            if data_scale_flagged:
+                scale_causes.append(("data-scale", 2.0, "the inputs are not normalised: the "
+                                                        "first layers pass their scale on until "
+                                                        "a normalisation layer resets it"))
             result.diagnoses.append(finding(
                 "activations-scale", "warning",
                 f"Layer outputs {'shrink' if shrink else 'grow'} with depth at initialisation",
                 f"the median output std of the weight layers goes from {fmt(early)} (first "
                 f"third, from '{hidden[0][0]}') to {fmt(late)} (last third, to "
-                f"'{hidden[-1][0]}'), a factor of {fmt(factor)}",
-                [("poor-init", 1.0, f"each layer scales its input by about "
-                                    f"{fmt(factor ** (1 / max(1, span)))} on average: the "
-                                    "weights' variance does not match 1/fan_in (or 2/fan_in "
-                                    "for ReLU)")], "depth",
+                f"'{hidden[-1][0]}'), a factor of {fmt(factor)}", scale_causes, "depth",
                 layers=[name for name, _ in hidden],
                 evidence={"early_std": early, "late_std": late, "factor": factor,
                           "layers": len(hidden)},

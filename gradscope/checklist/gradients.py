@@ -77,7 +77,7 @@ def check_gradients(layout: ModelLayout, records: Sequence[StepRecord], loss_tra
                 why = why_unreached(layer, tracer, nodes)
             else:
                 why = "not reached from the loss"
-            causes.append((f"{', '.join(names[:3])}{' …' if len(names) > 3 else ''}: {why}"))
+            causes.append(f"{', '.join(names[:3])}{' …' if len(names) > 3 else ''}: {why}")
         all_none = bool(none[trainable].all())
         result.diagnoses.append(finding(
             "grad-none", "error" if all_none else "warning",

@@ -38,8 +38,10 @@ def reached_nodes(loss: torch.Tensor) -> tuple[set[int], set[int]]:
 
 @dataclass
 class ModuleTrace:
-    """How a module ran in the forward: grad mode, and whether its inputs/output were tracked."""
+    """How a module ran in the forward: when it started and ended (one counter for both),
+    grad mode, and whether its inputs/output were tracked."""
 
+    start: int
     order: int
     grad_enabled: bool
     input_tracked: bool
@@ -58,9 +60,21 @@ class ForwardTracer:
 
     def __init__(self, model: nn.Module) -> None:
         self.traces: dict[str, ModuleTrace] = {}
+        self._starts: dict[str, int] = {}
+        self._clock = 0
         self._hooks = HookSet()
         for name, module in model.named_modules():
+            self._hooks.add(module.register_forward_pre_hook(self._pre_hook(name)))
             self._hooks.add(module.register_forward_hook(self._hook(name)))
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _pre_hook(self, name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            self._starts.setdefault(name, self._tick())
+        return record
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
@@ -68,8 +82,10 @@ class ForwardTracer:
                 return
             floats = [t for t in tree_leaves(args)
                       if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            end = self._tick()
             self.traces[name] = ModuleTrace(
-                order=len(self.traces), grad_enabled=torch.is_grad_enabled(),
+                start=self._starts.get(name, end), order=end,
+                grad_enabled=torch.is_grad_enabled(),
                 input_tracked=any(t.requires_grad for t in floats),
                 output_nodes=[t.grad_fn for t in tree_leaves(output)
                               if isinstance(t, torch.Tensor) and t.grad_fn is not None])
@@ -99,11 +115,12 @@ def why_unreached(layer: str, tracer: ForwardTracer, nodes: set[int]) -> str:
 
 
 def _first_cut_after(order: int, tracer: ForwardTracer) -> str | None:
-    """Where, after the module at position `order`, the autograd path visibly stops: the
-    first later module run under no_grad, or run with grad on but only untracked float inputs
-    (where a detached tensor re-enters the model)."""
-    later = sorted((t.order, name) for name, t in tracer.traces.items()
-                   if t.order > order and name)
+    """Where, after the module that ended at `order`, the autograd path visibly stops: the
+    first module started later and run under no_grad, or run with grad on but only untracked
+    float inputs (where a detached tensor re-enters the model). Containers that enclose the
+    module started before it and are not candidates."""
+    later = sorted((t.start, name) for name, t in tracer.traces.items()
+                   if t.start > order and name)
     for _, name in later:
         trace = tracer.traces[name]
         if not trace.grad_enabled:

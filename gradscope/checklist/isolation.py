@@ -68,7 +68,7 @@ def model_copy(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
                 memo[id(hooks)] = type(hooks)()
     try:
         duplicate = copy.deepcopy(model, memo)
-    except Exception as err:  # noqa: BLE001 - any copy failure gets the same advice
+    except Exception as err:
         raise GradscopeError(
             f"checkup() works on a copy of the model, and copy.deepcopy(model) failed "
             f"({type(err).__name__}: {err}); make the model deep-copyable (no open files, "
@@ -92,7 +92,8 @@ def optimizer_copy(optimizer: torch.optim.Optimizer | None,
     Example:
         >>> m = torch.nn.Linear(2, 2); c, params = model_copy(m)
         >>> opt = optimizer_copy(torch.optim.SGD(m.parameters(), lr=0.5), params, c)
-        >>> type(opt).__name__, opt.param_groups[0]["lr"], opt.param_groups[0]["params"][0] is c.weight
+        >>> group = opt.param_groups[0]
+        >>> type(opt).__name__, group["lr"], group["params"][0] is c.weight
         ('SGD', 0.5, True)
     """
     if optimizer is None:
@@ -117,7 +118,7 @@ def optimizer_copy(optimizer: torch.optim.Optimizer | None,
     except TypeError:
         try:
             return kind(groups)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise GradscopeError(
                 f"checkup() could not build a fresh {kind.__name__} with the optimizer's "
                 f"settings ({type(err).__name__}: {err}); pass a standard torch.optim "

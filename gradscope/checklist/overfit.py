@@ -143,7 +143,7 @@ def check_overfit(losses: Sequence[float], steps: int, earlier: Sequence[Diagnos
         result.diagnoses.append(finding(
             "training-unstable", "warning", "Loss rises while overfitting one batch",
             result.summary,
-            [("lr-too-high", 2.0, f"learning rate {fmt(user)}")] + causes, "overfit",
+            [("lr-too-high", 2.0, f"learning rate {fmt(user)}"), *causes], "overfit",
             evidence={"first_loss": float(first), "last_loss": end},
             checks=["Lower the learning rate; check the sign of the loss (minimise, not "
                     "maximise)."]))

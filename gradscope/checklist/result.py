@@ -29,10 +29,15 @@ def finding(sign: str, severity: str, title: str, summary: str,
         >>> finding("loss-flat", "warning", "t", "s", [("lr-too-low", 1.0, "e")], "overfit").cause
         'lr-too-low'
     """
-    total = sum(score for _, score, _ in causes) or 1.0
+    merged: dict[str, tuple[float, list[str]]] = {}
+    for cid, score, text in causes:  # one entry per cause id, the evidence of each kept
+        weight, texts = merged.get(cid, (0.0, []))
+        merged[cid] = (weight + score, [*texts, text])
+    total = sum(score for score, _ in merged.values()) or 1.0
     return Diagnosis(
         sign=sign, severity=severity, title=title, summary=summary,
-        causes=[Cause(cid, round(score / total, 3), text) for cid, score, text in causes],
+        causes=[Cause(cid, round(score / total, 3), "; ".join(texts))
+                for cid, (score, texts) in merged.items()],
         layers=list(layers or []), first_step=0, last_step=0, evidence=dict(evidence or {}),
         checks=list(checks or []), rule=f"checkup:{check}")
 

@@ -21,7 +21,7 @@ from .isolation import model_copy, optimizer_copy, preserved_rng
 from .lr_range import check_lr_range
 from .overfit import STOP, check_overfit
 from .reference import check_init_loss, class_count, reference
-from .result import CHECK_TITLES, Checkup, CheckResult, finding
+from .result import CHECK_TITLES, CheckResult, Checkup, finding
 
 #: Steps of the overfit and range tests: full and quick mode.
 OVERFIT_STEPS, LR_STEPS = 100, 60
@@ -158,7 +158,7 @@ def _run(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | None
             return _stopped_by_labels(str(bad))
         except GradscopeError:
             raise
-        except Exception as err:  # noqa: BLE001 - any failure of the user's code is reported
+        except Exception as err:
             raise _forward_failed(err, batch, copy) from err
         finally:
             tracer.remove()

@@ -29,6 +29,26 @@ to be more than noise; `info` is context (for example layers you froze on purpos
 This file is generated from the rule metadata: `python -m gradscope.rules.catalog > docs/rules.md`.
 """
 
+CHECKUP = """## Signs and causes from `gradscope.checkup()`
+
+`gradscope.checkup()` (see [checkup.md](checkup.md)) runs before training and reports with the
+sign and cause ids above. Two signs and a few causes exist only there, where none of the
+above fits:
+
+- sign `loss-init-off`: the loss at initialisation is far from what the task implies (ln C for
+  C-class cross-entropy, ln 2 for binary cross-entropy, the target variance for MSE).
+- sign `activations-scale`: the output scale of the weight layers shrinks or grows by 100x or
+  more from the first to the last third of the network at initialisation.
+- cause `label-leak`: the untrained model already predicts the labels; they reach it through
+  the inputs.
+- cause `data-labels`: labels outside the loss's range (class ids >= C, binary targets outside
+  [0, 1]) or one target for the whole batch.
+- cause `data-duplicates`: every input of the batch is the same.
+- cause `model-mismatch`: the batch cannot be memorised and no other check found why; the
+  outputs or the loss may not fit the task.
+
+"""
+
 FOOTER = """## Writing your own rule
 
 ```python
@@ -92,7 +112,7 @@ def render(rules: list[Rule] | None = None) -> str:
     """
     rules = builtin_rules() if rules is None else rules
     body = "\n".join(rule_section(r) for r in rules)
-    return f"{HEADER}\n{body}\n{FOOTER}"
+    return f"{HEADER}\n{body}\n{CHECKUP}{FOOTER}"
 
 
 if __name__ == "__main__":
