@@ -67,3 +67,15 @@ def test_example_without_its_optional_package_names_the_extra(tmp_path, name, mi
     lines = done.stderr.strip().splitlines()
     assert lines == [lines[-1]] and "Traceback" not in done.stderr  # one sentence, no traceback
     assert f"pip install -e '.[{extra}]'" in lines[-1] and missing in lines[-1]
+
+
+def test_checkup_example_finds_the_three_bugs_then_passes(tmp_path):
+    done = run_example("checkup_example.py", "--plot", str(tmp_path / "ck.png"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("gradscope checkup")
+    report = done.stdout.split("after the fixes:")[0]
+    for sign, cause in (("grad-none", "detached-graph"), ("data-suspect", "data-scale"),
+                        ("loss-flat", "lr-too-low")):
+        assert sign in report and cause in report, (sign, cause)
+    assert "after the fixes: no problems found" in done.stdout
+    assert (tmp_path / "ck.png").stat().st_size > 20_000
