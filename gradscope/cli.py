@@ -22,6 +22,7 @@ from .errors import GradscopeError
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 FAIL_CHOICES = ("info", "warning", "error", "never")
+CHECKUP_DEMO = "checkup"  # `gradscope demo checkup`: a checkup instead of a training run
 
 
 class UsageError(Exception):
@@ -67,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "Train a small model on synthetic data with the live view, then "
                               "print the report and save a plot. Scenarios: "
                               + ", ".join(f"{n} ({'finds ' + ' or '.join(s.expects) if s.expects else 'nothing to find'})"  # noqa: E501
-                                          for n, s in SCENARIOS.items()) + "."))
-    demo.add_argument("scenario", nargs="?", default=DEFAULT, choices=list(SCENARIOS),
-                      metavar="SCENARIO", help=f"one of: {', '.join(SCENARIOS)} "
+                                          for n, s in SCENARIOS.items())
+                              + "; checkup runs gradscope.checkup() on a model with three "
+                              "bugs instead of training it."))
+    demo.add_argument("scenario", nargs="?", default=DEFAULT,
+                      choices=[*SCENARIOS, CHECKUP_DEMO],
+                      metavar="SCENARIO", help=f"one of: {', '.join([*SCENARIOS, CHECKUP_DEMO])} "
                       f"(default: {DEFAULT})")
     demo.add_argument("--steps", type=_positive_int, default=None,
                       help="training steps (default: the scenario's own, about 100)")
@@ -169,6 +173,13 @@ def _engine_for(log: Any, notes: list[str]) -> Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    if args.scenario == CHECKUP_DEMO:
+        from .checklist.demo import run_checkup_demo
+
+        ck, path = run_checkup_demo(out=args.out)
+        print(f"plot saved to {path}")
+        return EXIT_FOUND if _failing(ck.diagnoses, args.fail_on) else EXIT_OK
 
     live: bool | str = not args.no_live
     scope, path = run_demo(args.scenario, steps=args.steps, out=args.out, live=live,

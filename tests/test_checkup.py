@@ -610,3 +610,16 @@ def test_model_without_a_loss_for_a_dict_batch():
 def test_optimizer_of_another_model():
     with pytest.raises(GradscopeError, match="holds none of the model's parameters"):
         gradscope.checkup(MLP(), *batch_of("mlp"), torch.optim.SGD(MLP().parameters(), lr=1))
+
+
+def test_demo_checkup_command(tmp_path, capsys):
+    from gradscope.cli import main
+
+    out = tmp_path / "demo.png"
+    assert main(["demo", "checkup", "-o", str(out), "--fail-on", "warning"]) == 1
+    text = capsys.readouterr().out
+    assert text.startswith("gradscope checkup") and f"plot saved to {out}" in text
+    for sign in ("loss-init-off", "grad-none", "data-suspect", "loss-flat"):
+        assert sign in text, sign
+    assert out.stat().st_size > 20_000
+    assert main(["demo", "checkup", "-o", str(out)]) == 0  # --fail-on never by default

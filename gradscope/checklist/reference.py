@@ -120,12 +120,15 @@ def check_init_loss(batch: Batch, output: Any, loss: float,
             target = batch.target.detach().float()
             offset = abs(float(target.mean())) > 2 * float(target.std()) if target.numel() > 1 \
                 else False
-            causes = [("data-scale", 2.0 if offset else 0.5,
-                       f"targets have mean {fmt(float(target.mean()))} and std "
-                       f"{fmt(float(target.std()))}: standardise them or start the output "
-                       "bias at their mean"),
-                      ("poor-init", 0.5 if offset else 2.0,
+            causes = [("poor-init", 0.5 if offset or data_scale_flagged else 2.0,
                        f"outputs at init have std {fmt(spread)}, large against the targets")]
+            if offset:
+                causes.append(("data-scale", 2.0,
+                               f"targets have mean {fmt(float(target.mean()))} and std "
+                               f"{fmt(float(target.std()))}: standardise them or start the "
+                               "output bias at their mean"))
+            if data_scale_flagged:
+                causes.append(("data-scale", 2.0, "unnormalised inputs blow up the outputs"))
             result.diagnoses.append(finding(
                 "loss-init-off", "warning", "Loss at initialisation is far off",
                 f"initial loss {fmt(loss)} is {fmt(loss / ref.value)}x {ref.assumption}",
