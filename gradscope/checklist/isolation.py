@@ -19,6 +19,9 @@ from ..errors import GradscopeError
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called")
+#: Module attributes that point back at a training framework (Lightning's trainer and fabric):
+#: the copy gets None there instead of a copy of the whole trainer, data loaders included.
+_BACK_REFERENCES = ("_trainer", "_fabric")
 
 
 @contextlib.contextmanager
@@ -66,6 +69,10 @@ def model_copy(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Parameter]]:
             hooks = module.__dict__.get(attr)
             if hooks is not None:
                 memo[id(hooks)] = type(hooks)()
+        for attr in _BACK_REFERENCES:
+            owner = module.__dict__.get(attr)
+            if owner is not None:
+                memo[id(owner)] = None
     try:
         duplicate = copy.deepcopy(model, memo)
     except Exception as err:

@@ -26,6 +26,7 @@ except ImportError:  # the older package name
             "`pip install 'torch-gradscope[lightning]'` (or `pip install lightning`)."
         ) from err
 
+from ..checklist import Checkup
 from ..hooks import Guard
 from ..scope import Scope, watch
 from ._common import StepLoss, guarded, headline, torch_optimizer
@@ -44,6 +45,10 @@ class GradscopeCallback(Callback):
     - at fit end: prints the report (rank 0 only; `report=False` turns it off);
     - at teardown: removes every hook. `callback.scope` stays readable: `diagnose()`,
       `report()`, `plot()`.
+    - `checkup=True` (or a dict of `gradscope.checkup` options, e.g. `{"quick": True}`): on the
+      first training batch, before any update, runs `gradscope.checkup()` on copies of the
+      module, its loss from `training_step`, and prints its report (rank 0); the result is
+      `callback.checkup`.
 
     Example:
         >>> cb = GradscopeCallback(every=5, report=False)
@@ -51,9 +56,13 @@ class GradscopeCallback(Callback):
         True
     """
 
-    def __init__(self, report: bool = True, log_metrics: bool = True, **watch_options: Any):
+    def __init__(self, report: bool = True, log_metrics: bool = True,
+                 checkup: bool | dict[str, Any] = False, **watch_options: Any):
         super().__init__()
         self.report = report
+        self.checkup_setting = checkup
+        self.checkup: Checkup | None = None
+        self._checkup_pending = False
         self.log_metrics = log_metrics
         self.watch_options = watch_options
         self.scope: Scope | None = None
@@ -70,11 +79,24 @@ class GradscopeCallback(Callback):
         self.scope = watch(pl_module, optimizers or None, **self.watch_options)
         self._loss.clear()
         self._stepped = False
+        self._checkup_pending = bool(self.checkup_setting)
 
     @guarded("train-batch-start")
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
         self._stepped = False
+        if self._checkup_pending:
+            self._checkup_pending = False  # the first training batch, before any update
+            self._once.call("checkup", self._run_checkup, trainer, pl_module, batch)
+
+    def _run_checkup(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        from ..checklist.frameworks import lightning_checkup
+
+        optimizers = [o for o in (torch_optimizer(o) for o in trainer.optimizers) if o is not None]
+        self.checkup = lightning_checkup(pl_module, batch, optimizers[0] if optimizers else None,
+                                         self.checkup_setting)
+        if self.report and getattr(trainer, "is_global_zero", True):
+            self.checkup.report()
 
     @guarded("loss")
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:

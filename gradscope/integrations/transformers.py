@@ -30,8 +30,10 @@ except ImportError as err:
         "`pip install transformers`."
     ) from err
 
+from ..checklist import Checkup
 from ..hooks import Guard, HookSet
 from ..scope import Scope, watch
+from ..signals.distributed import is_rank_zero
 from ._common import StepLoss, guarded, torch_optimizer
 
 
@@ -47,6 +49,9 @@ class GradscopeCallback(TrainerCallback):
       returns none;
     - `on_train_end`: removes every hook and prints the report on the main process
       (`report=False` turns it off). `callback.scope` stays readable afterwards.
+    - `checkup=True` (or a dict of `gradscope.checkup` options, e.g. `{"quick": True}`): on the
+      first training forward, before any update, runs `gradscope.checkup()` on copies of the
+      model with that batch and prints its report; the result is `callback.checkup`.
 
     Example:
         >>> cb = GradscopeCallback(every=5, report=False)
@@ -54,10 +59,15 @@ class GradscopeCallback(TrainerCallback):
         True
     """
 
-    def __init__(self, report: bool = True, **watch_options: Any) -> None:
+    def __init__(self, report: bool = True, checkup: bool | dict[str, Any] = False,
+                 **watch_options: Any) -> None:
         self.report = report
         self.watch_options = watch_options
         self.scope: Scope | None = None
+        self.checkup_setting = checkup
+        self.checkup: Checkup | None = None
+        self._checkup_pending = False
+        self._optimizer: torch.optim.Optimizer | None = None
         self._loss = StepLoss()
         self._loss_hooks = HookSet()
         self._loss_is_global = False
@@ -76,6 +86,8 @@ class GradscopeCallback(TrainerCallback):
         # on_pre_optimizer_step event instead of in the optimizer's pre-hook
         self._read_at_event = inner is None
         self.scope = watch(model, inner, **self.watch_options)
+        self._optimizer = inner
+        self._checkup_pending = bool(self.checkup_setting)
         self._loss.clear()
         self._once.call("loss", self._attach_loss_hooks, model)
 
@@ -88,6 +100,17 @@ class GradscopeCallback(TrainerCallback):
         # With `num_items_in_batch` the model divides by the token count of the whole
         # accumulated batch, so the step's loss is the sum over micro-batches, not the mean.
         self._loss_is_global = kwargs.get("num_items_in_batch") is not None
+        if self._checkup_pending and module.training and torch.is_grad_enabled():
+            self._checkup_pending = False  # the first training batch, before any update
+            self._once.call("checkup", self._run_checkup, module, kwargs)
+
+    def _run_checkup(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        from ..checklist.frameworks import transformers_checkup
+
+        self.checkup = transformers_checkup(model, inputs, self._optimizer,
+                                            self.checkup_setting)
+        if self.report and is_rank_zero():
+            self.checkup.report()
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not module.training or not torch.is_grad_enabled():
