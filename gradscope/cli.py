@@ -1,4 +1,4 @@
-"""The `gradscope` command: demo, report, plot, rules and run.
+"""The `gradscope` command: demo, report, plot, rules, run and checkup.
 
 Exit codes: 0 fine, 1 findings at or above the failing severity, 2 bad usage or unreadable input.
 
@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output file (.png, .svg or .pdf)")
     plot.add_argument("--step", type=int, default=None,
                       help="recorded step for the per-layer panels (default: the last)")
+
+    from .checklist.command import add_parser as add_checkup_parser
+
+    add_checkup_parser(sub, FAIL_CHOICES)
 
     sub.add_parser("rules", help="list the rules with their signs, severities and thresholds",
                    description="List every built-in rule: id, sign, severity and thresholds "
@@ -252,8 +256,15 @@ def cmd_run(args: argparse.Namespace, script_args: Sequence[str] = ()) -> int:
     return command(args, script_args)
 
 
+def cmd_checkup(args: argparse.Namespace) -> int:
+    from .checklist.command import run_command
+
+    ck = run_command(args)
+    return EXIT_FOUND if _failing(ck.diagnoses, args.fail_on) else EXIT_OK
+
+
 COMMANDS = {"demo": cmd_demo, "report": cmd_report, "plot": cmd_plot, "rules": cmd_rules,
-            "run": cmd_run}
+            "run": cmd_run, "checkup": cmd_checkup}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

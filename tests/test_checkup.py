@@ -622,3 +622,39 @@ def test_demo_checkup_command(tmp_path, capsys):
     for sign in ("loss-init-off", "grad-none", "data-suspect", "loss-flat"):
         assert sign in text, sign
     assert out.stat().st_size > 20_000
+
+
+SETUP = '''
+import torch
+from torch import nn
+
+
+def setup(lr=1e-3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    batch = (torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    return model, batch, nn.functional.cross_entropy, torch.optim.Adam(model.parameters(), lr)
+
+
+def broken():
+    return dict(zip(("model", "batch", "loss_fn", "optimizer"), setup(lr=1e-9)))
+'''
+
+
+def test_checkup_command_on_a_setup_function(tmp_path, capsys):
+    from gradscope.cli import main
+
+    (tmp_path / "mysetup.py").write_text(SETUP)
+    target = str(tmp_path / "mysetup.py")
+    assert main(["checkup", f"{target}:setup", "--quick", "--plot",
+                 str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gradscope checkup") and "No problems found" in out
+    assert (tmp_path / "c.png").exists()
+    assert main(["checkup", f"{target}:broken", "--quick", "--width", "100"]) == 1
+    assert "lr-too-low" in capsys.readouterr().out
+    for bad, message in ((f"{target}", "cannot read TARGET"),
+                         (f"{target}:missing", "has no function 'missing'"),
+                         ("no_such_module_xyz:setup", "cannot import")):
+        assert main(["checkup", bad]) == 2
+        assert message in capsys.readouterr().err
