@@ -20,8 +20,9 @@ LR_LOW, LR_HIGH = 1e-7, 10.0
 #: The loss has started falling once it is this fraction below its first value.
 START_DROP = 0.05
 #: The sweep stops as diverged when the loss rises above this multiple of its first value,
-#: or loses half of the progress it made while also exceeding 4x its best value (fastai's
-#: stopping rule), or becomes NaN/Inf.
+#: or climbs back above its first value after it had started falling, or loses half of the
+#: progress it made while also exceeding 4x its best value (fastai's stopping rule), or
+#: becomes NaN/Inf.
 DIVERGE_RISE = 1.5
 DIVERGE_BEST = 4.0
 #: The user's learning rate counts as too low when it is this factor below the start.
@@ -45,7 +46,6 @@ def sweep(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | Non
     bases = [b / main if main else 1.0 for b in bases]  # group ratios relative to the first
     lrs = np.geomspace(low, high, steps).tolist()
     done = Sweep([], [])
-    first = best = math.inf
     for lr in lrs:
         scale_lrs(opt, bases, lr)
         opt.zero_grad(set_to_none=True)
@@ -55,14 +55,27 @@ def sweep(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | Non
         value = float(loss.detach())
         done.lrs.append(lr)
         done.losses.append(value)
-        if not math.isfinite(value):
-            break
-        first = value if not math.isfinite(first) else first
-        best = min(best, value)
-        if value > DIVERGE_RISE * first or (value > DIVERGE_BEST * best
-                                            and value > best + 0.5 * (first - best)):
+        if _diverged(done.losses):
             break
     return done
+
+
+def _diverged(losses: list[float]) -> bool:
+    """Whether the sweep has diverged at its latest loss. Rising and falling are judged on the
+    median of the last 3 losses, so one noisy step (dropout on a small batch) does neither.
+
+    Example:
+        >>> _diverged([1.0, 2.0]), _diverged([1.0, 0.9, 1.1, 1.0]), _diverged([1, .5, .4, 1.1, 1.2])
+        (True, False, True)
+    """
+    value, first = losses[-1], losses[0]
+    if not math.isfinite(value) or value > DIVERGE_RISE * first:
+        return True
+    recent = [float(np.median(losses[max(0, i - 2): i + 1])) for i in range(len(losses))]
+    best = min(recent)
+    if best < (1 - START_DROP) * first and recent[-1] > first:
+        return True  # it had learned, and lost all of it
+    return recent[-1] > DIVERGE_BEST * best and recent[-1] > best + 0.5 * (first - best)
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:
@@ -85,9 +98,7 @@ def landmarks(result: Sweep) -> dict[str, float | None]:
     stop = int(np.argmin(finite)) if not finite.all() else losses.size
     first = losses[0]
     smooth = _smooth(losses[:stop])
-    diverged = stop < losses.size or (losses[stop - 1] > DIVERGE_RISE * first) or (
-        losses[stop - 1] > DIVERGE_BEST * smooth.min()
-        and losses[stop - 1] > smooth.min() + 0.5 * (first - smooth.min()))
+    diverged = stop < losses.size or _diverged(losses[:stop].tolist())
     if diverged:
         out["diverge"] = float(lrs[min(stop, losses.size - 1)] if stop < losses.size
                                else lrs[stop - 1])
