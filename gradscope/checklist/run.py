@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -189,15 +190,7 @@ def _run(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | None
 
         clock = time.perf_counter()
         if tracked and "overfit" in wanted:
-            for step in range(1, overfit_n):
-                opt.zero_grad(set_to_none=True)
-                _, loss = batch.forward(copy)
-                loss.backward()
-                opt.step()
-                scope.step(loss)
-                losses.append(float(loss.detach()))
-                if step + 1 >= MIN_OVERFIT_STEPS and losses[-1] <= STOP * first_loss:
-                    break
+            _overfit(copy, opt, batch, scope, overfit_n, losses)
         overfit_seconds = time.perf_counter() - clock
     finally:
         scope.close()
@@ -237,6 +230,23 @@ def _run(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | None
             result = CheckResult(name, skipped="not requested")
         ordered.append(result)
     return ordered
+
+
+def _overfit(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, scope: Any,
+             steps: int, losses: list[float]) -> None:
+    """Train on the batch up to `steps` steps in all, appending each loss to `losses`; stop
+    once it is below STOP of the first (not before MIN_OVERFIT_STEPS) or not finite."""
+    for step in range(len(losses), steps):
+        opt.zero_grad(set_to_none=True)
+        _, loss = batch.forward(model)
+        loss.backward()
+        opt.step()
+        scope.step(loss)
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            break
+        if step + 1 >= MIN_OVERFIT_STEPS and losses[-1] <= STOP * losses[0]:
+            break
 
 
 def _stopped_by_labels(text: str) -> list[CheckResult]:
