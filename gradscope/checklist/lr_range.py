@@ -17,12 +17,17 @@ from .result import CheckResult, finding
 #: The sweep runs over these learning rates, exponentially spaced (8 decades: from far too
 #: small for any optimizer to far too large for any).
 LR_LOW, LR_HIGH = 1e-7, 10.0
-#: The loss has started falling once it is this fraction below its first value.
+#: The loss has started falling once it is this fraction below its start, and below the
+#: start's noise: NOISE_SIGMAS robust standard deviations of the first BASELINE_STEPS losses
+#: (taken at learning rates of 1e-7 to ~1e-6, where no optimizer moves the weights, so their
+#: spread is the batch noise of dropout and the like). The start is their median.
 START_DROP = 0.05
-#: The sweep stops as diverged when the loss rises above this multiple of its first value,
-#: or climbs back above its first value after it had started falling, or loses half of the
+BASELINE_STEPS = 5
+NOISE_SIGMAS = 3.0
+#: The sweep stops as diverged when the loss rises above this multiple of its start, or climbs
+#: back above the start (plus its noise) after it had started falling, or loses half of the
 #: progress it made while also exceeding 4x its best value (fastai's stopping rule), or
-#: becomes NaN/Inf.
+#: becomes NaN/Inf. Rises and falls are judged on a running median of 3 losses.
 DIVERGE_RISE = 1.5
 DIVERGE_BEST = 4.0
 #: The user's learning rate counts as too low when it is this factor below the start.
@@ -60,22 +65,46 @@ def sweep(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer | Non
     return done
 
 
-def _diverged(losses: list[float]) -> bool:
-    """Whether the sweep has diverged at its latest loss. Rising and falling are judged on the
-    median of the last 3 losses, so one noisy step (dropout on a small batch) does neither.
+def _baseline(losses: list[float]) -> tuple[float, float]:
+    """(start, margin): the median of the first losses, and how far below it counts as a fall
+    (the larger of START_DROP of it and NOISE_SIGMAS robust standard deviations).
 
     Example:
-        >>> _diverged([1.0, 2.0]), _diverged([1.0, 0.9, 1.1, 1.0]), _diverged([1, .5, .4, 1.1, 1.2])
-        (True, False, True)
+        >>> _baseline([2.0, 2.2, 1.8, 2.0, 2.0, 1.0])
+        (2.0, 0.1)
     """
-    value, first = losses[-1], losses[0]
-    if not math.isfinite(value) or value > DIVERGE_RISE * first:
+    head = np.asarray(losses[:BASELINE_STEPS], dtype=float)
+    start = float(np.median(head))
+    spread = 1.4826 * float(np.median(np.abs(head - start))) if head.size >= 3 else 0.0
+    return start, max(START_DROP * abs(start), NOISE_SIGMAS * spread)
+
+
+def _running_median(losses: list[float]) -> list[float]:
+    """The median of each loss and the (up to) two before it."""
+    return [float(np.median(losses[max(0, i - 2): i + 1])) for i in range(len(losses))]
+
+
+def _diverged(losses: list[float]) -> bool:
+    """Whether the sweep has diverged at its latest loss. Rising and falling are judged on the
+    median of the last 3 losses against the start's noise, so noisy steps (dropout on a small
+    batch) do neither.
+
+    Example:
+        >>> _diverged([1, 1, 1, 1, 1, 2, 2]), _diverged([1, .9, 1.1, 1, 1, .9, 1.1, 1])
+        (True, False)
+        >>> _diverged([1, 1, 1, 1, 1, .5, .4, 1.1, 1.2])
+        True
+    """
+    if not math.isfinite(losses[-1]):
         return True
-    recent = [float(np.median(losses[max(0, i - 2): i + 1])) for i in range(len(losses))]
+    start, margin = _baseline(losses)
+    recent = _running_median(losses)
+    if recent[-1] > DIVERGE_RISE * start:
+        return True
     best = min(recent)
-    if best < (1 - START_DROP) * first and recent[-1] > first:
+    if best < start - margin and recent[-1] > start + margin:
         return True  # it had learned, and lost all of it
-    return recent[-1] > DIVERGE_BEST * best and recent[-1] > best + 0.5 * (first - best)
+    return recent[-1] > DIVERGE_BEST * best and recent[-1] > best + 0.5 * (start - best)
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:
@@ -96,13 +125,13 @@ def landmarks(result: Sweep) -> dict[str, float | None]:
     if not finite.any():
         return out
     stop = int(np.argmin(finite)) if not finite.all() else losses.size
-    first = losses[0]
+    start, margin = _baseline(losses[:stop].tolist())
     smooth = _smooth(losses[:stop])
     diverged = stop < losses.size or _diverged(losses[:stop].tolist())
     if diverged:
         out["diverge"] = float(lrs[min(stop, losses.size - 1)] if stop < losses.size
                                else lrs[stop - 1])
-    below = np.flatnonzero(smooth < (1 - START_DROP) * first)
+    below = np.flatnonzero(smooth < start - margin)
     if below.size:
         out["start"] = float(lrs[below[0]])
         best = int(np.argmin(smooth))
