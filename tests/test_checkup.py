@@ -658,3 +658,16 @@ def test_checkup_command_on_a_setup_function(tmp_path, capsys):
                          ("no_such_module_xyz:setup", "cannot import")):
         assert main(["checkup", bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_range_test_is_not_fooled_by_dropout_noise_on_a_small_batch():
+    # a CNN with dropout on a batch of 4 under SGD: its loss jumps by ~10% from step to step
+    # at learning rates too small to change anything; neither a fall nor a divergence there
+    torch.manual_seed(3)
+    model = CNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    (x, y), loss_fn = batch_of("cnn", seed=3)
+    ck = gradscope.checkup(model, (x, y), loss_fn, opt, checks=["lr-range"])
+    lr = ck["lr-range"].data
+    assert lr["start"] > 1e-4 and (lr["diverge"] is None or lr["diverge"] > 0.05)
+    assert ck.ok

@@ -25,10 +25,11 @@ START_DROP = 0.05
 BASELINE_STEPS = 5
 NOISE_SIGMAS = 3.0
 #: The sweep stops as diverged when the loss rises above this multiple of its start, or climbs
-#: back above the start (plus its noise) after it had started falling, or loses half of the
+#: back above the start (plus its noise) after it had lost LEARNED of it, or loses half of the
 #: progress it made while also exceeding 4x its best value (fastai's stopping rule), or
 #: becomes NaN/Inf. Rises and falls are judged on a running median of 3 losses.
 DIVERGE_RISE = 1.5
+LEARNED = 0.25
 DIVERGE_BEST = 4.0
 #: The user's learning rate counts as too low when it is this factor below the start.
 TOO_LOW = 10.0
@@ -94,6 +95,8 @@ def _diverged(losses: list[float]) -> bool:
         (True, False)
         >>> _diverged([1, 1, 1, 1, 1, .5, .4, 1.1, 1.2])
         True
+        >>> _diverged([1, 1, 1, 1, 1, .9, .9, 1.1, 1.2])  # a 10% dip is not learning
+        False
     """
     if not math.isfinite(losses[-1]):
         return True
@@ -102,7 +105,7 @@ def _diverged(losses: list[float]) -> bool:
     if recent[-1] > DIVERGE_RISE * start:
         return True
     best = min(recent)
-    if best < start - margin and recent[-1] > start + margin:
+    if best < (1 - LEARNED) * start and recent[-1] > start + margin:
         return True  # it had learned, and lost all of it
     return recent[-1] > DIVERGE_BEST * best and recent[-1] > best + 0.5 * (start - best)
 
@@ -131,13 +134,18 @@ def landmarks(result: Sweep) -> dict[str, float | None]:
     if diverged:
         out["diverge"] = float(lrs[min(stop, losses.size - 1)] if stop < losses.size
                                else lrs[stop - 1])
-    below = np.flatnonzero(smooth < start - margin)
-    if below.size:
-        out["start"] = float(lrs[below[0]])
-        best = int(np.argmin(smooth))
+    best = int(np.argmin(smooth))
+    below = smooth[: best + 1] < start - margin
+    if below[-1]:
+        # the loss starts falling where it goes below the start for good (until its minimum):
+        # a dip of noise that comes back up does not count
+        above = np.flatnonzero(~below)
+        first = int(above[-1]) + 1 if above.size else 0
+        out["start"] = float(lrs[first])
         out["best"] = float(lrs[best])
-        if best > below[0]:
+        if best > first:
             slope = np.gradient(smooth[: best + 1], np.log(lrs[: best + 1]))
+            slope[:first] = 0.0  # the steepest fall comes after the start
             out["steepest"] = float(lrs[int(np.argmin(slope))])
         else:
             out["steepest"] = float(lrs[best])
