@@ -307,12 +307,15 @@ def test_labels_out_of_range_stop_the_checkup_with_an_error():
     assert [r.status for r in ck.results].count("skipped") == 5
 
 
-def test_labels_out_of_range_on_bert_are_caught_before_the_forward():
-    model = build("bert")
-    batch, _ = batch_of("bert")
-    batch = {**batch, "labels": batch["labels"] + 3}
+@pytest.mark.parametrize("name,shift,classes", [("bert", 3, 3), ("gpt2", 100, 100)])
+def test_labels_out_of_range_on_transformers_are_caught_before_the_forward(name, shift,
+                                                                            classes):
+    model = build(name)
+    batch, _ = batch_of(name)
+    batch = {**batch, "labels": batch["labels"] + shift}
     ck = run(model, batch, None)
-    assert ck["data"].status == "error" and "3 classes" in ck["data"].summary
+    assert ck["data"].status == "error" and f"{classes} classes" in ck["data"].summary
+    assert ck["overfit"].status == "skipped"
 
 
 def test_binary_targets_outside_unit_range():
@@ -320,9 +323,14 @@ def test_binary_targets_outside_unit_range():
     model = nn.Sequential(nn.Linear(8, 1))
     x, y = torch.randn(32, 8), torch.randint(0, 2, (32, 1)).float()
     ck = run(model, (x, y * 2), F.binary_cross_entropy_with_logits, checks=EARLY)
-    # p=0.5 outputs no longer give ln 2 for targets of 2: read as a regression loss, not BCE
-    assert ck["init-loss"].data["kind"] == "regression"
+    assert ck["init-loss"].data["kind"] == "binary-cross-entropy"
+    found = [d for d in ck.diagnoses if d.sign == "data-suspect"]
+    assert found[0].severity == "error" and found[0].cause == "data-labels"
+    assert "binary targets must lie in [0, 1]" in found[0].summary
     assert run(model, (x, y), F.binary_cross_entropy_with_logits, checks=EARLY).ok
+    # an MSE on the same targets is a regression: no label range
+    assert run(model, (x, y * 2), F.mse_loss, checks=EARLY)["init-loss"].data["kind"] == \
+        "regression"
 
 
 def test_integer_inputs_into_float_layers():
@@ -671,3 +679,18 @@ def test_range_test_is_not_fooled_by_dropout_noise_on_a_small_batch():
     lr = ck["lr-range"].data
     assert lr["start"] > 1e-4 and (lr["diverge"] is None or lr["diverge"] > 0.05)
     assert ck.ok
+
+
+def test_saturated_bert_pooler_and_a_gpt2_whose_final_norm_starts_at_zero():
+    bert = build("bert")
+    with torch.no_grad():
+        bert.bert.pooler.dense.weight.mul_(100.0)  # tanh pooler pushed to +-1
+    ck = run(bert, *batch_of("bert"), checks=EARLY)
+    found = [d for d in ck.diagnoses if d.sign == "activations-saturated"]
+    assert found and found[0].layers == ["bert.pooler.activation"]
+    gpt2 = build("gpt2")
+    with torch.no_grad():
+        gpt2.transformer.ln_f.weight.zero_()  # nothing before the final norm gets a gradient
+    ck = run(gpt2, *batch_of("gpt2"), checks=EARLY)
+    found = [d for d in ck.diagnoses if d.sign == "grad-vanishing"]
+    assert found and found[0].evidence["ratio"] < 1e-3
