@@ -562,6 +562,7 @@ def test_report_and_plot(tmp_path):
     assert path.stat().st_size > 20_000
     with pytest.raises(GradscopeError, match="use a file name ending in"):
         ck.plot(tmp_path / "checkup.txt")
+    assert len(ck.plot().axes) == 4  # no path: the figure itself
     assert set(ck.times) == set(gradscope.checklist.CHECK_TITLES)
     assert all(d.first_step == 0 and d.rule for d in ck.diagnoses)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from ..records import DataStats
 from ..rules.common import fmt
-from ..signals.data import DataStats
 from .inputs import Batch
 from .reference import IGNORE_INDEX, Reference
 from .result import CheckResult, finding

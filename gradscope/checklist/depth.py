@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from ..history import StepRecord
 from ..layout import ModelLayout
+from ..records import StepRecord
 from ..rules.common import fmt
 from .result import CheckResult, finding
 

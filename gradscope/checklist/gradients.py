@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..history import StepRecord
 from ..layout import ModelLayout
+from ..records import StepRecord
 from ..rules.common import fmt
 from .graph import ForwardTracer, why_unreached
 from .result import CheckResult, finding

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from ..errors import GradscopeError
-from ..report.plots import FORMATS
+from ..report.plots import ScopeFigure, check_plot_path, present_figure
 from ..report.views import fold_name
 
 if TYPE_CHECKING:
@@ -88,8 +86,9 @@ def _bars(ax: Axes, rows: list[tuple[str, float]], title: str, ylabel: str) -> N
     ax.set_ylabel(ylabel)
 
 
-def build_checkup_figure(ck: Checkup) -> Figure:
-    fig = Figure(figsize=(12, 8.5), layout="constrained")
+def build_checkup_figure(ck: Checkup) -> ScopeFigure:
+    """The four-panel checkup figure."""
+    fig = ScopeFigure(figsize=(12, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
     _overfit(axes[0][0], ck)
@@ -103,13 +102,9 @@ def build_checkup_figure(ck: Checkup) -> Figure:
     return fig
 
 
-def save_checkup_plot(ck: Checkup, path: str | Path, dpi: int = 110) -> Path:
-    """Write the checkup figure to `path` (.png, .svg or .pdf) and return the path."""
-    path = Path(path)
-    if path.suffix.lower() not in FORMATS:
-        raise GradscopeError(f"cannot save a plot as {path.name!r}; use a file name ending in "
-                             f"{', '.join(FORMATS)}.")
-    fig = build_checkup_figure(ck)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format=path.suffix.lower()[1:])
-    return path
+def save_checkup_plot(ck: Checkup, path: str | Path | None = None, dpi: int = 110) -> Any:
+    """Save the checkup figure to `path` (.png, .svg or .pdf) and return the path, or return
+    the figure without a path; in Jupyter it is shown inline either way (as `scope.plot`)."""
+    if path is not None:
+        check_plot_path(path)  # a wrong suffix fails before anything is drawn
+    return present_figure(build_checkup_figure(ck), path, dpi=dpi)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import IO, TYPE_CHECKING
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..report.summary import DEFAULT_WIDTH, diagnosis_block, render_text
+from ..report.summary import diagnosis_block, emit
 
 if TYPE_CHECKING:
     from .result import Checkup
@@ -55,7 +54,8 @@ def checkup_renderable(ck: Checkup) -> RenderableType:
 
 def emit_checkup_report(ck: Checkup, file: IO[str] | None = None,
                         width: int | None = None) -> str:
-    """Print the report (colour on a terminal, plain text to a file or pipe); return its text.
+    """Print the report where reports go (colour on a terminal, once in Jupyter, plain text to
+    a file or pipe) and return its plain text.
 
     Example:
         >>> import io
@@ -64,13 +64,4 @@ def emit_checkup_report(ck: Checkup, file: IO[str] | None = None,
         >>> text.splitlines()[0]
         'gradscope checkup'
     """
-    renderable = checkup_renderable(ck)
-    target = file if file is not None else sys.stdout
-    console = Console(file=target, width=width, highlight=False, emoji=False)
-    if file is None and (console.is_terminal or console.is_jupyter):
-        console.print(renderable)
-        return render_text(renderable, width or console.width)
-    text = render_text(renderable, width or DEFAULT_WIDTH)
-    target.write(text)
-    target.flush()
-    return text
+    return emit(checkup_renderable(ck), file=file, width=width)

@@ -109,9 +109,10 @@ class Checkup:
 
         return emit_checkup_report(self, file=file, width=width)
 
-    def plot(self, path: str | Path) -> Path:
-        """Save the checkup figure (overfit curve, lr sweep, gradient norms and activation
-        scale at init) to `path` (.png, .svg or .pdf) and return the path."""
+    def plot(self, path: str | Path | None = None) -> Any:
+        """Draw the checkup figure (overfit curve, lr sweep, gradient norms and activation
+        scale at init): save it to `path` (.png, .svg or .pdf) and return the path, or return
+        the matplotlib figure when no path is given."""
         from .plot import save_checkup_plot
 
         return save_checkup_plot(self, path)
