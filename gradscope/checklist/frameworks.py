@@ -31,7 +31,8 @@ class TrainingStep(nn.Module):
     def forward(self, batch: Any) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # self.log() without a trainer warns and returns
-            out = self.module.training_step(batch, 0)
+            step: Any = self.module.training_step
+            out = step(batch, 0)
         loss = out.get("loss") if isinstance(out, dict) else out
         return {"loss": loss}
 

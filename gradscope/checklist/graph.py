@@ -23,7 +23,7 @@ def reached_nodes(loss: torch.Tensor) -> tuple[set[int], set[int]]:
     """
     nodes: set[int] = set()
     leaves: set[int] = set()
-    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    stack: list[Any] = [loss.grad_fn] if loss.grad_fn is not None else []
     while stack:
         node = stack.pop()
         if node is None or id(node) in nodes:

@@ -119,7 +119,7 @@ def optimizer_copy(optimizer: torch.optim.Optimizer | None,
         raise GradscopeError(
             "the optimizer passed to checkup() holds none of the model's parameters; pass the "
             "optimizer built from this model's parameters (e.g. Adam(model.parameters())).")
-    kind = type(optimizer)
+    kind: Any = type(optimizer)
     try:
         return kind(groups, **optimizer.defaults)
     except TypeError:

@@ -163,7 +163,7 @@ def check_lr_range(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimi
     where = []
     if marks["start"] is not None:
         where.append(f"the loss starts falling at {fmt(marks['start'])}")
-        where.append(f"falls fastest at {fmt(marks['steepest'])}")
+        where.append(f"falls fastest at {fmt(marks['steepest'] or marks['start'])}")
     else:
         where.append(f"the loss did not fall anywhere from {fmt(done.lrs[0])} to "
                      f"{fmt(done.lrs[-1])}")

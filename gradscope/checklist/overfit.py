@@ -104,9 +104,10 @@ def check_overfit(losses: Sequence[float], steps: int, earlier: Sequence[Diagnos
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         result.summary = f"loss became NaN/Inf at step {int(bad[0])}"
+        diverge = lr.get("diverge")
         high = [("lr-too-high", 2.0, f"the learning rate {fmt(user)} is at or past "
-                                     f"{fmt(lr.get('diverge'))}, where the range test diverged")
-                ] if user is not None and lr.get("diverge") and user >= lr["diverge"] else []
+                                     f"{fmt(diverge)}, where the range test diverged")
+                ] if user is not None and diverge is not None and user >= diverge else []
         result.diagnoses.append(finding(
             "loss-nonfinite", "error", "Loss became NaN/Inf while overfitting one batch",
             result.summary, high + causes or [("exploding-gradients", 1.0, "the updates "
@@ -143,7 +144,9 @@ def check_overfit(losses: Sequence[float], steps: int, earlier: Sequence[Diagnos
         result.diagnoses.append(finding(
             "training-unstable", "warning", "Loss rises while overfitting one batch",
             result.summary,
-            [("lr-too-high", 2.0, f"learning rate {fmt(user)}"), *causes], "overfit",
+            [("lr-too-high", 2.0,
+              f"learning rate {fmt(user) if user is not None else '1e-3 (Adam)'}"),
+             *causes], "overfit",
             evidence={"first_loss": float(first), "last_loss": end},
             checks=["Lower the learning rate; check the sign of the loss (minimise, not "
                     "maximise)."]))

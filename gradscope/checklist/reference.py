@@ -118,6 +118,7 @@ def check_init_loss(batch: Batch, output: Any, loss: float,
     ]
     if ref.kind == "regression":
         if ref.value > 0 and loss > REGRESSION_HIGH * ref.value:
+            assert batch.target is not None  # a reference needs targets
             target = batch.target.detach().float()
             offset = abs(float(target.mean())) > 2 * float(target.std()) if target.numel() > 1 \
                 else False
