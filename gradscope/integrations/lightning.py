@@ -19,7 +19,9 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the older package name
     try:
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import (  # type: ignore[no-redef,assignment,unused-ignore]
+            Callback,
+        )
     except ImportError as err:
         raise ImportError(
             "gradscope.integrations.lightning needs PyTorch Lightning; install it with "

@@ -86,8 +86,10 @@ class TensorBoardExporter:
 
     def __init__(self, writer_or_log_dir: Any, all_ranks: bool = False) -> None:
         self._active = all_ranks or is_rank_zero()
-        self._writer, self._owned = (_open_writer(writer_or_log_dir) if self._active
-                                     else (None, False))
+        self._writer: Any = None
+        self._owned = False
+        if self._active:
+            self._writer, self._owned = _open_writer(writer_or_log_dir)
         self._layout: ModelLayout | None = None
         self._current: Callable[[], list[Diagnosis]] = list
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..history import History, StepRecord
 from ..layout import ModelLayout
+
+T = TypeVar("T")
 
 #: How many recent recorded steps rules may look at (bounds the cost of an evaluation).
 LOOKBACK = 16
@@ -40,11 +42,12 @@ class RuleContext:
         """The same view with another rule's thresholds (shares the derived arrays)."""
         return RuleContext(self.history, thresholds, self._shared)
 
-    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+    def memo(self, key: str, compute: Callable[[], T]) -> T:
         """A value derived once per evaluation and shared by every rule."""
         if key not in self._shared:
             self._shared[key] = compute()
-        return self._shared[key]
+        value: T = self._shared[key]
+        return value
 
     @property
     def records(self) -> list[StepRecord]:
@@ -102,7 +105,7 @@ class RuleContext:
         return self.memo("total_grad", lambda: np.array(
             [r.total_grad_norm() for r in self.records]))
 
-    def _stack(self, get, width: int) -> np.ndarray:
+    def _stack(self, get: Callable[[StepRecord], np.ndarray], width: int) -> np.ndarray:
         if not self.records:
             return np.zeros((0, width))
         return np.vstack([get(r) for r in self.records])
@@ -115,9 +118,9 @@ class RuleContext:
     def losses(self) -> tuple[np.ndarray, np.ndarray]:
         return self.memo("losses", self.loss_tail)
 
-    def layer_names(self, indices) -> list[str]:
+    def layer_names(self, indices: Iterable[int | np.integer[Any]]) -> list[str]:
         """Layer names for layer indices, in model order."""
         return [self.layout.layers[i] or "(root)" for i in sorted(set(int(i) for i in indices))]
 
-    def param_names(self, indices) -> list[str]:
+    def param_names(self, indices: Iterable[int | np.integer[Any]]) -> list[str]:
         return [self.layout.params[i].name for i in sorted(set(int(i) for i in indices))]

@@ -176,7 +176,8 @@ class RuleEngine:
             except Exception:  # the full evaluation reports failures; this is best effort
                 return finding
             if found is not None:
-                first = found.first_step if found.first_step is not None else earlier.last.step
+                first = (found.first_step if found.first_step is not None
+                         else earlier.last.step if earlier.last is not None else 0)
                 if finding.first_step is None or first < finding.first_step:
                     finding.first_step = first
                 return finding

@@ -147,7 +147,7 @@ def loss_nonfinite(ctx: RuleContext) -> Finding | None:
     if around:
         scores.append(ev.data_nonfinite(around))
         origin = next((r for r in around if r.nonfinite_origin is not None), None)
-        if origin is not None:
+        if origin is not None and origin.nonfinite_origin is not None:
             module = origin.nonfinite_origin
             kind = ctx.layout.module_types.get(module, "module")
             weights_bad = _weights_nonfinite(ctx, origin, module)

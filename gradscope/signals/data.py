@@ -39,7 +39,8 @@ def _large_cpu_stats(x: torch.Tensor) -> torch.Tensor:
     """
     f64 = torch.float64
     inf = float("inf")
-    total, squares, _, nonfinite = moments(x)
+    total, squares, _, counted = moments(x)
+    nonfinite = counted if counted is not None else (~torch.isfinite(x)).sum()
     low, high = torch.aminmax(x)
     # the whole batch as one row when it holds NaN/Inf, else no row at all
     flat = x.reshape(1, -1)

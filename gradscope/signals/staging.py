@@ -165,6 +165,8 @@ class RowStage:
         self._fields = []
         for index, group in enumerate(self._list):
             first = group.rows - group.used
+            if group.chunk is None:
+                raise ValueError(f"staging group {index} has no buffer to reduce")
             parts = [*group.done, _row_stats(group.chunk[: group.used],
                                              group.bounds[2 * first:], group.bounded)]
             name = f"{prefix}:{index}"
