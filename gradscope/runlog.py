@@ -300,7 +300,6 @@ class RunLogWriter:
         self._loss_upto = -1
         self._seen: set[str] = set()
         self._modules = {name: i for i, name in enumerate(layout.module_types)}
-        self.bytes_written = 0
         self._header()
 
     def _write(self, text: str) -> None:
@@ -311,7 +310,6 @@ class RunLogWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self.bytes_written += len(data)
 
     def _header(self) -> None:
         self._write(json.dumps({

@@ -137,9 +137,9 @@ class TensorBoardExporter:
             return
         if math.isfinite(record.loss):
             w.add_scalar("gradscope/loss", record.loss, step)
-        grads = record.grad_norm[~np.isnan(record.grad_norm)]
-        if grads.size:
-            w.add_scalar("gradscope/grad_norm_total", float(np.sqrt(np.sum(grads ** 2))), step)
+        total = record.total_grad_norm()
+        if not math.isnan(total):
+            w.add_scalar("gradscope/grad_norm_total", total, step)
         for name, value in zip(layout.layers, record.layer_grad_norm(layout)):
             if not np.isnan(value):
                 w.add_scalar(f"grad_norm/{_tag(name)}", float(value), step)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..diagnosis import SEVERITY_RANK, Diagnosis
+from ..diagnosis import Diagnosis, by_severity
 from ..history import History, StepRecord
 from ..layout import ModelLayout
 
@@ -135,7 +135,7 @@ def log_bar(value: float, low: float, high: float, width: int = 12) -> str:
 
 def severity_sorted(diagnoses: Iterable[Diagnosis]) -> list[Diagnosis]:
     """Most severe first, then the earliest."""
-    return sorted(diagnoses, key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))
+    return by_severity(diagnoses)
 
 
 def _static(layout: ModelLayout, key: str, compute):

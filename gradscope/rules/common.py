@@ -10,7 +10,6 @@ import numpy as np
 from ..diagnosis import Cause
 from ..history import StepRecord
 from .base import Threshold
-from .context import RuleContext
 
 #: Thresholds most rules share.
 WINDOW = Threshold(
@@ -114,12 +113,3 @@ def median_finite(values: np.ndarray, axis: int | None = None) -> np.ndarray | f
     return float(median) if median.ndim == 0 else median
 
 
-def layer_kind(ctx: RuleContext, layer: str) -> str:
-    return ctx.layout.module_types.get(layer, "")
-
-
-def batch_size(records: Sequence[StepRecord]) -> int | None:
-    for r in reversed(records):
-        if r.data is not None and r.data.shape:
-            return int(r.data.shape[0])
-    return None

@@ -357,7 +357,7 @@ class ActivationCollector:
         size = len(self._order) * width
         if not rows:
             return np.zeros((len(self._order), width))
-        # bincount sums the values of each (row, column) cell: np.add.at, ~20x faster
+        # bincount sums the values of each (row, column) cell (much faster than np.add.at)
         flat = np.concatenate(rows) * width + np.concatenate(cols)
         return np.bincount(flat, weights=np.concatenate(values),
                            minlength=size).reshape(-1, width)

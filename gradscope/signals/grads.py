@@ -118,8 +118,8 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
             t = torch.stack([tensors[i] for i in members]).view(len(members), -1)
         l2.append(torch.linalg.vector_norm(t, dim=1))
         if with_max:
-            # aminmax along a dim is ~7x slower than a whole-tensor aminmax or than amax and
-            # amin along the dim (CPU kernels of torch 2.x)
+            # amax and amin along the dim: aminmax along a dim is the slow CPU kernel
+            # (timings in benchmarks/README.md, "Kernel choices")
             if len(members) == 1:
                 low, high = torch.aminmax(t)
             else:
