@@ -63,7 +63,7 @@ def _diagnosis_text(d: Diagnosis) -> str:
     if d.summary:
         lines.append(d.summary)
     if d.causes:
-        lines.append("Causes: " + ", ".join(f"`{c.id}` ({c.likelihood:.0%})" for c in d.causes))
+        lines.append("Causes: " + ", ".join(f"`{c.id}` ({c.likelihood:.2f})" for c in d.causes))
     if d.layers:
         lines.append("Layers: " + ", ".join(f"`{name}`" for name in d.layers[:12]))
     lines.extend(f"- {check}" for check in d.checks)

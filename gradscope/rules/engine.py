@@ -198,6 +198,8 @@ class RuleEngine:
 
     def _merge(self, rule: Rule, finding: Finding, step: int) -> Diagnosis | None:
         severity = finding.severity or rule.severity
+        finding.layers = list(dict.fromkeys(finding.layers))  # each name once
+        finding.evidence = {key: _once(value) for key, value in finding.evidence.items()}
         finding.causes = sorted(finding.causes, key=lambda c: -c.likelihood)
         finding.checks = checks_for(finding.causes, finding.checks)
         existing = self._active.get(rule.id)
@@ -227,3 +229,10 @@ class RuleEngine:
     def diagnoses(self) -> list[Diagnosis]:
         """Diagnoses that still hold (and every error), most severe first, then by first step."""
         return by_severity(self._active.values())
+
+
+def _once(value: Any) -> Any:
+    """A list of names with each name once (evidence lists name a module per finding)."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(dict.fromkeys(value))
+    return value
