@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .errors import GradscopeWarning
+from .guard import Guard
 from .history import StepRecord
-from .hooks import Guard, HookSet
+from .hooks import HookSet
 from .layout import ModelLayout
 from .losses import LossBuffer, any_nonfinite
 from .options import WatchOptions

@@ -17,8 +17,8 @@ from torch import nn
 from .diagnoser import Diagnoser
 from .diagnosis import Diagnosis
 from .errors import GradscopeError, GradscopeWarning
+from .guard import Guard
 from .history import History, StepRecord
-from .hooks import Guard
 from .layout import ModelLayout
 from .losses import LossBuffer, scalar_loss
 from .options import WatchOptions

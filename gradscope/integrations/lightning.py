@@ -28,7 +28,7 @@ except ImportError:  # the older package name
             "`pip install 'torch-gradscope[lightning]'` (or `pip install lightning`)."
         ) from err
 
-from ..hooks import Guard
+from ..guard import Guard
 from ..scope import Scope, watch
 from ._common import StepLoss, guarded, headline, torch_optimizer
 

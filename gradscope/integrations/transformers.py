@@ -30,7 +30,8 @@ except ImportError as err:
         "`pip install transformers`."
     ) from err
 
-from ..hooks import Guard, HookSet
+from ..guard import Guard
+from ..hooks import HookSet
 from ..scope import Scope, watch
 from ._common import StepLoss, guarded, torch_optimizer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 import torch
@@ -21,12 +22,25 @@ SAMPLE = 16384
 #: ...as SAMPLE // PIECE runs of PIECE consecutive elements spread over the tensor (a copy
 #: of a few whole cache lines each, instead of one scattered element per cache line).
 PIECE = 128
-#: Columns of the statistics each staged row yields (see `RowStage.put`).
-#: SUM is the sum of the row's values; NORM and CENTRED are the L2 norm and the sum of the
-#: values minus the row's first value, so that the variance keeps its precision when the
-#: values sit far from zero.
-SUM, NORM, NONZERO, NONFINITE, SATURATED, CENTRED = range(6)
-STATS = 6
+
+
+class RowStat(IntEnum):
+    """Columns of a staged row's statistics (one row per module output and call).
+
+    SUM is the sum of the row's values; NORM and CENTRED are the L2 norm and the sum of the
+    values minus the row's first value, so that the variance keeps its precision when the
+    values sit far from zero.
+    """
+
+    SUM = 0
+    NORM = 1
+    NONZERO = 2
+    NONFINITE = 3
+    SATURATED = 4
+    CENTRED = 5
+
+
+STATS = len(RowStat)
 #: Values one group holds at most before its full rows are reduced (bounds the memory of a
 #: module called many times per step, e.g. an unrolled recurrent cell).
 GROUP_VALUES = 1 << 22
