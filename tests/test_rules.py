@@ -258,7 +258,7 @@ def test_frozen_evidence_names_each_parameter_with_its_own_ratio():
     assert d.evidence["tiny_grad_example"] == "0.bias" and d.evidence["tiny_grad_params"] == 1
     assert d.evidence["tiny_grad_ratio"] == pytest.approx(1e-9)
     [cause] = [c for c in d.causes if c.id == "vanishing-gradients"]
-    assert "'0.bias': 1.0e-09" in cause.evidence and "0.1" not in cause.evidence
+    assert "'0.bias': 1.00e-09" in cause.evidence and "0.1" not in cause.evidence
 
 
 @pytest.mark.parametrize("cause, general", [

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..diagnosis import Cause
 from ..history import StepRecord
+from ..numbers import fmt as fmt  # the one number style, for the rules
 from .base import Threshold
 
 #: Thresholds most rules share.
@@ -19,20 +20,6 @@ WARMUP = Threshold(
     20, "steps at the start of training that warning rules ignore: early steps are "
     "transient (initial loss drop, optimizer state filling, learning-rate warm-up)")
 HEALTHY_UPDATE = 1e-3  # update/weight ratio of a healthily training layer (Karpathy, CS231n)
-
-
-def fmt(value: float) -> str:
-    """Compact number for evidence text.
-
-    Example:
-        >>> fmt(0.000123456), fmt(12.5), fmt(float("nan"))
-        ('1.2e-04', '12.5', 'nan')
-    """
-    if value is None or not math.isfinite(value):
-        return str(value)
-    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
-        return f"{value:.1e}"
-    return f"{value:.3g}"
 
 
 def usable(records: Sequence[StepRecord], warmup: float) -> list[StepRecord]:
