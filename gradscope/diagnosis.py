@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,3 +72,14 @@ class Diagnosis:
     def from_dict(cls, data: dict[str, Any]) -> Diagnosis:
         causes = [Cause(c["id"], float(c["likelihood"]), c["evidence"]) for c in data["causes"]]
         return cls(**{**data, "causes": causes})
+
+
+def by_severity(diagnoses: Iterable[Diagnosis]) -> list[Diagnosis]:
+    """Most severe first, then by first step, then by sign (the order every report uses).
+
+    Example:
+        >>> found = [Diagnosis("loss-flat", "info", "a"), Diagnosis("grad-none", "error", "b")]
+        >>> [d.sign for d in by_severity(found)]
+        ['grad-none', 'loss-flat']
+    """
+    return sorted(diagnoses, key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))

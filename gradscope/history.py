@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ class Ring:
         ([2, 3, 4], 4, [3, 4])
     """
 
-    def __init__(self, maxlen: int, dtype=np.float64) -> None:
+    def __init__(self, maxlen: int, dtype: type[np.generic] = np.float64) -> None:
         self.maxlen = maxlen
         self._data = np.zeros(maxlen, dtype=dtype)
         self._count = 0  # total ever appended
@@ -32,7 +33,7 @@ class Ring:
     def __len__(self) -> int:
         return min(self._count, self.maxlen)
 
-    def extend(self, values) -> None:
+    def extend(self, values: Iterable[float]) -> None:
         for value in values:
             self._data[self._count % self.maxlen] = value
             self._count += 1
@@ -45,10 +46,10 @@ class Ring:
             raise IndexError("ring index out of range")
         return (self._count - n + index) % self.maxlen
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Any:
         return self._data[self._slot(index)].item()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.array().tolist())
 
     def tail(self, count: int) -> np.ndarray:

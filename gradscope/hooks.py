@@ -1,16 +1,12 @@
-"""Registering hooks so that each one is removable and a failure inside it never stops training."""
+"""Registering hooks so that each one is removable (see gradscope.guard for their safety)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
-from collections.abc import Callable
-from typing import Any
 
 from torch.utils.hooks import RemovableHandle
 
-from .errors import GradscopeWarning
+from .guard import Guard  # its former home: still importable from here
 
 
 class HookSet:
@@ -40,52 +36,4 @@ class HookSet:
             with contextlib.suppress(Exception):  # removal must go on for every other handle
                 handle.remove()
 
-
-class Guard:
-    """Runs gradscope's hook bodies; an exception switches that piece off and is warned once.
-
-    Example:
-        >>> guard = Guard()
-        >>> def broken(): raise ValueError("boom")
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True):
-        ...     guard.call("activations", broken)
-        >>> guard.is_off("activations")
-        True
-    """
-
-    def __init__(self, kind: str = "signal") -> None:
-        self._kind = kind  # what a piece is, for the warning ("signal", "callback step")
-        self._off: dict[str, str] = {}
-
-    def is_off(self, piece: str) -> bool:
-        return piece in self._off
-
-    @property
-    def failures(self) -> dict[str, str]:
-        """The pieces switched off, with the error that switched each off."""
-        return dict(self._off)
-
-    def call(self, piece: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if piece in self._off:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # gradscope must never stop training
-            self._off[piece] = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"gradscope: the '{piece}' {self._kind} failed ({type(err).__name__}: {err}) "
-                "and is switched off for the rest of this run; training is not affected.",
-                GradscopeWarning,
-                stacklevel=2,
-            )
-            return None
-
-    def wrap(self, piece: str, fn: Callable[..., Any]) -> Callable[..., None]:
-        """A hook that calls `fn` under this guard and always returns None (never alters values)."""
-
-        @functools.wraps(fn)
-        def hook(*args: Any, **kwargs: Any) -> None:
-            self.call(piece, fn, *args, **kwargs)
-
-        return hook
+__all__ = ["Guard", "HookSet"]

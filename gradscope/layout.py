@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,14 @@ class ModelLayout:
     param_layer: list[int]
     module_names: list[str]
     module_types: dict[str, str]
-    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def static(self, key: str, compute):
+    def static(self, key: str, compute: Callable[[], T]) -> T:
         """A value derived from the layout once (layouts do not change)."""
         if key not in self.derived:
             self.derived[key] = compute()
-        return self.derived[key]
+        value: T = self.derived[key]
+        return value
 
     @property
     def owners(self) -> np.ndarray:
@@ -85,7 +90,7 @@ class ModelLayout:
     def param_names(self) -> list[str]:
         return [p.name for p in self.params]
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """A JSON-friendly description of the layout (for the run log header)."""
         return {
             "params": [

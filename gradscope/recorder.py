@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .errors import GradscopeWarning
+from .guard import Guard
 from .history import StepRecord
-from .hooks import Guard, HookSet
+from .hooks import HookSet
 from .layout import ModelLayout
 from .losses import LossBuffer, any_nonfinite
 from .options import WatchOptions
@@ -87,7 +88,17 @@ class StepRecorder:
         self._stepped = False
         self._prev_stepped = False
         self.recording = False
-        self._reset_step_state()
+        # per-step state, reset by _reset_step_state() after every step
+        self._read: set[int] = set()
+        self._read_early: set[int] = set()
+        self._held_grads: dict[int, torch.Tensor] = {}
+        self._grad_none = np.zeros(len(layout.params), dtype=bool)
+        self._stepping: dict[int, list[int]] = {}
+        self._orphans: list[int] | None = None
+        self._backward_count = 0
+        self._backward_tasks: set[int] = set()
+        self._stale_checked = False
+        self._loss_requires_grad: bool | None = None
 
     # ----------------------------------------------------------------- attach / detach
     def attach(self) -> None:
@@ -244,17 +255,16 @@ class StepRecorder:
 
     # ----------------------------------------------------------------- step lifecycle
     def _reset_step_state(self) -> None:
-        n = len(self.layout.params)
-        self._read: set[int] = set()
-        self._read_early: set[int] = set()
-        self._held_grads: dict[int, torch.Tensor] = {}
-        self._grad_none = np.zeros(n, dtype=bool)
-        self._stepping: dict[int, list[int]] = {}
-        self._orphans: list[int] | None = None
+        self._read = set()
+        self._read_early = set()
+        self._held_grads = {}
+        self._grad_none = np.zeros(len(self.layout.params), dtype=bool)
+        self._stepping = {}
+        self._orphans = None
         self._backward_count = 0
-        self._backward_tasks: set[int] = set()
+        self._backward_tasks = set()
         self._stale_checked = False
-        self._loss_requires_grad: bool | None = None
+        self._loss_requires_grad = None
 
     def will_record(self, step: int) -> bool:
         """Whether `step` is to be recorded (every `every`-th, or forced by a NaN/Inf loss)."""

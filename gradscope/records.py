@@ -8,6 +8,7 @@ read them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -186,6 +187,12 @@ class StepRecord:
         # one representation: statistics given as {module: ActivationStats} become a table
         if not isinstance(self.activations, ActivationTable):
             self.activations = ActivationTable.of(self.activations)
+
+    @property
+    def loss_given(self) -> bool:
+        """Whether a loss was given at this step: a NaN loss with no loss tensor given (no
+        grad information) is no loss, not a non-finite one."""
+        return self.loss_requires_grad is not None or not math.isnan(self.loss)
 
     @property
     def overflow(self) -> bool:

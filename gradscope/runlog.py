@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,7 +72,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, (float, np.floating)):
-        return _float(value)
+        return _float(float(value))
     if isinstance(value, np.ndarray):
         return [jsonable(v) for v in value.tolist()]
     if isinstance(value, dict):
@@ -163,7 +163,7 @@ def _decode_activations(raw: dict[str, Any], module_names: list[str]) -> Activat
 
 
 def _activation_from_json(data: dict[str, Any]) -> ActivationStats:
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(ActivationStats):
         raw = data.get(f.name)
         if f.name in ("input_nonfinite", "calls", "order"):
@@ -180,7 +180,7 @@ def _activation_from_json(data: dict[str, Any]) -> ActivationStats:
 def _data_from_json(data: dict[str, Any] | None) -> DataStats | None:
     if data is None:
         return None
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(DataStats):
         raw = data.get(f.name)
         if f.name == "shape":
@@ -300,7 +300,6 @@ class RunLogWriter:
         self._loss_upto = -1
         self._seen: set[str] = set()
         self._modules = {name: i for i, name in enumerate(layout.module_types)}
-        self.bytes_written = 0
         self._header()
 
     def _write(self, text: str) -> None:
@@ -311,7 +310,6 @@ class RunLogWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self.bytes_written += len(data)
 
     def _header(self) -> None:
         self._write(json.dumps({
@@ -343,13 +341,13 @@ class RunLogWriter:
                                     "values": [_float(v) for v in values]},
                                    separators=(",", ":")))
 
-    def on_record(self, record: StepRecord, changed: list[Diagnosis]) -> None:
+    def on_record(self, record: StepRecord, changed: Sequence[Diagnosis]) -> None:
         self._write_losses(exclude=record.step)
         self._loss_upto = max(self._loss_upto, record.step)
         self._write(encode_record(record, self._modules))
         self.on_diagnoses(record.step, changed)
 
-    def on_diagnoses(self, step: int, changed: list[Diagnosis]) -> None:
+    def on_diagnoses(self, step: int, changed: Sequence[Diagnosis]) -> None:
         """Write diagnosis events (new or changed) as of `step`."""
         if self._fd is None:
             return

@@ -7,6 +7,7 @@ import contextlib
 import sys
 import warnings
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,8 +17,8 @@ from torch import nn
 from .diagnoser import Diagnoser
 from .diagnosis import Diagnosis
 from .errors import GradscopeError, GradscopeWarning
+from .guard import Guard
 from .history import History, StepRecord
-from .hooks import Guard
 from .layout import ModelLayout
 from .losses import LossBuffer, scalar_loss
 from .options import WatchOptions
@@ -25,21 +26,25 @@ from .recorder import StepRecorder
 from .report.sinks import DiagnosisSink, Sink
 from .signals.distributed import is_rank_zero
 
+#: What watch() takes as `optimizer`: one torch optimizer, several, or none.
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+
 # model -> its open scope, both held weakly: a model nobody uses any more can be collected
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Scope]] = weakref.WeakKeyDictionary()
 
 
-def _as_optimizers(model: nn.Module, optimizer: Any) -> list[torch.optim.Optimizer]:
+def _as_optimizers(model: nn.Module, optimizer: Optimizers) -> list[torch.optim.Optimizer]:
     if optimizer is None:
         return []
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    given: list[Any] = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model_params = {id(p) for p in model.parameters()}
-    for opt in optimizers:
+    for opt in given:
         if not isinstance(opt, torch.optim.Optimizer):
             raise GradscopeError(
                 f"watch() expected a torch.optim.Optimizer (or a list of them) as optimizer, got "
                 f"{type(opt).__name__}; pass the optimizer that steps this model, or leave it out."
             )
+    optimizers: list[torch.optim.Optimizer] = given
     held = [
         any(id(p) in model_params for g in opt.param_groups for p in g["params"])
         for opt in optimizers
@@ -62,7 +67,7 @@ class Scope:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: Any = None, options: WatchOptions | None = None
+        self, model: nn.Module, optimizer: Optimizers = None, options: WatchOptions | None = None
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradscopeError(
@@ -310,7 +315,7 @@ class _CloseAtExit:
             scope.close()
 
 
-def watch(model: nn.Module, optimizer: Any = None, **options: Any) -> Scope:
+def watch(model: nn.Module, optimizer: Optimizers = None, **options: Any) -> Scope:
     """Attach gradscope to `model` (and the optimizer(s) that step it) and return a Scope.
 
     Options: live, every, log_dir, rules, disable_rules, thresholds, history_size,

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gradscope.diagnoser import Diagnoser
+from gradscope.guard import Guard
 from gradscope.history import History
-from gradscope.hooks import Guard
 from gradscope.layout import ModelLayout
 from gradscope.losses import MAX_PENDING, LossBuffer, scalar_loss
 from gradscope.options import WatchOptions

@@ -63,7 +63,7 @@ def test_report_orders_by_severity_and_shows_every_part():
     assert heads == ["ERROR", "WARNING", "INFO"]
     vanishing = text[text.index("ERROR"):text.index("WARNING")]
     assert vanishing.index("vanishing-gradients") < vanishing.index("saturated-activations")
-    assert "80%" in vanishing and "(2) embed, hidden" in vanishing
+    assert "vanishing-gradients   0.80 " in vanishing and "(2) embed, hidden" in vanishing
     assert "Add normalisation between layers" in vanishing
     assert "ratio 2.40e-06" in vanishing
     assert "1 error, 1 warning, 1 info" in text

@@ -258,4 +258,31 @@ def test_frozen_evidence_names_each_parameter_with_its_own_ratio():
     assert d.evidence["tiny_grad_example"] == "0.bias" and d.evidence["tiny_grad_params"] == 1
     assert d.evidence["tiny_grad_ratio"] == pytest.approx(1e-9)
     [cause] = [c for c in d.causes if c.id == "vanishing-gradients"]
-    assert "'0.bias': 1.0e-09" in cause.evidence and "0.1" not in cause.evidence
+    assert "'0.bias': 1.00e-09" in cause.evidence and "0.1" not in cause.evidence
+
+
+@pytest.mark.parametrize("cause, general", [
+    ("missing-zero-grad", "Call optimizer.zero_grad() (or model.zero_grad()) once per optimizer "
+                          "step, before the first backward of the step."),
+    ("missing-from-optimizer", "Build the optimizer from model.parameters() after the model is "
+                               "complete (layers added later are not in it)."),
+    ("invalid-math", "Look at the module named as origin: guard log/sqrt/division with a small "
+                     "epsilon or clamp, and keep exp/softmax inputs bounded."),
+])
+def test_check_lists_do_not_repeat_a_causes_advice(cause, general):
+    from gradscope import Cause
+    from gradscope.rules.advice import CAUSE_CHECKS, checks_for
+
+    other = "Check the learning rate of each param group."
+    checks = checks_for([Cause(cause, 1.0, "")], [general, other])
+    assert checks == [CAUSE_CHECKS[cause], other]
+
+
+def test_distinct_advice_is_kept():
+    from gradscope import Cause
+    from gradscope.rules.advice import CAUSE_CHECKS, checks_for
+
+    causes = [Cause("lr-too-high", 0.6, ""), Cause("exploding-gradients", 0.4, "")]
+    general = ["Inspect the batches at the spike steps."]
+    assert checks_for(causes, general) == [CAUSE_CHECKS["lr-too-high"],
+                                           CAUSE_CHECKS["exploding-gradients"], *general]

@@ -73,10 +73,7 @@ def headline(record: StepRecord, diagnoses: Sequence[Diagnosis]) -> dict[str, fl
         >>> figures["gradscope/grad_norm_total"] > 0, figures["gradscope/warnings"]
         (True, 0.0)
     """
-    grads = record.grad_norm[np.isfinite(record.grad_norm)]
-    total = float(np.sqrt(np.sum(np.square(grads)))) if grads.size else math.nan
-    if np.any(np.isinf(record.grad_norm)):
-        total = math.inf
+    total = record.total_grad_norm()
     ratios = record.update_ratio[np.isfinite(record.update_ratio)]
     return {
         "gradscope/grad_norm_total": total,

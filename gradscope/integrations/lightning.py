@@ -19,7 +19,9 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the older package name
     try:
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import (  # type: ignore[no-redef,assignment,unused-ignore]
+            Callback,
+        )
     except ImportError as err:
         raise ImportError(
             "gradscope.integrations.lightning needs PyTorch Lightning; install it with "
@@ -27,7 +29,7 @@ except ImportError:  # the older package name
         ) from err
 
 from ..checklist import Checkup
-from ..hooks import Guard
+from ..guard import Guard
 from ..scope import Scope, watch
 from ._common import StepLoss, guarded, headline, torch_optimizer
 

@@ -63,7 +63,7 @@ def _diagnosis_text(d: Diagnosis) -> str:
     if d.summary:
         lines.append(d.summary)
     if d.causes:
-        lines.append("Causes: " + ", ".join(f"`{c.id}` ({c.likelihood:.0%})" for c in d.causes))
+        lines.append("Causes: " + ", ".join(f"`{c.id}` ({c.likelihood:.2f})" for c in d.causes))
     if d.layers:
         lines.append("Layers: " + ", ".join(f"`{name}`" for name in d.layers[:12]))
     lines.extend(f"- {check}" for check in d.checks)
@@ -86,8 +86,10 @@ class TensorBoardExporter:
 
     def __init__(self, writer_or_log_dir: Any, all_ranks: bool = False) -> None:
         self._active = all_ranks or is_rank_zero()
-        self._writer, self._owned = (_open_writer(writer_or_log_dir) if self._active
-                                     else (None, False))
+        self._writer: Any = None
+        self._owned = False
+        if self._active:
+            self._writer, self._owned = _open_writer(writer_or_log_dir)
         self._layout: ModelLayout | None = None
         self._current: Callable[[], list[Diagnosis]] = list
 
@@ -135,9 +137,9 @@ class TensorBoardExporter:
             return
         if math.isfinite(record.loss):
             w.add_scalar("gradscope/loss", record.loss, step)
-        grads = record.grad_norm[~np.isnan(record.grad_norm)]
-        if grads.size:
-            w.add_scalar("gradscope/grad_norm_total", float(np.sqrt(np.sum(grads ** 2))), step)
+        total = record.total_grad_norm()
+        if not math.isnan(total):
+            w.add_scalar("gradscope/grad_norm_total", total, step)
         for name, value in zip(layout.layers, record.layer_grad_norm(layout)):
             if not np.isnan(value):
                 w.add_scalar(f"grad_norm/{_tag(name)}", float(value), step)

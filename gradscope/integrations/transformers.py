@@ -31,7 +31,8 @@ except ImportError as err:
     ) from err
 
 from ..checklist import Checkup
-from ..hooks import Guard, HookSet
+from ..guard import Guard
+from ..hooks import HookSet
 from ..scope import Scope, watch
 from ..signals.distributed import is_rank_zero
 from ._common import StepLoss, guarded, torch_optimizer

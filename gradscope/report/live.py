@@ -203,7 +203,7 @@ class LiveView:
     def _width(self) -> int:
         return max(min(self.console.width, 100), 60)
 
-    def on_record(self, record: StepRecord, changed: list[Diagnosis]) -> None:
+    def on_record(self, record: StepRecord, changed: Sequence[Diagnosis]) -> None:
         if self.mode == "lines":
             self._print_lines(record, changed)
             return
@@ -224,17 +224,17 @@ class LiveView:
             with contextlib.suppress(Exception):
                 live.stop()
 
-    def on_diagnoses(self, step: int, changed: list[Diagnosis]) -> None:
+    def on_diagnoses(self, step: int, changed: Sequence[Diagnosis]) -> None:
         """Diagnoses found outside a recorded step (the rules catching up at close)."""
         if self.mode == "lines":
             self._print_step_lines(step, changed)
         else:
             self._dirty = True
 
-    def _print_lines(self, record: StepRecord, changed: list[Diagnosis]) -> None:
+    def _print_lines(self, record: StepRecord, changed: Sequence[Diagnosis]) -> None:
         self._print_step_lines(record.step, changed)
 
-    def _print_step_lines(self, step: int, changed: list[Diagnosis]) -> None:
+    def _print_step_lines(self, step: int, changed: Sequence[Diagnosis]) -> None:
         for d in changed:
             key = d.rule or d.sign
             new = key not in self._seen

@@ -66,7 +66,7 @@ def diagnosis_block(d: Diagnosis) -> RenderableType:
     if d.summary:
         body.append(Text(d.summary))
     if d.causes:
-        body.append(Text("Likely causes", style="bold"))
+        body.append(Text.assemble(("Likely causes", "bold"), (" (score)", "dim")))
         rows = Table.grid(padding=(0, 1))
         rows.add_column(justify="right", no_wrap=True)
         rows.add_column(no_wrap=True)
@@ -74,7 +74,7 @@ def diagnosis_block(d: Diagnosis) -> RenderableType:
         rows.add_column(overflow="fold")
         for rank, cause in enumerate(d.causes, 1):
             rows.add_row(f"{rank}.", Text(cause.id, style="bold" if rank == 1 else ""),
-                         f"{cause.likelihood * 100:.0f}%", Text(cause.evidence, style="dim"))
+                         f"{cause.likelihood:.2f}", Text(cause.evidence, style="dim"))
         body.append(Padding(rows, (0, 0, 0, 2)))
     facts = Table.grid(padding=(0, 1))
     facts.add_column(no_wrap=True, style="bold")

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..diagnosis import SEVERITY_RANK, Diagnosis
+from ..diagnosis import Diagnosis, by_severity
 from ..history import History, StepRecord
 from ..layout import ModelLayout
+from ..numbers import fmt as fmt  # the one number style, for the reporters
 
 #: Update/weight ratio around which training usually moves at a healthy pace.
 UPDATE_RATIO_REFERENCE = 1e-3
@@ -22,27 +23,6 @@ UPDATE_RATIO_REFERENCE = 1e-3
 UPDATE_RATIO_BAND = (1e-4, 1e-2)
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    """A short, fixed-style number: '-' when missing, scientific outside [1e-3, 1e5).
-
-    Example:
-        >>> fmt(0.012345), fmt(2.5e-9), fmt(float("nan")), fmt(float("inf")), fmt(0)
-        ('0.0123', '2.50e-09', '-', 'inf', '0')
-    """
-    if value is None:
-        return "-"
-    value = float(value)
-    if math.isnan(value):
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if value == 0:
-        return "0"
-    if 1e-3 <= abs(value) < 1e5:
-        return f"{value:.{digits}g}"
-    return f"{value:.{max(digits - 1, 1)}e}"
 
 
 def fmt_frac(value: float | None) -> str:
@@ -135,7 +115,7 @@ def log_bar(value: float, low: float, high: float, width: int = 12) -> str:
 
 def severity_sorted(diagnoses: Iterable[Diagnosis]) -> list[Diagnosis]:
     """Most severe first, then the earliest."""
-    return sorted(diagnoses, key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))
+    return by_severity(diagnoses)
 
 
 def _static(layout: ModelLayout, key: str, compute):

@@ -20,7 +20,8 @@ def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
         over = set(r.modules_over(field, limit)) - {_output_module(r)}
         names = over if names is None else names & over
     last = records[-1].modules_over(field, limit)
-    return sorted(((n, last[n]) for n in names or ()), key=lambda x: -x[1])
+    order = {n: i for i, n in enumerate(records[-1].activations)}  # ties: in forward order
+    return sorted(((n, last[n]) for n in names or ()), key=lambda x: (-x[1], order[x[0]]))
 
 
 def _persistent_worst(ctx: RuleContext, field: str, limit: float):

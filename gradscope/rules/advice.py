@@ -3,6 +3,8 @@ before a rule's own general checks."""
 
 from __future__ import annotations
 
+import re
+
 from ..diagnosis import Cause
 
 CAUSE_CHECKS: dict[str, str] = {
@@ -55,7 +57,8 @@ MAX_CHECKS = 4
 
 
 def checks_for(causes: list[Cause], general: list[str]) -> list[str]:
-    """Advice for the likely causes, in rank order, then the rule's general checks.
+    """Advice for the likely causes, in rank order, then the rule's general checks that do
+    not repeat it.
 
     Example:
         >>> checks_for([Cause("missing-zero-grad", 1.0, "")], ["General advice."])[0][:22]
@@ -63,5 +66,35 @@ def checks_for(causes: list[Cause], general: list[str]) -> list[str]:
     """
     specific = [CAUSE_CHECKS[c.id] for c in causes
                 if c.likelihood >= MIN_LIKELIHOOD and c.id in CAUSE_CHECKS]
-    merged = list(dict.fromkeys(specific + list(general)))
+    merged = list(dict.fromkeys(specific))
+    for check in general:  # a general check that repeats a cause's advice adds nothing
+        if not any(same_advice(check, kept) for kept in merged):
+            merged.append(check)
     return merged[:MAX_CHECKS]
+
+
+#: Share of one check's words found in another above which they give the same advice.
+SAME_ADVICE = 0.7
+
+
+def same_advice(a: str, b: str) -> bool:
+    """Whether two checks say the same thing (most words of the shorter one, asides in
+    parentheses and short words left out, are in the other).
+
+    Example:
+        >>> same_advice("Call optimizer.zero_grad() once per optimizer step.",
+        ...             "Call optimizer.zero_grad() (or model.zero_grad()) once per step.")
+        True
+        >>> same_advice("Lower the learning rate.", "Normalise the inputs.")
+        False
+    """
+    words_a, words_b = _words(a), _words(b)
+    if not words_a or not words_b:
+        return a == b
+    shared = len(words_a & words_b)
+    return shared / min(len(words_a), len(words_b)) >= SAME_ADVICE
+
+
+def _words(text: str) -> set[str]:
+    plain = re.sub(r"\([^()]*(\([^()]*\)[^()]*)*\)", " ", text.lower())
+    return {w for w in (t.strip(".,;:!?'\"") for t in plain.split()) if len(w) > 3}

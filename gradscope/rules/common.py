@@ -9,8 +9,8 @@ import numpy as np
 
 from ..diagnosis import Cause
 from ..history import StepRecord
+from ..numbers import fmt as fmt  # the one number style, for the rules
 from .base import Threshold
-from .context import RuleContext
 
 #: Thresholds most rules share.
 WINDOW = Threshold(
@@ -20,20 +20,6 @@ WARMUP = Threshold(
     20, "steps at the start of training that warning rules ignore: early steps are "
     "transient (initial loss drop, optimizer state filling, learning-rate warm-up)")
 HEALTHY_UPDATE = 1e-3  # update/weight ratio of a healthily training layer (Karpathy, CS231n)
-
-
-def fmt(value: float) -> str:
-    """Compact number for evidence text.
-
-    Example:
-        >>> fmt(0.000123456), fmt(12.5), fmt(float("nan"))
-        ('1.2e-04', '12.5', 'nan')
-    """
-    if value is None or not math.isfinite(value):
-        return str(value)
-    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
-        return f"{value:.1e}"
-    return f"{value:.3g}"
 
 
 def usable(records: Sequence[StepRecord], warmup: float) -> list[StepRecord]:
@@ -114,12 +100,3 @@ def median_finite(values: np.ndarray, axis: int | None = None) -> np.ndarray | f
     return float(median) if median.ndim == 0 else median
 
 
-def layer_kind(ctx: RuleContext, layer: str) -> str:
-    return ctx.layout.module_types.get(layer, "")
-
-
-def batch_size(records: Sequence[StepRecord]) -> int | None:
-    for r in reversed(records):
-        if r.data is not None and r.data.shape:
-            return int(r.data.shape[0])
-    return None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..history import History, StepRecord
 from ..layout import ModelLayout
+
+T = TypeVar("T")
 
 #: How many recent recorded steps rules may look at (bounds the cost of an evaluation).
 LOOKBACK = 16
@@ -18,9 +20,9 @@ LOSS_LOOKBACK = 256
 
 
 class RuleContext:
-    """What a rule reads: recent records stacked into arrays, the first records, the losses.
-
-    Arrays are computed once per evaluation and shared by all rules.
+    """What a rule reads: the recent and the first records, the losses, the layout and the
+    rule's thresholds (`t`). Values derived from them (`memo`) are computed once per
+    evaluation and shared by all rules.
 
     Example:
         >>> import torch
@@ -40,11 +42,12 @@ class RuleContext:
         """The same view with another rule's thresholds (shares the derived arrays)."""
         return RuleContext(self.history, thresholds, self._shared)
 
-    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+    def memo(self, key: str, compute: Callable[[], T]) -> T:
         """A value derived once per evaluation and shared by every rule."""
         if key not in self._shared:
             self._shared[key] = compute()
-        return self._shared[key]
+        value: T = self._shared[key]
+        return value
 
     @property
     def records(self) -> list[StepRecord]:
@@ -61,8 +64,7 @@ class RuleContext:
         def compute() -> list[StepRecord]:
             out = []
             for r in self.records:
-                loss_given = r.loss_requires_grad is not None or not math.isnan(r.loss)
-                if (loss_given and not math.isfinite(r.loss)) or not r.weights_finite():
+                if (r.loss_given and not math.isfinite(r.loss)) or not r.weights_finite():
                     break
                 out.append(r)
             return out
@@ -74,50 +76,14 @@ class RuleContext:
         return self.records[-1] if self.records else None
 
     @property
-    def steps(self) -> np.ndarray:
-        return self.memo("steps", lambda: np.array([r.step for r in self.records],
-                                                   dtype=np.int64))
-
-    @property
-    def layer_grad(self) -> np.ndarray:
-        """[records x layers] gradient L2 norm per layer."""
-        return self.memo("layer_grad", lambda: self._stack(
-            lambda r: r.layer_grad_norm(self.layout), len(self.layout.layers)))
-
-    @property
-    def layer_weight(self) -> np.ndarray:
-        """[records x layers] parameter L2 norm per layer."""
-        return self.memo("layer_weight", lambda: self._stack(
-            lambda r: r.layer_param_norm(self.layout), len(self.layout.layers)))
-
-    @property
-    def layer_update(self) -> np.ndarray:
-        """[records x layers] largest sampled update/weight ratio per layer."""
-        return self.memo("layer_update", lambda: self._stack(
-            lambda r: r.layer_update_ratio(self.layout), len(self.layout.layers)))
-
-    @property
-    def total_grad(self) -> np.ndarray:
-        """Global gradient L2 norm per record (NaN where no gradient was measured)."""
-        return self.memo("total_grad", lambda: np.array(
-            [r.total_grad_norm() for r in self.records]))
-
-    def _stack(self, get, width: int) -> np.ndarray:
-        if not self.records:
-            return np.zeros((0, width))
-        return np.vstack([get(r) for r in self.records])
-
-    def loss_tail(self, count: int = LOSS_LOOKBACK) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, losses) of the last `count` steps whose loss is known."""
-        return self.history.loss_steps.tail(count), self.history.loss_values.tail(count)
-
-    @property
     def losses(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.memo("losses", self.loss_tail)
+        """(steps, losses) of the last LOSS_LOOKBACK steps whose loss is known."""
+        return self.memo("losses", lambda: (self.history.loss_steps.tail(LOSS_LOOKBACK),
+                                            self.history.loss_values.tail(LOSS_LOOKBACK)))
 
-    def layer_names(self, indices) -> list[str]:
+    def layer_names(self, indices: Iterable[int | np.integer[Any]]) -> list[str]:
         """Layer names for layer indices, in model order."""
         return [self.layout.layers[i] or "(root)" for i in sorted(set(int(i) for i in indices))]
 
-    def param_names(self, indices) -> list[str]:
+    def param_names(self, indices: Iterable[int | np.integer[Any]]) -> list[str]:
         return [self.layout.params[i].name for i in sorted(set(int(i) for i in indices))]

@@ -18,25 +18,25 @@ EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
       causes=("data-nonfinite", "data-scale", "data-dtype"))
 def data_suspect(ctx: RuleContext) -> Finding | None:
     """Inputs hold NaN/Inf, come as integers to a model without embeddings, or are huge."""
-    records = [r for r in ctx.records if r.data is not None]
-    if not records:
+    inputs = [(r.step, r.data) for r in ctx.records if r.data is not None]
+    if not inputs:
         return None
-    nonfinite = [r for r in records if r.data.nonfinite > 0]
+    nonfinite = [(step, d) for step, d in inputs if d.nonfinite > 0]
     window = int(ctx.t["window"])
-    tail = records[-window:] if len(records) >= window else []
+    tail = inputs[-window:] if len(inputs) >= window else []
     has_embedding = ctx.layout.static("has_embedding", lambda: any(
         t in EMBEDDING_TYPES for t in ctx.layout.module_types.values()))
-    wrong_dtype = bool(tail) and not has_embedding and all(not r.data.is_float for r in tail)
+    wrong_dtype = bool(tail) and not has_embedding and all(not d.is_float for _, d in tail)
     huge = bool(tail) and all(
-        r.data.is_float and max(abs(r.data.min), abs(r.data.max)) > ctx.t["scale"] for r in tail)
+        d.is_float and max(abs(d.min), abs(d.max)) > ctx.t["scale"] for _, d in tail)
     if not (nonfinite or wrong_dtype or huge):
         return None
-    last = (nonfinite or tail)[-1].data
+    last = (nonfinite or tail)[-1][1]
     scores = []
     if nonfinite:
         scores.append(("data-nonfinite", 2.0,
                        f"{last.nonfinite} NaN/Inf value(s) in the input at step "
-                       f"{nonfinite[-1].step}"))
+                       f"{nonfinite[-1][0]}"))
     if wrong_dtype:
         scores.append(("data-dtype", 1.0,
                        f"inputs arrive as {last.dtype} and the model has no embedding layer"))
@@ -45,11 +45,11 @@ def data_suspect(ctx: RuleContext) -> Finding | None:
         scores.append(("data-scale", 1.0,
                        f"inputs reach |x| = {fmt(peak)} (mean {fmt(last.mean)}, std "
                        f"{fmt(last.std)}); normalised data stays within a few units"))
-    first = (nonfinite or tail)[0]
+    first_step = (nonfinite or tail)[0][0]
     return Finding(
         summary=f"input batch: {scores[0][2]}",
         causes=ranked(scores), severity="error" if nonfinite else None,
-        first_step=first.step,
+        first_step=first_step,
         evidence={"dtype": last.dtype, "min": last.min, "max": last.max, "mean": last.mean,
                   "std": last.std, "nonfinite": last.nonfinite},
         checks=[

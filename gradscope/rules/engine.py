@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..diagnosis import SEVERITY_RANK, Diagnosis
+from ..diagnosis import SEVERITY_RANK, Diagnosis, by_severity
 from ..errors import GradscopeError, GradscopeWarning
 from ..history import History, StepRecord, history_up_to
 from ..layout import ModelLayout
@@ -64,8 +64,7 @@ class RuleCadence:
 def shows_nonfinite(record: StepRecord) -> bool:
     """Whether a record holds NaN/Inf in its loss, gradients, weights or activations (a
     NaN loss with no loss tensor given counts as no loss, as in the rules)."""
-    loss_given = record.loss_requires_grad is not None or not math.isnan(record.loss)
-    return bool((loss_given and not math.isfinite(record.loss))
+    return bool((record.loss_given and not math.isfinite(record.loss))
                 or np.any(record.grad_nonfinite) or record.nonfinite_origin is not None
                 or bool(record.modules_over("nonfinite_frac", 0.0))
                 or not record.weights_finite())
@@ -127,7 +126,8 @@ class RuleEngine:
         return dict(self._values[rule_id])
 
     def evaluate(self, history: History) -> list[tuple[Rule, Finding]]:
-        """Run every enabled rule once on `history` (pure: changes no engine state)."""
+        """Run every enabled rule once on `history`; a rule that raises is switched off for
+        the rest of the run (the only engine state this changes)."""
         base = RuleContext(history)
         found = []
         for rule in self.rules:
@@ -176,7 +176,8 @@ class RuleEngine:
             except Exception:  # the full evaluation reports failures; this is best effort
                 return finding
             if found is not None:
-                first = found.first_step if found.first_step is not None else earlier.last.step
+                first = (found.first_step if found.first_step is not None
+                         else earlier.last.step if earlier.last is not None else 0)
                 if finding.first_step is None or first < finding.first_step:
                     finding.first_step = first
                 return finding
@@ -197,6 +198,8 @@ class RuleEngine:
 
     def _merge(self, rule: Rule, finding: Finding, step: int) -> Diagnosis | None:
         severity = finding.severity or rule.severity
+        finding.layers = list(dict.fromkeys(finding.layers))  # each name once
+        finding.evidence = {key: _once(value) for key, value in finding.evidence.items()}
         finding.causes = sorted(finding.causes, key=lambda c: -c.likelihood)
         finding.checks = checks_for(finding.causes, finding.checks)
         existing = self._active.get(rule.id)
@@ -225,9 +228,11 @@ class RuleEngine:
 
     def diagnoses(self) -> list[Diagnosis]:
         """Diagnoses that still hold (and every error), most severe first, then by first step."""
-        return sorted(self._active.values(),
-                      key=lambda d: (-SEVERITY_RANK[d.severity], d.first_step, d.sign))
+        return by_severity(self._active.values())
 
-    def replace_diagnoses(self, diagnoses: list[Diagnosis]) -> None:
-        """Load diagnoses (e.g. from a run log) as the engine's state."""
-        self._active = {d.rule or d.sign: d for d in diagnoses}
+
+def _once(value: Any) -> Any:
+    """A list of names with each name once (evidence lists name a module per finding)."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(dict.fromkeys(value))
+    return value

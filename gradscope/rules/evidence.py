@@ -38,7 +38,7 @@ def fastest_update_ratio(ctx: RuleContext, records: Sequence[StepRecord]) -> flo
     values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
     if not values:
         return float("nan")
-    per_layer = median_finite(np.vstack(values), axis=0)
+    per_layer = np.asarray(median_finite(np.vstack(values), axis=0))
     finite = per_layer[np.isfinite(per_layer)]
     return float(finite.max()) if finite.size else float("nan")
 
@@ -118,12 +118,12 @@ def data_scale(records: Sequence[StepRecord], limit: float) -> Score:
 
 
 def data_nonfinite(records: Sequence[StepRecord]) -> Score:
-    bad = [r for r in records if r.data is not None and r.data.nonfinite > 0]
+    bad = [(r.step, r.data) for r in records if r.data is not None and r.data.nonfinite > 0]
     if not bad:
         return ("data-nonfinite", 0.0, "")
+    step, data = bad[0]
     return ("data-nonfinite", 3.0,
-            f"the input batch already held {bad[0].data.nonfinite} NaN/Inf values at step "
-            f"{bad[0].step}")
+            f"the input batch already held {data.nonfinite} NaN/Inf values at step {step}")
 
 
 def frozen_by_optimizer(ctx: RuleContext, records: Sequence[StepRecord]) -> Score:

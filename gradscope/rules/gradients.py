@@ -105,8 +105,9 @@ def grad_vanishing(ctx: RuleContext) -> Finding | None:
     if len(records) < window:
         return None
     recs = records[-window:]
-    ends = [_first_last_grad(ctx, r) for r in recs]
-    if any(e is None for e in ends):
+    found = [_first_last_grad(ctx, r) for r in recs]
+    ends = [e for e in found if e is not None]
+    if len(ends) < len(found):
         return None
     first = np.array([e[0] for e in ends])
     with np.errstate(divide="ignore", invalid="ignore"):

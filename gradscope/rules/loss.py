@@ -106,8 +106,8 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
     ratio = ev.update_ratio_median(ctx, records)
     return Finding(
         summary=(f"loss averaged {fmt(early)} over the first {START_STEPS} steps and "
-                 f"{fmt(late)} over the last {RECENT_STEPS} (of {count}): a "
-                 f"{fmt(100 * drop)}% change, within batch noise (t = {fmt(t_stat)})"),
+                 f"{fmt(late)} over the last {RECENT_STEPS} (of {count}): "
+                 f"{_change_text(drop)}, within batch noise (t = {fmt(t_stat)})"),
         causes=causes,
         evidence={"loss_early": early, "loss_recent": late, "relative_change": drop,
                   "t": t_stat,
@@ -147,7 +147,7 @@ def loss_nonfinite(ctx: RuleContext) -> Finding | None:
     if around:
         scores.append(ev.data_nonfinite(around))
         origin = next((r for r in around if r.nonfinite_origin is not None), None)
-        if origin is not None:
+        if origin is not None and origin.nonfinite_origin is not None:
             module = origin.nonfinite_origin
             kind = ctx.layout.module_types.get(module, "module")
             weights_bad = _weights_nonfinite(ctx, origin, module)
@@ -184,6 +184,11 @@ def loss_nonfinite(ctx: RuleContext) -> Finding | None:
             "(clip_grad_norm_) and add normalisation.",
         ],
     )
+
+
+def _change_text(drop: float) -> str:
+    """A relative drop as words: 'a 3.2% drop', or 'a 5.28% rise' when the loss went up."""
+    return f"a {fmt(100 * abs(drop))}% {'drop' if drop >= 0 else 'rise'}"
 
 
 def _weights_nonfinite(ctx: RuleContext, record, module: str) -> bool:

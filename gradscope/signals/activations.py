@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
@@ -10,19 +11,15 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from ..hooks import Guard, HookSet
+from ..guard import Guard
+from ..hooks import HookSet
 from ..records import FLOAT_FIELDS, ActivationStats, ActivationTable
 from .reduce import nonfinite_count
 from .staging import (
-    CENTRED,
-    NONFINITE,
-    NONZERO,
-    NORM,
     SAMPLE,
-    SATURATED,
     SATURATION_MARGIN,
-    SUM,
     RowStage,
+    RowStat,
 )
 from .transfer import DeviceBatch
 
@@ -36,8 +33,18 @@ RECENT = 4
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
 CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 
-# Per-module accumulator columns (float64 on the host, summed over the calls of a step).
-A_SUM, A_SUMSQ, A_ZEROS, A_NONFINITE, A_SATURATED, A_IN_NONFINITE, A_DEAD = range(7)
+
+class ModuleAcc(IntEnum):
+    """Per-module accumulator columns (float64 on the host, summed over the calls of a step)."""
+
+    SUM = 0
+    SUMSQ = 1
+    ZEROS = 2
+    NONFINITE = 3
+    SATURATED = 4
+    IN_NONFINITE = 5
+    DEAD = 6
+
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -252,7 +259,7 @@ class ActivationCollector:
         in_place = any(t is primary for t in inputs)
         if not in_place:
             for t in inputs:
-                self._nonfinite_count(t, row, A_IN_NONFINITE)
+                self._nonfinite_count(t, row, ModuleAcc.IN_NONFINITE)
         rest = outputs
         peak = self._record_units(name, x) if relu and x.dim() >= 1 else None
         if leaf and x.layout is torch.strided:
@@ -262,7 +269,7 @@ class ActivationCollector:
             self._moments += (row, handle, size)
             if numel <= SAMPLE:  # the staged row is the whole output: its count is exact
                 self._remember(primary, handle)
-                self._staged_counts += (row, A_NONFINITE, handle)
+                self._staged_counts += (row, ModuleAcc.NONFINITE, handle)
                 rest = outputs[1:]
             elif peak is not None and x.device.type == "cpu" and len(outputs) == 1:
                 # a ReLU output holds no -inf, so NaN/Inf can only sit in units whose
@@ -270,13 +277,13 @@ class ActivationCollector:
                 # (selecting them by value is a host operation on CPU tensors, no transfer)
                 count = self._count_in_units(x, peak)
                 self._remember(primary, count)
-                self._nonfinite_count(primary, row, A_NONFINITE)
+                self._nonfinite_count(primary, row, ModuleAcc.NONFINITE)
                 rest = ()
         for t in rest:
-            self._nonfinite_count(t, row, A_NONFINITE)
+            self._nonfinite_count(t, row, ModuleAcc.NONFINITE)
         if in_place:
             for t in inputs:
-                self._nonfinite_count(t, row, A_IN_NONFINITE)
+                self._nonfinite_count(t, row, ModuleAcc.IN_NONFINITE)
 
     def _unit_dims(self, x: torch.Tensor) -> tuple[list[int], int]:
         """The dims a unit's values span, and the unit dim: channels (dim 1) for conv maps
@@ -311,7 +318,7 @@ class ActivationCollector:
         for (name, units), active in self._active.items():
             counts = self._counts.setdefault(active.device, _Counts())
             counts.tensors.append(torch.count_nonzero(active))
-            counts.slots += (self._order[name], A_DEAD, -1, units)
+            counts.slots += (self._order[name], ModuleAcc.DEAD, -1, units)
         self._fields = []
         for index, (device, counts) in enumerate(self._counts.items()):
             field = f"act:{index}:counts"
@@ -337,13 +344,14 @@ class ActivationCollector:
             # far from zero), then n (var + mean^2) as its sum of squares in float64: for a
             # single call the mean^2 cancels exactly again in results()
             with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                mean = stats[:, SUM] / sizes
-                offset = stats[:, CENTRED] / sizes
-                var = np.maximum(stats[:, NORM] ** 2 / sizes - offset * offset, 0.0)
+                mean = stats[:, RowStat.SUM] / sizes
+                offset = stats[:, RowStat.CENTRED] / sizes
+                var = np.maximum(stats[:, RowStat.NORM] ** 2 / sizes - offset * offset, 0.0)
                 squares = sizes * (var + mean * mean)
-            for column, value in ((A_SUM, stats[:, SUM]), (A_SUMSQ, squares),
-                                  (A_ZEROS, sizes - stats[:, NONZERO]),
-                                  (A_SATURATED, stats[:, SATURATED])):
+            for column, value in ((ModuleAcc.SUM, stats[:, RowStat.SUM]),
+                                  (ModuleAcc.SUMSQ, squares),
+                                  (ModuleAcc.ZEROS, sizes - stats[:, RowStat.NONZERO]),
+                                  (ModuleAcc.SATURATED, stats[:, RowStat.SATURATED])):
                 rows.append(where)
                 cols.append(np.full(len(where), column, dtype=np.int64))
                 values.append(value)
@@ -352,12 +360,12 @@ class ActivationCollector:
                                                dtype=np.int64).reshape(-1, 3).T
             rows.append(where)
             cols.append(columns)
-            values.append(staged.gather(handles)[:, NONFINITE])
-        width = A_DEAD + 1
+            values.append(staged.gather(handles)[:, RowStat.NONFINITE])
+        width = ModuleAcc.DEAD + 1
         size = len(self._order) * width
         if not rows:
             return np.zeros((len(self._order), width))
-        # bincount sums the values of each (row, column) cell: np.add.at, ~20x faster
+        # bincount sums the values of each (row, column) cell (much faster than np.add.at)
         flat = np.concatenate(rows) * width + np.concatenate(cols)
         return np.bincount(flat, weights=np.concatenate(values),
                            minlength=size).reshape(-1, width)
@@ -378,17 +386,17 @@ class ActivationCollector:
         unit_count = np.array([max(units.get(name, 0), 1) for name in names], dtype=np.float64)
         floats = np.empty((len(names), len(FLOAT_FIELDS)))
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
-            mean = acc[:, A_SUM] / n
-            var = acc[:, A_SUMSQ] / n - mean * mean
+            mean = acc[:, ModuleAcc.SUM] / n
+            var = acc[:, ModuleAcc.SUMSQ] / n - mean * mean
             var = np.where(var < 0.0, 0.0, var)  # clamp at 0; NaN stays NaN
             floats[:, 0] = np.where(leaf, mean, np.nan)
             floats[:, 1] = np.where(leaf, np.sqrt(var), np.nan)
-        floats[:, 2] = np.where(leaf, acc[:, A_ZEROS] / n, np.nan)
-        floats[:, 3] = acc[:, A_NONFINITE] / n_out
-        floats[:, 4] = acc[:, A_SATURATED] / n
-        floats[:, 5] = np.where(has_dead, acc[:, A_DEAD] / unit_count, np.nan)
+        floats[:, 2] = np.where(leaf, acc[:, ModuleAcc.ZEROS] / n, np.nan)
+        floats[:, 3] = acc[:, ModuleAcc.NONFINITE] / n_out
+        floats[:, 4] = acc[:, ModuleAcc.SATURATED] / n
+        floats[:, 5] = np.where(has_dead, acc[:, ModuleAcc.DEAD] / unit_count, np.nan)
         ints = np.empty((len(names), 3), dtype=np.int64)
-        ints[:, 0] = acc[:, A_IN_NONFINITE]
+        ints[:, 0] = acc[:, ModuleAcc.IN_NONFINITE]
         ints[:, 1] = [self._calls.get(name, 0) for name in names]
         ints[:, 2] = np.arange(len(names))
         bounded = np.array([self._bounded[name] for name in names], dtype=bool)

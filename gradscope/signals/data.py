@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,16 @@ from ..records import DataStats
 from .reduce import CPU_SHARED_CAST, moments, sum_and_sumsq
 from .transfer import DeviceBatch
 
-COUNT, MIN, MAX, SUM, SUMSQ, NONFINITE = range(6)
+
+class InputStat(IntEnum):
+    """Columns of the input-statistics vector: [count, min, max, sum, sum of squares, NaN/Inf]."""
+
+    COUNT = 0
+    MIN = 1
+    MAX = 2
+    SUM = 3
+    SUMSQ = 4
+    NONFINITE = 5
 
 
 def first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -39,7 +49,8 @@ def _large_cpu_stats(x: torch.Tensor) -> torch.Tensor:
     """
     f64 = torch.float64
     inf = float("inf")
-    total, squares, _, nonfinite = moments(x)
+    total, squares, _, counted = moments(x)
+    nonfinite = counted if counted is not None else (~torch.isfinite(x)).sum()
     low, high = torch.aminmax(x)
     # the whole batch as one row when it holds NaN/Inf, else no row at all
     flat = x.reshape(1, -1)
@@ -100,12 +111,12 @@ class DataCollector:
             self._meta = (str(x.dtype).replace("torch.", ""), tuple(x.shape), is_float)
         else:
             self._acc = torch.stack([
-                self._acc[COUNT] + vector[COUNT],
-                torch.minimum(self._acc[MIN], vector[MIN]),
-                torch.maximum(self._acc[MAX], vector[MAX]),
-                self._acc[SUM] + vector[SUM],
-                self._acc[SUMSQ] + vector[SUMSQ],
-                self._acc[NONFINITE] + vector[NONFINITE],
+                self._acc[InputStat.COUNT] + vector[InputStat.COUNT],
+                torch.minimum(self._acc[InputStat.MIN], vector[InputStat.MIN]),
+                torch.maximum(self._acc[InputStat.MAX], vector[InputStat.MAX]),
+                self._acc[InputStat.SUM] + vector[InputStat.SUM],
+                self._acc[InputStat.SUMSQ] + vector[InputStat.SUMSQ],
+                self._acc[InputStat.NONFINITE] + vector[InputStat.NONFINITE],
             ])
 
     def put(self, batch: DeviceBatch) -> bool:
@@ -119,14 +130,14 @@ class DataCollector:
             self.reset()
             return None
         acc = host["data"]
-        finite_count = max(acc[COUNT] - acc[NONFINITE], 1.0)
-        mean = acc[SUM] / finite_count
-        var = max(acc[SUMSQ] / finite_count - mean * mean, 0.0)
+        finite_count = max(acc[InputStat.COUNT] - acc[InputStat.NONFINITE], 1.0)
+        mean = acc[InputStat.SUM] / finite_count
+        var = max(acc[InputStat.SUMSQ] / finite_count - mean * mean, 0.0)
         dtype, shape, is_float = self._meta
         self.reset()
         return DataStats(
-            dtype=dtype, shape=shape, min=float(acc[MIN]), max=float(acc[MAX]),
-            mean=float(mean), std=float(np.sqrt(var)), nonfinite=int(acc[NONFINITE]),
+            dtype=dtype, shape=shape, min=float(acc[InputStat.MIN]), max=float(acc[InputStat.MAX]),
+            mean=float(mean), std=float(np.sqrt(var)), nonfinite=int(acc[InputStat.NONFINITE]),
             is_float=is_float,
         )
 

@@ -84,10 +84,11 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
         >>> t = torch.ones(2); local_tensor(t) is t
         True
     """
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+    dtensor: Any = tensor  # DTensor's own attributes are not on torch.Tensor's type
+    return dtensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def _without_partial(tensor: torch.Tensor) -> torch.Tensor:
+def _without_partial(tensor: Any) -> Any:
     """A DTensor with pending sums (Partial placements) reduced, so shards can be combined."""
     if not any(p.is_partial() for p in tensor.placements):
         return tensor
@@ -142,17 +143,17 @@ def sharded_norms(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.
     Example (inside a `torchrun` job with FSDP2):
         >>> norms, maxes = sharded_norms([p.grad for p in model.parameters()])  # doctest: +SKIP
     """
-    tensors = [_without_partial(t) for t in tensors]
+    dtensors = [_without_partial(t) for t in tensors]  # DTensors (their attributes are Any)
     norms: list[torch.Tensor] = [torch.empty(())] * len(tensors)
     maxes = list(norms)
     groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     meshes: dict[int, Any] = {}
-    for position, t in enumerate(tensors):
+    for position, t in enumerate(dtensors):
         dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
         meshes[id(t.device_mesh)] = t.device_mesh
         groups.setdefault((id(t.device_mesh), dims), []).append(position)
     for (mesh_id, dims), positions in groups.items():
-        locals_ = [tensors[p].to_local() for p in positions]
+        locals_ = [dtensors[p].to_local() for p in positions]
         sumsq, amax = _local_sumsq_and_max(locals_)
         sumsq, amax = _reduce_over_shards(sumsq, amax, meshes[mesh_id], dims)
         for k, p in enumerate(positions):

@@ -42,7 +42,8 @@ def put_grad_stats(
         [2.0]
     """
     grads = [p.grad for p in params]
-    present = [(dense_values(g), i) for g, i in zip(grads, indices) if measurable(g)]
+    present = [(dense_values(g), i) for g, i in zip(grads, indices)
+               if g is not None and measurable(g)]
     sharded = [(g, i) for g, i in present if is_sharded(g)]
     if sharded:  # FSDP2 shards: combined across ranks in one collective
         put_sharded_grad_stats([g for g, _ in sharded], [i for _, i in sharded], batch)
@@ -52,7 +53,8 @@ def put_grad_stats(
         for group, group_idx in group_by_device_dtype(tensors, idx):
             norm, peak = norms(group, with_max=True)
             batch.put("grad_norm", norm, group_idx)
-            batch.put("grad_max", peak, group_idx)
+            if peak is not None:
+                batch.put("grad_max", peak, group_idx)
     return grads
 
 
@@ -103,8 +105,9 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
         ([5.0, 1.0], [4.0, 1.0])
     """
     if tensors[0].device.type != "cpu" or tensors[0].is_complex():
-        peak = torch.stack(torch._foreach_norm(tensors, float("inf"))) if with_max else None
-        return torch.stack(torch._foreach_norm(tensors, 2)), peak
+        listed = list(tensors)
+        peak = torch.stack(torch._foreach_norm(listed, float("inf"))) if with_max else None
+        return torch.stack(torch._foreach_norm(listed, 2)), peak
     plan = _stack_plan(tensors)
     l2: list[torch.Tensor] = []
     peaks: list[torch.Tensor] = []
@@ -115,8 +118,8 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
             t = torch.stack([tensors[i] for i in members]).view(len(members), -1)
         l2.append(torch.linalg.vector_norm(t, dim=1))
         if with_max:
-            # aminmax along a dim is ~7x slower than a whole-tensor aminmax or than amax and
-            # amin along the dim (CPU kernels of torch 2.x)
+            # amax and amin along the dim: aminmax along a dim is the slow CPU kernel
+            # (timings in benchmarks/README.md, "Kernel choices")
             if len(members) == 1:
                 low, high = torch.aminmax(t)
             else:
@@ -155,7 +158,7 @@ def put_stale_grad_norms(
     """
     # this rank's shard is enough to tell "left over" from "cleared" (no collective here)
     present = [(dense_values(local_tensor(p.grad)), i) for p, i in zip(params, indices)
-               if measurable(p.grad)]
+               if p.grad is not None and measurable(p.grad)]
     missing = [i for p, i in zip(params, indices) if not measurable(p.grad)]
     if missing:
         batch.put("stale_grad", torch.zeros(len(missing), dtype=torch.float64), missing)
@@ -174,6 +177,6 @@ def put_nonfinite_counts(
     Called only for gradients whose norm came back non-finite, so healthy steps pay nothing.
     """
     for grad, index in zip(grads, indices):
-        if measurable(grad):  # a sharded gradient: this rank's shard is counted
+        if grad is not None and measurable(grad):  # sharded: this rank's shard is counted
             count = (~torch.isfinite(dense_values(local_tensor(grad)))).sum()
             batch.put("grad_nonfinite", count.reshape(1), [index])

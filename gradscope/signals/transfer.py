@@ -59,7 +59,10 @@ class DeviceBatch:
                 offset += size
         out: dict[str, np.ndarray] = {}
         pieces: dict[str, list[np.ndarray]] = defaultdict(list)
-        for (field, indices, _), values in zip(self._items, host):
+        for (field, indices, _), fetched in zip(self._items, host):
+            if fetched is None:
+                continue
+            values = fetched
             if indices is None:
                 pieces[field].append(values)
                 continue

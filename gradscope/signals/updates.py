@@ -181,7 +181,7 @@ class UpdateTracker:
             source = torch.cat([*flats, flats[0].new_zeros(1)])
             parts.append(source[bucket.gather])
         if bucket.single:
-            parts.append(torch.stack([self._flat(i).index_select(0, self._sample[i])
+            parts.append(torch.stack([self._flat(i).index_select(0, _present(self._sample[i]))
                                       for i in bucket.single]))
         values = torch.cat(parts) if len(parts) > 1 else parts[0]
         return values.to(torch.float64)  # a new tensor either way: indexing copies
@@ -223,12 +223,13 @@ class UpdateTracker:
         missing = [row for row in wanted if row not in have]
         parts = []
         if present:
-            parts.append(kept.sums.index_select(
-                0, on_device([have[row] for row in present], kept.sums.device)))
+            sums = _present(kept.sums)
+            parts.append(sums.index_select(
+                0, on_device([have[row] for row in present], sums.device)))
         if missing:
-            parts.append(self._bit_sums(bucket, missing))
-        sums = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
-        return present + missing, sums
+            parts.append(_present(self._bit_sums(bucket, missing)))
+        return present + missing, (torch.cat(parts) if len(parts) > 1
+                                   else (parts[0] if parts else None))
 
     @torch.no_grad()
     def after(self, indices: Sequence[int], batch: DeviceBatch, step: int = -1,
@@ -271,7 +272,7 @@ class UpdateTracker:
             checked = [(pos, bucket.indices[r]) for pos, r in enumerate(snap.checked)
                        if bucket.indices[r] in wanted]
             if checked:
-                differs = (new_sums != snap.sums).to(torch.float64)
+                differs = torch.ne(_present(new_sums), _present(snap.sums)).to(torch.float64)
                 if len(checked) < len(snap.checked):
                     differs = differs.index_select(0, on_device([pos for pos, _ in checked],
                                                                 base.device))
@@ -315,3 +316,10 @@ class UpdateTracker:
 
 
 __all__ = ["UpdateTracker", "bit_sum", "put_param_norms", "sample_indices"]
+
+
+def _present(tensor: torch.Tensor | None) -> torch.Tensor:
+    """`tensor`, known to be there where it is read (a sample or kept sums of a checked row)."""
+    if tensor is None:
+        raise ValueError("update tracker: a sampled or checked row has no tensor")
+    return tensor
