@@ -16,6 +16,7 @@ from torch import nn
 
 import gradscope
 from gradscope import GradscopeError
+from gradscope.numbers import fmt
 
 EARLY = ("init-loss", "gradients", "data", "depth")  # the checks of one forward/backward
 
@@ -426,7 +427,7 @@ def test_tiny_learning_rate_cannot_overfit_and_the_range_test_says_why():
     assert found and found[0].cause == "lr-too-low"
     lr = ck["lr-range"].data
     assert lr["user_lr"] == 1e-8 and lr["start"] > 1e-6
-    assert "yours is 1.0e-08" in ck["lr-range"].summary
+    assert f"yours is {fmt(1e-8)}" in ck["lr-range"].summary  # the number style of every report
 
 
 def test_gpt2_with_a_tiny_learning_rate():
