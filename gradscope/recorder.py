@@ -70,6 +70,8 @@ class StepRecorder:
         self.losses = losses
         self.guard = guard
         self.closed = False
+        #: whoever reads this recorder's records, kept alive by the hooks on the model
+        self.owner: object | None = None
         self.step = 0  # the step being observed: how many times finish_step() ran
         self._hooks = HookSet()
         self._recording_hooks = HookSet()

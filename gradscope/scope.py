@@ -109,6 +109,9 @@ class Scope:
             self.recorder.detach()
             raise
         _WATCHED[model] = weakref.ref(self)
+        # the hooks on the model hold the recorder; the recorder holds this scope, so a scope
+        # whose model is still in use is not collected with its hooks left behind
+        self.recorder.owner = self
         # a run that ends without close() still gets its end (losses, rules, the log's end entry)
         self._at_exit = _CloseAtExit(self)
         atexit.register(self._at_exit)

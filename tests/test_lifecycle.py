@@ -128,3 +128,15 @@ def test_unclosed_scope_does_not_keep_the_model_alive():
     del model, opt, scope
     gc.collect()
     assert ref() is None
+
+
+def test_an_unclosed_scope_lives_as_long_as_the_hooks_on_its_model():
+    # the hooks left on a model in use must belong to a scope that can still close them
+    model, opt = _model_opt()
+    scope = gradscope.watch(model, opt, every=1)
+    ref = weakref.ref(scope)
+    del scope
+    gc.collect()
+    assert ref() is not None and ref().recorder.owner is ref()
+    ref().close()
+    assert not model._forward_hooks and not model._forward_pre_hooks
