@@ -118,6 +118,51 @@ def test_binary_cross_entropy_reference_is_ln2():
     assert ck["init-loss"].data["reference"] == pytest.approx(math.log(2))
 
 
+class EndsIn(nn.Module):
+    """A test-case model with a final softmax or sigmoid appended to its outputs."""
+
+    def __init__(self, inner: nn.Module, last) -> None:
+        super().__init__()
+        self.inner, self.last = inner, last
+
+    def forward(self, *args, **kwargs):
+        return self.last(self.inner(*args, **kwargs))
+
+
+def _mismatch(ck) -> list:
+    return [d for d in ck.diagnoses if d.cause == "probabilities-as-logits"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm"])
+def test_softmax_before_cross_entropy_is_found(name):
+    model = EndsIn(build(name), lambda out: out.softmax(-1))
+    ck = run(model, *batch_of(name), checks=EARLY)
+    found = _mismatch(ck)
+    assert found and found[0].severity == "warning" and "softmax" in found[0].checks[0]
+    assert 0.0 <= found[0].evidence["output_min"] <= found[0].evidence["output_max"] <= 1.0
+
+
+@pytest.mark.parametrize("loss_fn, last", [
+    (F.cross_entropy, None),  # logits: what cross_entropy takes
+    (F.nll_loss, lambda out: out.log_softmax(-1)),  # log-probabilities into NLL
+    (lambda p, y: -p.gather(1, y[:, None]).log().mean(), lambda out: out.softmax(-1)),
+], ids=["logits", "log-softmax-nll", "hand-written-nll-of-probabilities"])
+def test_outputs_of_the_form_the_loss_takes_are_not_flagged(loss_fn, last):
+    model = build("mlp") if last is None else EndsIn(build("mlp"), last)
+    (x, y), _ = batch_of("mlp")
+    ck = run(model, (x, y), loss_fn, checks=EARLY)
+    assert not _mismatch(ck) and ck["init-loss"].status == "ok"
+
+
+def test_sigmoid_before_a_logit_binary_loss_is_found_and_before_bce_is_not():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32, 1)).float()
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1), nn.Sigmoid())
+    broken = run(net, (x, y), F.binary_cross_entropy_with_logits, checks=EARLY)
+    assert _mismatch(broken) and "sigmoid" in _mismatch(broken)[0].checks[0]
+    assert not _mismatch(run(net, (x, y), F.binary_cross_entropy, checks=EARLY))
+
+
 def test_init_loss_below_chance_points_at_leaking_labels():
     torch.manual_seed(0)
     y = torch.randint(0, 3, (16,))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..diagnosis import Diagnosis
 from ..rules.common import fmt
 from .inputs import Batch, model_logits
 from .result import CheckResult, finding
@@ -136,6 +137,9 @@ def check_init_loss(batch: Batch, output: Any, loss: float,
                 f"initial loss {fmt(loss)} is {fmt(loss / ref.value)}x {ref.assumption}",
                 causes, "init-loss", evidence=evidence, checks=checks_high))
         return result
+    mismatch = probabilities_into_logit_loss(batch, output, ref)
+    if mismatch is not None:
+        result.diagnoses.append(mismatch)
     excess = loss - ref.value
     if excess > CE_EXCESS:
         causes = [("poor-init", 2.0 if spread > 1 else 1.0,
@@ -157,3 +161,70 @@ def check_init_loss(batch: Batch, output: Any, loss: float,
             checks=["Check that the labels are not fed to the model (a leaked column, the "
                     "target token in the input sequence)."]))
     return result
+
+
+#: How far the outputs' class rows may sum from 1 and still be read as probabilities.
+ROW_SUM_SLACK = 1e-3
+
+
+def _looks_like_probabilities(logits: torch.Tensor, ref: Reference,
+                              targets: torch.Tensor) -> bool:
+    if logits.numel() < 8 or not logits.is_floating_point():
+        return False
+    values = logits.detach().float()
+    if float(values.min()) < 0.0 or float(values.max()) > 1.0:
+        return False
+    if ref.kind == "binary-cross-entropy":
+        return True  # every output in [0, 1]: a sigmoid already applied
+    dim = -1 if values.shape[:-1] == targets.shape else 1
+    return float((values.sum(dim=dim) - 1.0).abs().max()) <= ROW_SUM_SLACK
+
+
+def probabilities_into_logit_loss(batch: Batch, output: Any,
+                                  ref: Reference) -> Diagnosis | None:
+    """A warning when the model already outputs probabilities (softmax or sigmoid applied)
+    and the loss applies its own softmax/sigmoid to them, as `cross_entropy` and
+    `binary_cross_entropy_with_logits` do: the outputs can then never become confident, the
+    loss has a high floor and learning crawls.
+
+    A loss that takes logits is told apart from one written for probabilities (NLL of
+    log-probabilities, a hand-written -log p): for cross-entropy it does not change when a
+    constant is added to every logit of a row; for binary cross-entropy it is ln 2 at 0.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> probs = torch.rand(8, 3).softmax(-1)
+        >>> b = Batch.of((torch.zeros(8, 4), torch.zeros(8, dtype=torch.long)), F.cross_entropy)
+        >>> probabilities_into_logit_loss(b, probs, reference(b, probs)).cause
+        'probabilities-as-logits'
+    """
+    logits, targets = model_logits(output), batch.target
+    if (batch.loss_fn is None or not isinstance(output, torch.Tensor) or logits is None
+            or targets is None or ref.kind == "regression"
+            or not _looks_like_probabilities(logits, ref, targets)):
+        return None
+    values = logits.detach()
+    if ref.kind == "cross-entropy":
+        with torch.no_grad():
+            plain = float(batch.loss_fn(values, targets))
+            shifted = float(batch.loss_fn(values + 1.0, targets))
+        if not (math.isfinite(plain) and abs(plain - shifted) <= 1e-4 * max(1.0, abs(plain))):
+            return None  # a loss written for probabilities: nothing wrong
+        what = "softmax"
+        fix = ("Remove the softmax at the end of the model (cross_entropy applies log-softmax "
+               "itself), or use nll_loss on log_softmax outputs.")
+    else:
+        what = "sigmoid"
+        fix = ("Remove the sigmoid at the end of the model (binary_cross_entropy_with_logits "
+               "applies it itself), or use binary_cross_entropy on the probabilities.")
+    return finding(
+        "loss-init-off", "warning", "Outputs are probabilities, the loss expects logits",
+        f"every output is in [0, 1]{' and each row sums to 1' if what == 'softmax' else ''}: "
+        f"a {what} is applied before a loss that applies its own, so predictions cannot "
+        "become confident and the loss stays high",
+        [("probabilities-as-logits", 1.0,
+          f"outputs in [{fmt(float(values.min()))}, {fmt(float(values.max()))}] fed to a "
+          f"loss that applies {what} itself")],
+        "init-loss",
+        evidence={"output_min": float(values.min()), "output_max": float(values.max())},
+        checks=[fix])

@@ -36,7 +36,8 @@ sign and cause ids above. Two signs and a few causes exist only there, where non
 above fits:
 
 - sign `loss-init-off`: the loss at initialisation is far from what the task implies (ln C for
-  C-class cross-entropy, ln 2 for binary cross-entropy, the target variance for MSE).
+  C-class cross-entropy, ln 2 for binary cross-entropy, the target variance for MSE), or the
+  outputs are not of the form the loss takes.
 - sign `activations-scale`: the output scale of the weight layers shrinks or grows by 100x or
   more from the first to the last third of the network at initialisation.
 - cause `label-leak`: the untrained model already predicts the labels; they reach it through
@@ -44,6 +45,9 @@ above fits:
 - cause `data-labels`: labels outside the loss's range (class ids >= C, binary targets outside
   [0, 1]) or one target for the whole batch.
 - cause `data-duplicates`: every input of the batch is the same.
+- cause `probabilities-as-logits`: the model ends in a softmax (rows in [0, 1] summing to 1) or
+  a sigmoid, and the loss (`cross_entropy`, `binary_cross_entropy_with_logits`) applies its own:
+  predictions cannot become confident, the loss keeps a high floor and learning crawls.
 - cause `model-mismatch`: the batch cannot be memorised and no other check found why; the
   outputs or the loss may not fit the task.
 
