@@ -68,15 +68,23 @@ def vanishing(seed: int = 0) -> Built:
 
 
 def exploding(seed: int = 0) -> Built:
-    """A deep linear-ReLU stack with a large init and a high learning rate: norms blow up."""
-    torch.manual_seed(seed)
-    model = _mlp([IN_FEATURES] + [64] * 7 + [1], nn.ReLU)
-    for module in model:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=2.0 / module.in_features ** 0.5)
-            nn.init.zeros_(module.bias)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    return model, opt, _regression_data(seed), nn.functional.mse_loss, "standard"
+    """A linear regressor started next to the exact fit, with a learning rate just past the
+    stability limit: each step overshoots the fit further, so the gradients grow a few times
+    per step, from a healthy start, for dozens of steps until the loss overflows."""
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randn(1, IN_FEATURES, generator=gen) / IN_FEATURES ** 0.5
+    model = nn.Sequential(nn.Linear(IN_FEATURES, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(target + 3e-4 * torch.randn(1, IN_FEATURES, generator=gen))
+        model[0].bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=1.6)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 100_003 + step)
+        x = torch.randn(BATCH, IN_FEATURES, generator=g)
+        return x, x @ target.T
+
+    return model, opt, batch, nn.functional.mse_loss, "standard"
 
 
 def dead_relu(seed: int = 0) -> Built:
@@ -141,7 +149,7 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s for s in (
         Scenario("vanishing", vanishing, ("grad-vanishing",), steps=80),
-        Scenario("exploding", exploding, ("grad-exploding", "loss-nonfinite"), steps=40),
+        Scenario("exploding", exploding, ("grad-exploding", "loss-nonfinite"), steps=60),
         Scenario("dead-relu", dead_relu, ("units-dead",)),
         Scenario("forgot-zero-grad", forgot_zero_grad, ("grad-accumulating",)),
         Scenario("detached", detached, ("grad-none",)),

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .layout import ModelLayout
-from .records import StepRecord
+from .records import FlightLog, StepRecord
 
 __all__ = ["History", "Ring", "StepRecord", "history_up_to"]
 
@@ -86,6 +86,9 @@ class History:
         self.loss_values = Ring(loss_capacity, np.float64)
         self.first_losses: list[float] = []  # the first losses of the run, kept for good
         self.total_recorded = 0
+        #: the flight recorder's steps after the last record (read when the run is brought
+        #: up to date: close(), diagnose(), report()); a new record takes them over
+        self.flight_tail: FlightLog | None = None
 
     def __len__(self) -> int:
         return len(self._recent)
@@ -94,6 +97,7 @@ class History:
         return iter(self.records())
 
     def append(self, record: StepRecord) -> None:
+        self.flight_tail = None  # a record holds the flight recorder's steps up to it
         if len(self._first) < self.KEEP_FIRST:
             self._first.append(record)
         self._recent.append(record)

@@ -17,10 +17,11 @@ from .hooks import HookSet
 from .layout import ModelLayout
 from .losses import LossBuffer, any_nonfinite
 from .options import WatchOptions
-from .records import ActivationTable
+from .records import ActivationTable, FlightLog
 from .signals.activations import ActivationCollector, _float_leaves, compiling, in_backward
 from .signals.data import DataCollector, first_tensor
 from .signals.distributed import is_sharded
+from .signals.flight import FlightRecorder
 from .signals.grads import (
     measurable,
     put_grad_stats,
@@ -82,6 +83,7 @@ class StepRecorder:
         self.activations = (ActivationCollector(model, guard, options.nonfinite_origin)
                             if options.activations else None)
         self._data = DataCollector()
+        self.flight = FlightRecorder(model, layout.tensors, guard, optimized=bool(optimizers))
         # sharded (FSDP2) gradients are combined by a collective on recorded steps, so every
         # rank must record the same steps: no extra recording triggered by this rank's loss
         self._sharded = any(is_sharded(t) for t in layout.tensors)
@@ -105,6 +107,7 @@ class StepRecorder:
     # ----------------------------------------------------------------- attach / detach
     def attach(self) -> None:
         """Hook the optimizers, and the model when the first step is recorded."""
+        self.flight.attach()
         for opt in self.optimizers:
             # each signal inside is guarded on its own: one failing never stops the others
             self._hooks.add(opt.register_step_pre_hook(
@@ -117,6 +120,7 @@ class StepRecorder:
     def detach(self) -> None:
         """Remove every hook and drop what the step held; nothing of the recorder remains."""
         self.closed = True
+        self.flight.close()
         self._hooks.remove()
         self._detach_recording_hooks()
         self._held_grads = {}
@@ -201,7 +205,10 @@ class StepRecorder:
             put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
 
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.closed or not self.recording:
+        if self.closed:
+            return
+        self.guard.call("flight", self.flight.capture, self.step, self.recording)
+        if not self.recording:
             return
         indices = self._optimizer_indices(optimizer)
         self.guard.call("gradients", self._read_grads, indices)
@@ -282,6 +289,7 @@ class StepRecorder:
         if loss is not None:
             self.losses.add(self.step, loss)
         self._loss_requires_grad = loss_requires_grad
+        self.guard.call("flight", self.flight.end_step, self.step, self.recording)
         record = None
         if self.recording and not self.guard.is_off("record"):
             record = self.guard.call("record", self._record_step)
@@ -307,6 +315,16 @@ class StepRecorder:
         whether there were any."""
         return bool(self.guard.call("loss", self._flush_losses))
 
+    def peek_flight(self) -> FlightLog | None:
+        """The flight recorder's steps since the last record (one transfer), kept for the
+        next record too; None when there are none."""
+        return self.guard.call("flight", self._peek_flight)
+
+    def _peek_flight(self) -> FlightLog | None:
+        batch = DeviceBatch()
+        self.flight.put(batch, self.step)
+        return self.flight.result(batch.fetch(), self.step, keep=True)
+
     def _flush_losses(self) -> dict[int, float]:
         moved = self.losses.flush()
         if any_nonfinite(moved):
@@ -325,6 +343,7 @@ class StepRecorder:
         if self.activations is not None:
             act_names = self.guard.call("activations", self.activations.put, self._batch) or []
         self.guard.call("data", self._data.put, self._batch)
+        self.guard.call("flight", self.flight.put, self._batch, self.step)
         self._check_forward_seen()
         host = self._batch.fetch({name: n for name in PARAM_FIELDS})
         losses = self.losses.take(host)
@@ -336,6 +355,7 @@ class StepRecorder:
                                   or ActivationTable.empty())
             record.nonfinite_origin = nonfinite_origin(record.activations)
         record.data = self.guard.call("data", self._data.result, host)
+        record.flight = self.guard.call("flight", self.flight.result, host, self.step)
         self.guard.call("gradients", self._count_nonfinite_grads, record)
         self._held_grads = {}
         return record

@@ -154,6 +154,60 @@ class DataStats:
 
 
 @dataclass
+class FlightLog:
+    """What the flight recorder saw since the previous recorded step (JSON-friendly).
+
+    `steps`, `input_bad`, `output_bad`: every step up to and including the record's own.
+    `norm_steps`, `grad_max`: the unrecorded steps, largest |grad| per parameter (before the
+    optimizer step; inf where NaN/Inf, NaN where not measured).
+    `origin`: what the replay of the first bad step found, if one ran.
+
+    Example:
+        >>> log = FlightLog([3], [False], [True])
+        >>> FlightLog.from_json(log.to_json()).output_bad
+        [True]
+    """
+
+    steps: list[int]
+    input_bad: list[bool]
+    output_bad: list[bool]
+    norm_steps: list[int] = field(default_factory=list)
+    grad_max: list[list[float]] = field(default_factory=list)
+    origin: dict[str, Any] | None = None
+
+    def nonfinite(self) -> bool:
+        """Whether any step of the log saw NaN/Inf (input, output or gradients).
+
+        Example:
+            >>> FlightLog([0], [False], [False], [0], [[float("inf")]]).nonfinite()
+            True
+        """
+        return bool(any(self.input_bad) or any(self.output_bad) or self.origin is not None
+                    or any(not math.isfinite(v) for row in self.grad_max for v in row
+                           if not math.isnan(v)))
+
+    def to_json(self) -> dict[str, Any]:
+        def floats(rows: list[list[float]]) -> list[list[float | str]]:
+            return [[v if math.isfinite(v) else str(v) for v in row] for row in rows]
+
+        return {"steps": self.steps, "input_bad": self.input_bad,
+                "output_bad": self.output_bad, "norm_steps": self.norm_steps,
+                "grad_max": floats(self.grad_max), "origin": self.origin}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FlightLog:
+        def floats(rows: list[list[Any]]) -> list[list[float]]:
+            return [[float(v) for v in row] for row in rows or []]
+
+        return cls(steps=[int(s) for s in data.get("steps") or []],
+                   input_bad=[bool(v) for v in data.get("input_bad") or []],
+                   output_bad=[bool(v) for v in data.get("output_bad") or []],
+                   norm_steps=[int(s) for s in data.get("norm_steps") or []],
+                   grad_max=floats(data.get("grad_max")),
+                   origin=data.get("origin"))
+
+
+@dataclass
 class StepRecord:
     """All signals of one recorded step. Per-parameter arrays follow `History.layout.params`.
 
@@ -181,6 +235,7 @@ class StepRecord:
     data: DataStats | None = None
     nonfinite_origin: str | None = None
     nonfinite_grad_params: list[str] = field(default_factory=list)
+    flight: FlightLog | None = None
     _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:

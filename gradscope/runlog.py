@@ -33,7 +33,7 @@ from .diagnosis import Diagnosis
 from .errors import GradscopeError
 from .history import History, StepRecord
 from .layout import ModelLayout, ParamInfo
-from .records import ActivationStats, ActivationTable, DataStats
+from .records import ActivationStats, ActivationTable, DataStats, FlightLog
 
 if TYPE_CHECKING:
     from .rules.engine import RuleEngine
@@ -221,6 +221,9 @@ def encode_record(record: StepRecord, modules: dict[str, int] | None = None) -> 
             text = _encode_array(value)
         elif f.name == "activations":
             text = _encode_activations(value, modules or {})
+        elif f.name == "flight":
+            text = json.dumps(value.to_json() if value is not None else None,
+                              separators=(",", ":"))
         else:
             text = json.dumps(jsonable(value), separators=(",", ":"))
         parts.append(f'"{f.name}":{text}')
@@ -258,6 +261,8 @@ def decode_record(data: dict[str, Any], n_params: int, module_names: list[str] |
                               else ActivationTable.empty())
         elif f.name == "data":
             values[f.name] = _data_from_json(raw)
+        elif f.name == "flight":
+            values[f.name] = FlightLog.from_json(raw) if isinstance(raw, dict) else None
         elif f.name == "loss":
             values[f.name] = _unfloat(raw)
         elif f.name == "lrs":
@@ -367,6 +372,10 @@ class RunLogWriter:
             return
         try:
             self._write_losses()
+            tail = self.history.flight_tail if self.history is not None else None
+            if tail is not None:
+                self._write(json.dumps({"type": "flight", "log": jsonable(tail.to_json())},
+                                       separators=(",", ":")))
             self._write(json.dumps({"type": "end", "steps": self._loss_upto + 1,
                                     "time": round(time.time(), 3)}))
         finally:
@@ -397,7 +406,8 @@ class RunLog:
     problems: list[LogProblem] = field(default_factory=list)
     truncated: bool = False
     runs: int = 1
-    # (line order) entries: ("loss", steps, values) or ("step", record)
+    # (line order) entries: ("loss", steps, values), ("step", record) or ("flight", log):
+    # the flight recorder's steps after the last record
     _order: list[tuple] = field(default_factory=list, repr=False)
 
     @property
@@ -438,8 +448,10 @@ class RunLog:
                                else 10) if engine is not None else None)
         losses_after_record = False  # as live: the rules see the last losses at close
         for entry in self._order:
-            losses_after_record = entry[0] == "loss"
-            if entry[0] == "loss":
+            losses_after_record = entry[0] in ("loss", "flight")
+            if entry[0] == "flight":
+                history.flight_tail = entry[1]
+            elif entry[0] == "loss":
                 history.add_losses(entry[1], entry[2])
             else:
                 record = entry[1]
@@ -586,6 +598,8 @@ def _build(file: Path, entries: list[tuple[int, dict[str, Any]]], problems: list
                     raise ValueError("steps and values differ in length")
                 log.losses.extend(zip(steps, values))
                 log._order.append(("loss", steps, values))
+            elif kind == "flight":
+                log._order.append(("flight", FlightLog.from_json(entry["log"])))
             elif kind == "diagnosis":
                 Diagnosis.from_dict(entry["diagnosis"])
                 log.events.append(entry)

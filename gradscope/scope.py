@@ -159,7 +159,11 @@ class Scope:
         """Move waiting losses into the history and run the rules on unseen records, telling
         the sinks what changed (before diagnose(), report(), plot() and close() answer)."""
         moved = self.recorder.flush_losses()
-        changed = self.diagnoser.catch_up(new_losses=moved)
+        # the flight recorder's steps after the last record (their first NaN/Inf, if any)
+        tail = self.recorder.peek_flight()
+        if tail is not None and self.history.last is not None:
+            self.history.flight_tail = tail
+        changed = self.diagnoser.catch_up(new_losses=moved or tail is not None)
         if not changed:
             return
         step = self.history.last.step if self.history.last is not None else self.step_count

@@ -94,7 +94,7 @@ def test_report_of_a_logged_run_and_exit_codes(tmp_path, capsys):
 
 
 def test_report_re_runs_the_rules(tmp_path, capsys):
-    run_demo("exploding", steps=8, out=tmp_path / "e.png", live=False,
+    run_demo("exploding", steps=60, out=tmp_path / "e.png", live=False,
              log_dir=tmp_path / "log", file=io.StringIO())
     code = main(["report", str(tmp_path / "log"), "--width", "100"])
     out = capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import sys
 from collections.abc import Sequence
 from typing import IO, Any
@@ -107,15 +108,23 @@ def report_renderable(history: History, diagnoses: Sequence[Diagnosis], *,
         parts.append(Text("loss  not recorded (pass the loss to scope.step(loss))", style="dim"))
     else:
         line = Text("loss  ")
-        for label in ("first", "last", "best"):
-            item = losses[label]
+        nonfinite = losses.get("first non-finite")
+        labels = ("first", "last finite", "best") if nonfinite else ("first", "last", "best")
+        for label in labels:
+            item = losses.get(label)
             if item is None:
                 continue
             step, value = item
+            shown = fmt(value, 4) if math.isfinite(value) else str(value)
             line.append(f"{label} ", style="bold")
-            line.append(f"{fmt(value, 4)} (step {step})   ")
+            line.append(f"{shown} (step {step})   ")
         line.rstrip()
         parts.append(line)
+        if nonfinite:
+            more = Text("      ")
+            more.append(f"non-finite from step {nonfinite[0]}", style="bold red")
+            more.append(f" · last step {steps - 1}")
+            parts.append(more)
     for note in notes:
         parts.append(Text(note, style="dim"))
     parts.append(Text(""))

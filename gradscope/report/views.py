@@ -300,19 +300,33 @@ def fold_rows(rows: list[LayerRow], limit: int) -> tuple[list[LayerRow], int]:
 
 
 def loss_summary(history: History) -> dict[str, tuple[int, float] | None]:
-    """First, last and best (lowest finite) loss with their steps; None when unknown."""
+    """First, last and best (lowest finite) loss with their steps; None when unknown. With
+    NaN/Inf losses also "last finite" and "first non-finite"."""
     steps, values = history.losses()
-    known = ~np.isnan(values)
-    steps, values = steps[known], values[known]
-    if values.size == 0:
+    if not np.any(~np.isnan(values)) and not _losses_given(history, steps.size):
         return {"first": None, "last": None, "best": None}
+    # NaN is a NaN loss once a loss was passed (a recorded step without one also logs NaN)
     finite = np.isfinite(values)
     best = None
     if finite.any():
         i = int(np.argmin(np.where(finite, values, np.inf)))
         best = (int(steps[i]), float(values[i]))
-    return {"first": (int(steps[0]), float(values[0])),
-            "last": (int(steps[-1]), float(values[-1])), "best": best}
+    summary = {"first": (int(steps[0]), float(values[0])),
+               "last": (int(steps[-1]), float(values[-1])), "best": best}
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        summary["first non-finite"] = (int(steps[bad[0]]), float(values[bad[0]]))
+        if finite.any():
+            i = int(np.flatnonzero(finite)[-1])
+            summary["last finite"] = (int(steps[i]), float(values[i]))
+    return summary
+
+
+def _losses_given(history: History, count: int) -> bool:
+    """Whether NaN losses were passed to step() (not left out): a recorded step knows if a
+    loss tensor was given; a loss held for a step that was not recorded was given."""
+    records = history.records()
+    return count > len(records) or any(r.loss_requires_grad is not None for r in records)
 
 
 def total_steps(history: History) -> int:

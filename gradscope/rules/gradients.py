@@ -8,6 +8,7 @@ from . import evidence as ev
 from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, persistent, ranked, usable
 from .context import RuleContext
+from .onset import blowup_causes, collect
 from .thresholds import HIGH_UPDATE, SATURATED
 
 NONE_WINDOW = Threshold(3, "recorded steps a parameter must lack a gradient before it is "
@@ -205,7 +206,8 @@ def _fan_in(ctx: RuleContext, layer: int) -> int:
                                          "times the window median is a spike"),
                   "spikes": Threshold(2, "spikes within the window before it is reported"),
                   "window": WINDOW, "warmup": WARMUP, "high_update": HIGH_UPDATE},
-      causes=("lr-too-high", "poor-init", "missing-zero-grad", "outlier-batches"))
+      causes=("lr-too-high", "exploding-gradients", "poor-init", "missing-zero-grad",
+              "outlier-batches"))
 def grad_exploding(ctx: RuleContext) -> Finding | None:
     """Total gradient norm grows by orders of magnitude or spikes repeatedly."""
     records = [r for r in ctx.healthy_records if not r.overflow]
@@ -218,8 +220,10 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
         return None
     early = fast_median(first)
     tail = totals[-int(ctx.t["window"]):]
-    with np.errstate(invalid="ignore"):
-        grew = bool(np.all((tail >= ctx.t["growth"] * early) | ~np.isfinite(tail)))
+    measured = np.isfinite(tail)
+    # growth only: every measured norm of the window that far above the start (a window
+    # without a finite norm, or one that shrank, is no explosion)
+    grew = bool(measured.any() and np.all(tail[measured] >= ctx.t["growth"] * early))
     spikes = 0
     if not grew:
         finite = totals[np.isfinite(totals)]
@@ -240,6 +244,8 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
             return None
     recs = records[-int(ctx.t["window"]):]
     scores = [ev.lr_too_high(ctx, recs, ctx.t["high_update"])]
+    if grew:  # judged from where the growth began, not from the oversized steps it caused
+        scores = blowup_causes(collect(ctx.history), ctx.layout, recs[-1].step + 1) or scores
     stale = [r for r in recs if _stale_total(r) > 0]
     if stale:
         scores.append(("missing-zero-grad", 2.0,

@@ -9,6 +9,7 @@ from . import evidence as ev
 from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked, usable
 from .context import RuleContext
+from .onset import find_onset, onset_finding
 from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
 
 MIN_STEPS = Threshold(100, "steps before a loss can be called flat: fewer say little about a "
@@ -31,7 +32,6 @@ TINY_GRAD = Threshold(
     "cannot even register steps that small at ordinary learning rates)")
 VANISHING_RATIO = 1e-3  # first/last layer gradient-norm ratio of vanishing (AUTOTRAINER)
 UNSTABLE_SPAN = 200  # recent steps the instability rule looks at
-
 
 def _rolling_mean(values: np.ndarray, width: int) -> np.ndarray:
     """Mean of each run of `width` consecutive values (len(values) - width + 1 of them)."""
@@ -133,78 +133,27 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
       causes=("invalid-math", "data-nonfinite", "exploding-gradients", "lr-too-high",
               "data-scale"))
 def loss_nonfinite(ctx: RuleContext) -> Finding | None:
-    """A loss value is NaN or Inf."""
+    """A loss value is NaN or Inf; explained from the first bad step and the ones before."""
     steps, losses = ctx.losses
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size == 0:
         return None
+    onset = ctx.memo("onset", lambda: find_onset(ctx.history))
     first_bad = int(steps[bad[0]])
-    records = ctx.records or []
-    before = [r for r in records if r.step < first_bad]
-    around = [r for r in records if r.step >= first_bad] or records[-1:]
-    scores = []
-    invalid_math_in: str | None = None  # the module that made NaN/Inf from finite inputs
-    if around:
-        scores.append(ev.data_nonfinite(around))
-        origin = next((r for r in around if r.nonfinite_origin is not None), None)
-        if origin is not None and origin.nonfinite_origin is not None:
-            module = origin.nonfinite_origin
-            kind = ctx.layout.module_types.get(module, "module")
-            weights_bad = _weights_nonfinite(ctx, origin, module)
-            if not weights_bad:
-                invalid_math_in = module
-                scores.append(("invalid-math", 2.0,
-                               f"'{module}' ({kind}) produced NaN/Inf from finite inputs at step "
-                               f"{origin.step}: look for log/sqrt/division/exp in it"))
-            else:
-                scores.append(("exploding-gradients", 1.0,
-                               f"the weights of '{module}' ({kind}) are already NaN/Inf at step "
-                               f"{origin.step}: an earlier update blew them up"))
-    growth = _grad_growth(ctx, before or records)
-    if growth is not None and growth[0] >= ctx.t["growth"]:
-        scores.append(("exploding-gradients", 1.5,
-                       f"total gradient norm grew {fmt(growth[0])}x (from {fmt(growth[1])} to "
-                       f"{fmt(growth[2])}) before the loss went non-finite"))
-    if before:
-        scores.append(ev.lr_too_high(ctx, before[-5:], ctx.t["high_update"]))
-        scores.append(ev.data_scale(before[-1:], ctx.t["data_scale"]))
-    causes = ranked(scores)
-    layers = ([invalid_math_in] if invalid_math_in is not None and causes
-              and causes[0].id == "invalid-math" else [])
-    return Finding(
-        summary=f"loss is {losses[bad[0]]} from step {first_bad} "
-                f"({bad.size} of the last {len(losses)} steps)",
-        causes=causes, layers=layers, first_step=first_bad,
-        evidence={"first_nonfinite_step": first_bad, "nonfinite_steps": int(bad.size)},
-        checks=[
-            "Look at the module named as origin: guard log/sqrt/division with a small epsilon "
-            "or clamp, and keep exp/softmax inputs bounded.",
-            "Check the inputs and targets of the first bad step for NaN/Inf and extreme values.",
-            "If gradient norms grew first: lower the learning rate, clip gradients "
-            "(clip_grad_norm_) and add normalisation.",
-        ],
-    )
+    extra = {"first_nonfinite_loss_step": first_bad, "nonfinite_steps": int(bad.size)}
+    if onset is None:  # the losses are older than any record: nothing else to go by
+        return Finding(summary=f"loss is {losses[bad[0]]} from step {first_bad}",
+                       causes=ranked([("invalid-math", 0.3, "no record covers the step")]),
+                       first_step=first_bad, evidence=extra)
+    finding = onset_finding(onset, extra)
+    finding.summary = (f"loss is {losses[bad[0]]} from step {first_bad} "
+                       f"({bad.size} of the last {len(losses)} steps); {onset.summary}")
+    return finding
 
 
 def _change_text(drop: float) -> str:
     """A relative drop as words: 'a 3.2% drop', or 'a 5.28% rise' when the loss went up."""
     return f"a {fmt(100 * abs(drop))}% {'drop' if drop >= 0 else 'rise'}"
-
-
-def _weights_nonfinite(ctx: RuleContext, record, module: str) -> bool:
-    idx = [i for i, p in enumerate(ctx.layout.params) if p.layer == module]
-    return bool(idx) and bool(np.any(~np.isfinite(record.param_norm[idx])))
-
-
-def _grad_growth(ctx: RuleContext, records) -> tuple[float, float, float] | None:
-    totals = [float(np.sqrt(np.nansum(r.grad_norm ** 2))) for r in ctx.first + list(records)
-              if np.any(~np.isnan(r.grad_norm))]
-    finite = [t for t in totals if np.isfinite(t) and t > 0]
-    if len(finite) < 2:
-        return None
-    early = float(np.median(finite[:3]))
-    peak = max(finite)
-    return (peak / early, early, peak) if early > 0 else None
 
 
 @rule(sign="training-unstable", severity="warning", title="Training is unstable across batches",

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import ranked
+from .common import fmt, ranked
 from .context import RuleContext
+from .onset import blowup_causes, collect, early_update, find_onset, first_blowup, onset_finding
 from .thresholds import HIGH_UPDATE
 
 OVERFLOW_RUN = Threshold(10, "AMP overflow-skipped steps in a row tolerated: GradScaler skips a "
@@ -20,77 +18,74 @@ OVERFLOW_RUN = Threshold(10, "AMP overflow-skipped steps in a row tolerated: Gra
       thresholds={"overflow_run": OVERFLOW_RUN, "high_update": HIGH_UPDATE},
       causes=("invalid-math", "data-nonfinite", "exploding-gradients", "lr-too-high"))
 def values_nonfinite(ctx: RuleContext) -> Finding | None:
-    """Some tensor inside the model went non-finite; names the module or parameter it began in."""
+    """Some tensor inside the model went non-finite; names the step and place it began in."""
     records = ctx.records
     overflow_run = 0
     for r in reversed(records):
         if not r.overflow:
             break
         overflow_run += 1
-    bad = [r for r in records if _nonfinite(r) and not r.overflow]
-    if not bad and overflow_run < ctx.t["overflow_run"]:
+    onset = ctx.memo("onset", lambda: find_onset(ctx.history))
+    if onset is not None and not records:
         return None
-    first = bad[0] if bad else records[-overflow_run]
-    scores = [ev.data_nonfinite([first])]
-    layers: list[str] = []
-    if first.nonfinite_origin is not None:
-        module = first.nonfinite_origin
-        layers.append(module)
-        kind = ctx.layout.module_types.get(module, "module")
-        own = [i for i, p in enumerate(ctx.layout.params) if p.layer == module]
-        if own and np.any(~np.isfinite(first.param_norm[own])):
-            scores.append(("exploding-gradients", 1.5,
-                           f"the weights of '{module}' ({kind}) were already NaN/Inf"))
-        else:
-            scores.append(("invalid-math", 2.0,
-                           f"'{module}' ({kind}) turned finite inputs into NaN/Inf at step "
-                           f"{first.step}"))
-    if first.nonfinite_grad_params:
-        name = first.nonfinite_grad_params[0]
-        layer = next((p.layer for p in ctx.layout.params if p.name == name), "")
-        layers.append(layer)
-        scores.append(("exploding-gradients", 1.0,
-                       f"gradients of {len(first.nonfinite_grad_params)} parameter(s) were "
-                       f"non-finite at step {first.step}, nearest the loss: '{name}'"))
-    before = [r for r in records if r.step < first.step][-5:]
-    if before:
-        scores.append(ev.lr_too_high(ctx, before, ctx.t["high_update"]))
-    where = "AMP overflow every step" if not bad else _where(first)
+    if onset is not None and _inside(ctx, onset.step):
+        return onset_finding(onset, {"overflow_run": overflow_run})
+    if overflow_run < ctx.t["overflow_run"]:
+        return None
+    first = records[-overflow_run]
     return Finding(
-        summary=f"non-finite values at step {first.step}: {where}",
-        causes=ranked(scores), layers=list(dict.fromkeys(layers)), first_step=first.step,
-        evidence={"step": first.step, "origin": first.nonfinite_origin,
-                  "nonfinite_grad_params": len(first.nonfinite_grad_params),
-                  "overflow_run": overflow_run},
-        checks=[
-            "Inspect the named module's forward for log/sqrt/division/pow/exp on values that "
-            "can reach 0, negatives or large magnitudes.",
-            "Lower the learning rate and clip gradients if weights went non-finite after "
-            "an update.",
-            "With AMP that overflows every step, check for values outside the float16 range "
-            "or use bfloat16.",
-        ],
+        summary=f"AMP overflow every step since step {first.step}",
+        causes=ranked([("exploding-gradients", 1.0, f"gradients overflowed float16 on "
+                                                    f"{overflow_run} steps in a row")]),
+        first_step=first.step, evidence={"step": first.step, "overflow_run": overflow_run},
+        checks=["With AMP that overflows every step, check for values outside the float16 "
+                "range or use bfloat16."],
     )
 
 
-def _nonfinite(record) -> bool:
-    return record.derived("nonfinite_any", lambda: bool(
-        record.nonfinite_origin is not None or record.nonfinite_grad_params
-        or not record.weights_finite() or record.modules_over("nonfinite_frac", 0.0)))
+@rule(sign="grad-exploding", severity="error", title="Training blew up",
+      needs=("loss", "grad_norm", "update_ratio"),
+      thresholds={"high_update": HIGH_UPDATE},
+      causes=("lr-too-high", "exploding-gradients"), id="blow-up")
+def blow_up(ctx: RuleContext) -> Finding | None:
+    """The loss jumped by orders of magnitude in a few steps without going NaN/Inf."""
+    if ctx.memo("onset", lambda: find_onset(ctx.history)) is not None:
+        return None  # the NaN/Inf rules explain it from its first bad step
+    jump = first_blowup(ctx.history)
+    if jump is None:
+        return None
+    step, value, start = jump
+    s = collect(ctx.history)
+    scores = blowup_causes(s, ctx.layout, step + 1)
+    if not scores:
+        return None  # the gradients did not blow up with it: a noisy or drifting loss
+    update = early_update(s, ctx.layout, step + 1)
+    later = [r for r in ctx.records if r.step > step]
+    dead = sorted({m for r in later for m in r.modules_over("dead_frac", 0.5)})
+    consequences = ("; later signs are its consequences: dead units in "
+                    f"{', '.join(dead[:3])}" if dead else "")
+    return Finding(
+        summary=(f"loss jumped to {fmt(value)} at step {step} from {fmt(start)} at the start "
+                 f"({fmt(value / start)}x){consequences}"),
+        causes=ranked(scores), first_step=step,
+        evidence={"blowup_step": step, "loss": value, "loss_start": start,
+                  "update_ratio": update[0] if update else None,
+                  "consequences": dead},
+        checks=["Lower the learning rate (10x and more) and clip gradients "
+                "(clip_grad_norm_); add warm-up.",
+                "Dead ReLUs or vanishing gradients after the jump follow from it: fix the "
+                "jump first."],
+    )
 
 
-def _where(record) -> str:
-    parts = []
-    if record.nonfinite_origin is not None:
-        parts.append(f"first in the output of '{record.nonfinite_origin}'")
-    if record.nonfinite_grad_params:
-        parts.append(f"{len(record.nonfinite_grad_params)} parameter gradient(s)")
-    bad_act = sum(1 for s in record.activations.values() if s.nonfinite_frac > 0)
-    if bad_act:
-        parts.append(f"{bad_act} module output(s)")
-    return ", ".join(parts) or "weights"
+def _inside(ctx: RuleContext, start: int) -> bool:
+    """Whether NaN/Inf reached the model itself (output, activations, gradients) at or after
+    `start`: a NaN loss alone is the loss rule's."""
+    return any(r.step >= start and (r.nonfinite_origin is not None or r.nonfinite_grad_params
+                                    or r.modules_over("nonfinite_frac", 0.0)
+                                    or (r.flight is not None and r.flight.nonfinite()))
+               for r in ctx.history.records()) or (
+        ctx.history.flight_tail is not None and ctx.history.flight_tail.nonfinite())
 
 
-
-
-RULES = [values_nonfinite]
+RULES = [values_nonfinite, blow_up]

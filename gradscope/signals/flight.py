@@ -1,0 +1,354 @@
+"""Flight recorder: a few on-device numbers for every step, so that the first bad step is
+known exactly even when only every N-th step is recorded.
+
+Per training step it keeps, on the device: whether the model's input and output held NaN/Inf
+and the largest |gradient| of every parameter before the optimizer step (one min/max pass
+each: unlike a sum or a norm it never overflows for finite values). Weights are not read on
+every step (a second pass over the whole model, most of the cost): an update that overflows
+them shows in the next step's output and gradients, and on recorded steps in their norms.
+The rows wait on the device and travel with the next recorded step's single transfer.
+
+On CPU, where reading a value costs no transfer, a step whose numbers turn non-finite is
+also replayed at once: its forward runs again on the same inputs and still-unchanged weights
+with a check on every module, so the module (or the parent code between two modules) that
+made the first NaN/Inf is named. Buffers and the RNG are restored: training is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..hooks import Guard, HookSet
+from ..records import FlightLog
+from .activations import _float_leaves, compiling, in_backward
+from .data import first_tensor
+from .distributed import is_dtensor, local_tensor, world_size
+from .grads import measurable
+from .transfer import DeviceBatch, group_by_device_dtype, on_device
+
+INPUT, OUTPUT = range(2)
+
+
+def peaks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Largest |value| of each tensor (NaN if it holds NaN), float64, one pass each.
+
+    Example:
+        >>> peaks([torch.tensor([1.0, -3.0]), torch.tensor([float("nan"), 0.0])]).tolist()
+        [3.0, nan]
+    """
+    pairs = [torch.aminmax(t) for t in tensors]  # a single-pass kernel, fast on CPU
+    low = torch.stack([lo for lo, _ in pairs]).to(torch.float64)
+    high = torch.stack([hi for _, hi in pairs]).to(torch.float64)
+    return torch.maximum(low.abs(), high.abs())
+
+
+def _flag(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d float64 value that is non-finite exactly when `t` holds NaN/Inf: min + max,
+    from one min/max pass (no overflow for finite values, no flag read).
+
+    Example:
+        >>> bool(_flag(torch.tensor([1.0, -3.0])).isfinite())
+        True
+        >>> bool(_flag(torch.tensor([1.0, float("inf")])).isfinite())
+        False
+    """
+    low, high = torch.aminmax(t.detach())
+    return low.to(torch.float64) + high.to(torch.float64)
+
+
+def _output_leaf(output: Any) -> torch.Tensor | None:
+    """The model output to check: `logits` of a mapping that has them (transformers), else
+    the first floating-point tensor (the later ones are usually caches or extras)."""
+    if isinstance(output, Mapping) and "logits" in output:
+        output = output["logits"]
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() and output.numel() else None
+    leaves = [t for t in _float_leaves(output) if t.numel()]
+    return leaves[0] if leaves else None
+
+
+def _any(t: torch.Tensor) -> bool:
+    """Whether a CPU bool tensor holds a True value, read without a transfer method (on
+    CPU, selecting by value is a host operation; no device is involved)."""
+    return torch.nonzero(t.reshape(-1)).shape[0] > 0
+
+
+class FlightRecorder:
+    """Per-step flags and maxima on the device, handed over at the next recorded step.
+
+    Example:
+        >>> model = nn.Linear(2, 1); guard = Guard()
+        >>> flight = FlightRecorder(model, list(model.parameters()), guard, optimized=False)
+        >>> flight.attach(); _ = model(torch.ones(1, 2)).sum().backward()
+        >>> flight.end_step(0, recorded=False); batch = DeviceBatch()
+        >>> flight.put(batch, 1); log = flight.result(batch.fetch(), 1)
+        >>> log.steps, log.output_bad
+        ([0], [False])
+        >>> flight.close()
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], guard: Guard,
+                 optimized: bool = False) -> None:
+        self._model = model
+        # with an optimizer, gradients are read in its pre-step hook; a step where that hook
+        # did not run was skipped (an AMP overflow): its gradients are not read
+        self._optimized = optimized
+        self._params = list(params)
+        self._guard = guard
+        self._hooks = HookSet()
+        self._sums: list[torch.Tensor | None] = [None, None]  # input, output of this step
+        self._flags: list[torch.Tensor] = []  # per step: [input sum, output sum]
+        self._steps: list[int] = []
+        self._maxima: list[torch.Tensor] = []  # per step: largest |grad| of each parameter
+        self._norm_steps: list[int] = []
+        self._captured = False
+        self._replaying = False
+        self._last_input: tuple[tuple, dict] | None = None
+        self._rng: torch.Tensor | None = None
+        # the replay runs one forward on this process only: never under torch.distributed,
+        # where a forward may wait for the other ranks
+        self._cpu = (bool(self._params) and all(p.device.type == "cpu" for p in self._params)
+                     and world_size() == 1)
+        self._latched = False
+        self.origin: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> None:
+        self._hooks.add(self._model.register_forward_pre_hook(
+            self._guard.wrap("flight", self._on_input), with_kwargs=True))
+        self._hooks.add(self._model.register_forward_hook(
+            self._guard.wrap("flight", self._on_output)))
+
+    def close(self) -> None:
+        """Remove the hooks (the rows kept so far can still be put and read)."""
+        self._hooks.remove()
+        self._last_input = None
+
+    def _training(self, module: nn.Module) -> bool:
+        # under torch.compile tracing the hooks do nothing (compiled code runs no hooks)
+        return (not compiling() and not self._replaying and module.training
+                and torch.is_grad_enabled() and not in_backward())
+
+    def _add(self, slot: int, total: torch.Tensor) -> None:
+        held = self._sums[slot]
+        self._sums[slot] = total if held is None else held + total
+
+    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._training(module):
+            return
+        if self._cpu and not self._latched:
+            self._last_input = (args, kwargs)
+            self._rng = torch.get_rng_state()
+        x = first_tensor(args, kwargs)
+        if x is not None and x.is_floating_point() and x.numel():
+            self._add(INPUT, _flag(local_tensor(x) if is_dtensor(x) else x))
+
+    def _on_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._training(module):
+            return
+        leaf = _output_leaf(output)
+        if leaf is not None:
+            self._add(OUTPUT, _flag(local_tensor(leaf) if is_dtensor(leaf) else leaf))
+
+    # ------------------------------------------------------------------ per step
+    @torch.no_grad()
+    def capture(self, step: int, recorded: bool) -> None:
+        """Read the step's gradients (before the optimizer step): the maxima of unrecorded
+        steps are kept; on CPU a non-finite step is replayed once."""
+        if self._captured:
+            return
+        self._captured = True
+        grads = [p.grad for p in self._params]
+        # a recorded step measures its own gradient maxima: only the CPU check reads them here
+        row = self._maxima_row(grads) if not recorded or self._check_now() else None
+        if row is not None and not recorded:
+            self._maxima.append(row)
+            self._norm_steps.append(step)
+        if self._cpu and not self._latched:
+            self._check(step, row)
+
+    def _maxima_row(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+        # a sharded (DTensor) gradient: this rank's shard (a detector, no collective)
+        grads = [local_tensor(g) if g is not None and is_dtensor(g) else g for g in grads]
+        present = [(g, i) for i, g in enumerate(grads)
+                   if measurable(g) and not g.is_sparse and g.layout is torch.strided
+                   and not g.is_complex()]
+        if not present:
+            return None
+        device = present[0][0].device
+        # -1 marks "not measured" (a peak is >= 0; NaN is a gradient that holds NaN)
+        row = torch.full((len(self._params),), -1.0, dtype=torch.float64, device=device)
+        tensors, idx = zip(*present)
+        for group, group_idx in group_by_device_dtype(tensors, idx):
+            if group[0].device == device:
+                row.index_copy_(0, on_device(list(group_idx), device), peaks(group))
+        return row
+
+    def _check_now(self) -> bool:
+        return self._cpu and not self._latched
+
+    def _check(self, step: int, row: torch.Tensor | None) -> None:
+        """Replay the step's forward when anything in it is non-finite (CPU only)."""
+        parts = [s for s in self._sums if s is not None]
+        if row is not None:
+            parts.append(row)
+        if not parts:
+            return
+        values = torch.cat([p.reshape(-1) for p in parts])
+        if not _any(~torch.isfinite(values)):
+            return
+        self._latched = True
+        self.origin = replay(self._model, self._last_input, self._rng, step)
+        self._last_input = None
+
+    def end_step(self, step: int, recorded: bool) -> None:
+        """Close the step: keep its input/output sums (and capture, if no optimizer did)."""
+        if not self._captured and not self._optimized:
+            self.capture(step, recorded)
+        elif not self._captured and self._check_now():
+            self._check(step, None)  # the input and output only
+        zero = None
+        sums = []
+        for s in self._sums:
+            if s is None:
+                if zero is None:
+                    device = next((t.device for t in self._sums if t is not None), None)
+                    zero = torch.zeros((), dtype=torch.float64,
+                                       device=device or torch.device("cpu"))
+                s = zero
+            sums.append(s)
+        if self._sums[INPUT] is not None or self._sums[OUTPUT] is not None:
+            self._flags.append(torch.stack(sums))
+            self._steps.append(step)
+        self._sums = [None, None]
+        self._captured = False
+        if not self._latched and not recorded:
+            self._last_input = None  # references to the batch live one step at most
+
+    def put(self, batch: DeviceBatch, step: int) -> None:
+        """Queue what was kept since the last record (the current step `step` included)."""
+        if self._flags:
+            batch.put("flight:flags", torch.stack(self._flags).reshape(-1))
+        if self._maxima:
+            batch.put("flight:maxima", torch.stack(self._maxima).reshape(-1))
+
+    def result(self, host: dict[str, np.ndarray], step: int, keep: bool = False
+               ) -> FlightLog | None:
+        """The FlightLog of the steps queued by put(); None when nothing was kept. With
+        `keep`, the rows stay for the next record (a look before the run is over)."""
+        flags = host.get("flight:flags")
+        maxima = host.get("flight:maxima")
+        steps, norm_steps, origin = list(self._steps), list(self._norm_steps), self.origin
+        if not keep:
+            self._flags, self._maxima, self._steps, self._norm_steps = [], [], [], []
+            self.origin = None
+        if flags is None and maxima is None and origin is None:
+            return None
+        log = FlightLog(steps=list(steps), input_bad=[], output_bad=[], origin=origin)
+        if flags is not None:
+            pairs = flags.reshape(-1, 2)
+            log.input_bad = [not math.isfinite(v) for v in pairs[:, INPUT].tolist()]
+            log.output_bad = [not math.isfinite(v) for v in pairs[:, OUTPUT].tolist()]
+        else:
+            log.steps = []
+        if maxima is not None:
+            rows = maxima.reshape(-1, len(self._params))
+            # non-finite peaks read inf, unmeasured ones (-1) NaN
+            rows = np.where(rows < 0, np.nan, np.where(np.isnan(rows), np.inf, rows))
+            log.norm_steps = list(norm_steps)
+            log.grad_max = rows.tolist()
+        return log
+
+
+# ---------------------------------------------------------------------- replay
+def _bad(t: torch.Tensor) -> bool:
+    return t.numel() > 0 and _any(~torch.isfinite(t.detach()))
+
+
+def _bad_leaves(value: Any) -> bool:
+    return any(_bad(t) for t in _float_leaves(value))
+
+
+def _where_bad(x: torch.Tensor, limit: int = 8) -> dict[str, list[int]]:
+    """Rows (dim 0) and columns (dim 1) of `x` holding NaN/Inf, the first `limit` of each."""
+    at = torch.nonzero(~torch.isfinite(x.detach()))
+    rows = sorted(set(at[:, 0].tolist()))[:limit] if at.shape[0] else []
+    cols = sorted(set(at[:, 1].tolist()))[:limit] if at.shape[0] and x.dim() > 1 else []
+    return {"rows": rows, "columns": cols, "count": int(at.shape[0])}
+
+
+@torch.no_grad()
+def replay(model: nn.Module, inputs: tuple[tuple, dict] | None, rng: torch.Tensor | None,
+           step: int) -> dict[str, Any]:
+    """Run the forward of `inputs` again with a NaN/Inf check on every module; return where
+    the first non-finite value appeared: {"kind": "input" | "module" | "gap" | "none", ...}.
+
+    The model's buffers and the RNG state are restored afterwards.
+
+    Example:
+        >>> class Div(nn.Module):
+        ...     def forward(self, x): return x / x.sum()
+        >>> net = nn.Sequential(nn.ReLU(), Div())
+        >>> found = replay(net, ((-torch.ones(1, 2),), {}), None, 0)
+        >>> found["kind"], found["module"], found["type"]
+        ('module', '1', 'Div')
+    """
+    if inputs is None:
+        return {"step": step, "kind": "unknown"}
+    args, kwargs = inputs
+    x = first_tensor(args, kwargs)
+    if x is not None and x.is_floating_point() and _bad(x):
+        return {"step": step, "kind": "input", **_where_bad(x)}
+    names = {m: name for name, m in model.named_modules()}
+    stack: list[str] = []
+    done: dict[str, str | None] = {}  # module -> its last child that completed
+    found: dict[str, Any] = {}
+
+    def pre(module: nn.Module, a: tuple) -> None:
+        name = names.get(module, "?")
+        if not found and stack and _bad_leaves(a):
+            parent = stack[-1]
+            found.update(kind="gap", module=parent, after=done.get(parent), before=name)
+        stack.append(name)
+        done.setdefault(name, None)
+
+    def post(module: nn.Module, a: tuple, out: Any) -> None:
+        name = stack.pop() if stack else names.get(module, "?")
+        if stack:
+            done[stack[-1]] = name
+        if found or not _bad_leaves(out):
+            return
+        own = [p for p in module.parameters(recurse=False) if _bad(p)]
+        child = done.get(name)
+        kind = "module" if child is None else "gap"
+        found.update(kind=kind, module=name, weights_bad=bool(own))
+        if child is not None:
+            found.update(after=child, before=None)
+
+    hooks = HookSet()
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        for module in names:
+            hooks.add(module.register_forward_pre_hook(pre))
+            hooks.add(module.register_forward_hook(post))
+        with torch.random.fork_rng(devices=[]):
+            if rng is not None:
+                torch.set_rng_state(rng)
+            model(*args, **kwargs)
+    finally:
+        hooks.remove()
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    if not found:
+        return {"step": step, "kind": "none"}
+    found["type"] = type(dict(model.named_modules())[found["module"]]).__name__
+    return {"step": step, **found}
+
+
+__all__ = ["FlightLog", "FlightRecorder", "peaks", "replay"]
