@@ -219,8 +219,22 @@ class Onset:
     summary: str
 
 
+def _record_bad(r: StepRecord) -> bool:
+    """Whether a record (or the flight rows it carries) shows NaN/Inf anywhere."""
+    return r.derived("onset_bad", lambda: bool(
+        (r.flight is not None and r.flight.nonfinite())
+        or np.any(r.grad_nonfinite > 0) or r.nonfinite_origin is not None
+        or (r.data is not None and r.data.nonfinite > 0)))
+
+
 def find_onset(history: History) -> Onset | None:
     """Judge the first bad step of `history` from that step and the ones before it."""
+    _, losses = history.losses()
+    tail = history.flight_tail
+    if (np.all(np.isfinite(losses))
+            and not (tail is not None and tail.nonfinite())
+            and not any(_record_bad(r) for r in history.records())):
+        return None  # the common case, without building the per-step view
     s = collect(history)
     found = first_bad_step(s)
     if found is None:
