@@ -9,6 +9,7 @@ losses. The cause is judged from the first bad step and the steps before it, nev
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,13 +228,28 @@ def _record_bad(r: StepRecord) -> bool:
         or (r.data is not None and r.data.nonfinite > 0)))
 
 
-def find_onset(history: History) -> Onset | None:
-    """Judge the first bad step of `history` from that step and the ones before it."""
+#: History -> how many of its records were found free of NaN/Inf (each is looked at once).
+_CLEAN: weakref.WeakKeyDictionary[History, int] = weakref.WeakKeyDictionary()
+
+
+def _clean(history: History) -> bool:
+    """Whether nothing in `history` is NaN/Inf (records already seen clean are skipped)."""
     _, losses = history.losses()
     tail = history.flight_tail
-    if (np.all(np.isfinite(losses))
-            and not (tail is not None and tail.nonfinite())
-            and not any(_record_bad(r) for r in history.records())):
+    if not np.all(np.isfinite(losses)) or (tail is not None and tail.nonfinite()):
+        return False
+    seen = _CLEAN.get(history, 0)
+    new = history.total_recorded - seen
+    records = history.recent(new) if 0 <= new <= len(history) else history.records()
+    if any(_record_bad(r) for r in records):
+        return False
+    _CLEAN[history] = history.total_recorded
+    return True
+
+
+def find_onset(history: History) -> Onset | None:
+    """Judge the first bad step of `history` from that step and the ones before it."""
+    if _clean(history):
         return None  # the common case, without building the per-step view
     s = collect(history)
     found = first_bad_step(s)
