@@ -77,7 +77,12 @@ def test_first_bad_step_place_and_cause(name, every, tmp_path):
     text = scope.report(file=io.StringIO(), width=200)
     top = diagnoses[0]
     assert f"{top.sign} " in text and f"{top.first_step}" in text
-    _, _, logged, _ = _load(str(tmp_path), logged=True)
+    log, _, logged, _ = _load(str(tmp_path), logged=True)
+    # every diagnosis event of the run, live as it went: an onset, once found, is never
+    # replaced by a later one
+    events = [e["diagnosis"] for e in log.events if e["diagnosis"]["sign"] in NONFINITE]
+    assert {(e["first_step"], e["causes"][0]["id"]) for e in events} <= {
+        (d.first_step, d.cause) for d in diagnoses if d.sign in NONFINITE}
     _, _, replayed, _ = _load(str(tmp_path))
     live = {_key(d) for d in diagnoses if d.severity == "error"}
     assert {_key(d) for d in logged if d.severity == "error"} == live
