@@ -73,10 +73,11 @@ def exploding(seed: int = 0) -> Built:
     per step, from a healthy start, for dozens of steps until the loss overflows."""
     gen = torch.Generator().manual_seed(seed)
     target = torch.randn(1, IN_FEATURES, generator=gen) / IN_FEATURES ** 0.5
-    model = nn.Sequential(nn.Linear(IN_FEATURES, 1))
+    layer = nn.Linear(IN_FEATURES, 1)
     with torch.no_grad():
-        model[0].weight.copy_(target + 3e-4 * torch.randn(1, IN_FEATURES, generator=gen))
-        model[0].bias.zero_()
+        layer.weight.copy_(target + 3e-4 * torch.randn(1, IN_FEATURES, generator=gen))
+        layer.bias.zero_()
+    model = nn.Sequential(layer)
     opt = torch.optim.SGD(model.parameters(), lr=1.6)
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

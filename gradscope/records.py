@@ -196,7 +196,7 @@ class FlightLog:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FlightLog:
-        def floats(rows: list[list[Any]]) -> list[list[float]]:
+        def floats(rows: list[list[Any]] | None) -> list[list[float]]:
             return [[float(v) for v in row] for row in rows or []]
 
         return cls(steps=[int(s) for s in data.get("steps") or []],

@@ -276,20 +276,21 @@ def find_onset(history: History) -> Onset | None:
     else:
         blowup = blowup_causes(s, layout, step)
         scores += blowup
-        kind = origin.get("kind") if origin is not None else None
-        if kind in ("module", "gap") and not origin.get("weights_bad"):
-            module = origin["module"]
+        seen = origin or {}
+        kind = seen.get("kind")
+        if kind in ("module", "gap") and not seen.get("weights_bad"):
+            module = seen["module"]
             place = module
             if kind == "gap":
-                between = " and ".join(f"'{m}'" for m in (origin.get("after"),
-                                                           origin.get("before")) if m)
-                text = (f"the forward code of '{module}' ({origin.get('type')}) itself, "
+                between = " and ".join(f"'{m}'" for m in (seen.get("after"),
+                                                           seen.get("before")) if m)
+                text = (f"the forward code of '{module}' ({seen.get('type')}) itself, "
                         f"between its submodules {between}, turned finite values into "
                         f"NaN/Inf at step {step}" if between else
-                        f"the forward code of '{module}' ({origin.get('type')}) turned finite "
+                        f"the forward code of '{module}' ({seen.get('type')}) turned finite "
                         f"values into NaN/Inf at step {step}")
             else:
-                text = (f"'{module}' ({origin.get('type')}) turned finite inputs into NaN/Inf "
+                text = (f"'{module}' ({seen.get('type')}) turned finite inputs into NaN/Inf "
                         f"at step {step}, its weights finite")
             if not blowup:  # after a blow-up the overflow there is its consequence
                 scores.append(("invalid-math", 2.0, text))

@@ -175,10 +175,9 @@ class FlightRecorder:
 
     def _maxima_row(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         # a sharded (DTensor) gradient: this rank's shard (a detector, no collective)
-        grads = [local_tensor(g) if g is not None and is_dtensor(g) else g for g in grads]
-        present = [(g, i) for i, g in enumerate(grads)
-                   if measurable(g) and not g.is_sparse and g.layout is torch.strided
-                   and not g.is_complex()]
+        present = [(local_tensor(g) if is_dtensor(g) else g, i) for i, g in enumerate(grads)
+                   if g is not None and measurable(g) and not g.is_sparse
+                   and g.layout is torch.strided and not g.is_complex()]
         if not present:
             return None
         device = present[0][0].device
@@ -275,7 +274,7 @@ def _bad_leaves(value: Any) -> bool:
     return any(_bad(t) for t in _float_leaves(value))
 
 
-def _where_bad(x: torch.Tensor, limit: int = 8) -> dict[str, list[int]]:
+def _where_bad(x: torch.Tensor, limit: int = 8) -> dict[str, Any]:
     """Rows (dim 0) and columns (dim 1) of `x` holding NaN/Inf, the first `limit` of each."""
     at = torch.nonzero(~torch.isfinite(x.detach()))
     rows = sorted(set(at[:, 0].tolist()))[:limit] if at.shape[0] else []
