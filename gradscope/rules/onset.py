@@ -284,11 +284,12 @@ def find_onset(history: History) -> Onset | None:
             if kind == "gap":
                 between = " and ".join(f"'{m}'" for m in (seen.get("after"),
                                                            seen.get("before")) if m)
-                text = (f"the forward code of '{module}' ({seen.get('type')}) itself, "
-                        f"between its submodules {between}, turned finite values into "
-                        f"NaN/Inf at step {step}" if between else
-                        f"the forward code of '{module}' ({seen.get('type')}) turned finite "
-                        f"values into NaN/Inf at step {step}")
+                # the root module has the empty name: call it the model
+                owner = (f"the model's own forward ({seen.get('type')})" if not module else
+                         f"the forward code of '{module}' ({seen.get('type')})")
+                text = (f"{owner} itself, between its submodules {between}, turned finite "
+                        f"values into NaN/Inf at step {step}" if between else
+                        f"{owner} turned finite values into NaN/Inf at step {step}")
             else:
                 text = (f"'{module}' ({seen.get('type')}) turned finite inputs into NaN/Inf "
                         f"at step {step}, its weights finite")
