@@ -44,20 +44,31 @@ class Guard:
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # gradscope must never stop training
-            self._off[piece] = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"gradscope: the '{piece}' {self._kind} failed ({type(err).__name__}: {err}) "
-                "and is switched off for the rest of this run; training is not affected.",
-                GradscopeWarning,
-                stacklevel=2,
-            )
+            self._fail(piece, err)
             return None
+
+    def _fail(self, piece: str, err: Exception) -> None:
+        """Switch `piece` off and warn once."""
+        self._off[piece] = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"gradscope: the '{piece}' {self._kind} failed ({type(err).__name__}: {err}) "
+            "and is switched off for the rest of this run; training is not affected.",
+            GradscopeWarning,
+            stacklevel=3,
+        )
 
     def wrap(self, piece: str, fn: Callable[..., Any]) -> Callable[..., None]:
         """A hook that calls `fn` under this guard and always returns None (never alters values)."""
 
+        off = self._off
+
         @functools.wraps(fn)
         def hook(*args: Any, **kwargs: Any) -> None:
-            self.call(piece, fn, *args, **kwargs)
+            if piece in off:  # the common case without a second call (hooks run per module)
+                return
+            try:
+                fn(*args, **kwargs)
+            except Exception as err:  # gradscope must never stop training
+                self._fail(piece, err)
 
         return hook

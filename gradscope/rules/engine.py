@@ -66,8 +66,17 @@ def shows_nonfinite(record: StepRecord) -> bool:
     NaN loss with no loss tensor given counts as no loss, as in the rules)."""
     return bool((record.loss_given and not math.isfinite(record.loss))
                 or np.any(record.grad_nonfinite) or record.nonfinite_origin is not None
-                or bool(record.modules_over("nonfinite_frac", 0.0))
-                or not record.weights_finite())
+                or _any_nonfinite_activation(record) or not record.weights_finite())
+
+
+def _any_nonfinite_activation(record: StepRecord) -> bool:
+    """Whether some module output held NaN/Inf: record.modules_over("nonfinite_frac", 0.0)
+    is non-empty, read from the one column (checked on every record, most of which the
+    rules then do not evaluate: no per-module dict is built for them)."""
+    if not record.activations:
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(np.any(record.activations.column("nonfinite_frac") > 0.0))
 
 
 class RuleEngine:

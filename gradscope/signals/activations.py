@@ -76,8 +76,10 @@ def compiling() -> bool:
     Compiled code does not run Python hooks on each call, and tracing them would split the
     graph (or fail under fullgraph=True); the Scope warns when a recorded step saw no forward.
     """
-    check = getattr(torch.compiler, "is_compiling", None)
-    return bool(check()) if check is not None else False
+    return bool(_IS_COMPILING()) if _IS_COMPILING is not None else False
+
+
+_IS_COMPILING = getattr(torch.compiler, "is_compiling", None)
 
 
 def in_backward() -> bool:

@@ -59,8 +59,14 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+#: Types that are never a DTensor: answered without the (slower) subclass check.
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
 def is_dtensor(tensor: Any) -> bool:
     """True for a `torch.distributed.tensor.DTensor` (FSDP2 parameters and gradients)."""
+    if type(tensor) in _PLAIN_TYPES:  # called per tensor per recorded step
+        return False
     cls = _dtensor_type()
     return cls is not None and isinstance(tensor, cls)
 
