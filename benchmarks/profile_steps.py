@@ -30,7 +30,7 @@ from benchmarks.workloads import make_workload
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload")
-    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--every", type=int, default=10, help="0: profile the plain copy")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--torch", action="store_true", help="torch.profiler instead of cProfile")
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     workload = make_workload(args.workload, device)
     model = workload.build()
     plain = Trainer(workload, workload.build(), Method(), device)
-    watched = Trainer(workload, model, Gradscope("default", "", every=args.every), device)
+    method = Gradscope("default", "", every=args.every) if args.every else Method()
+    watched = Trainer(workload, model, method, device)
     for _ in range(args.warmup):
         plain.step()
         watched.step()

@@ -155,3 +155,20 @@ def test_change_outside_the_sample_is_checked_whole_unless_the_sample_moved_last
     kept = [r.changed[names.index("still.weight")] for r in scope.history.records()]
     np.testing.assert_array_equal(moved, [1.0, np.nan, 1.0, 1.0])
     assert kept == [0.0] * 4
+
+
+def test_ratio_follows_a_parameter_whose_storage_is_replaced_between_steps():
+    # the tracker keeps a view of each parameter between recorded steps; `p.data = ...`
+    # (a new storage, as a dtype/device move or a weight reload does) must not be read
+    # through the old view
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-1)
+    scope = gradscope.watch(model, opt, every=1, update_sample=256)
+    _one_step(model, opt, scope, torch.randn(8, 6))
+    with torch.no_grad():
+        model[0].weight.data = torch.randn(10, 6) * 5  # new storage, same shape
+    refs = [_one_step(model, opt, scope, torch.randn(8, 6)) for _ in range(2)]
+    scope.close()
+    for record, ref in zip(scope.history.records()[1:], refs):
+        expected = [ref[n] for n in scope.layout.param_names]
+        np.testing.assert_allclose(record.update_ratio, expected, rtol=F64_SAMPLE_RTOL)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .distributed import local_tensor
+from .distributed import is_dtensor, local_tensor
 from .grads import put_param_norms
 from .transfer import DeviceBatch, on_device
 
@@ -125,9 +125,22 @@ class UpdateTracker:
         self._moving: set[int] = set()  # parameters seen changed at their last measurement
         self._measured: list[int] = []  # parameters measured since the last results()
         self._partial = np.array([s is not None for s in self._sample], dtype=bool)
+        self._flats: dict[int, torch.Tensor] = {}  # 1-D views of the parameters (see _flat)
 
     def _flat(self, index: int) -> torch.Tensor:
-        return local_tensor(self._params[index]).detach().reshape(-1)
+        """The parameter's values as a 1-D tensor: a view kept from step to step for a
+        contiguous plain tensor (its values are read, never kept: they are copied at once),
+        made anew when the parameter's storage, dtype or size changed (`p.data = ...`).
+        The kept view holds its storage, so an unchanged address means the same storage."""
+        p = self._params[index]
+        flat = self._flats.get(index)
+        if (flat is not None and flat.data_ptr() == p.data_ptr() and flat.dtype == p.dtype
+                and flat.numel() == p.numel()):
+            return flat
+        flat = local_tensor(p).detach().reshape(-1)
+        if not is_dtensor(p) and p.layout is torch.strided and p.is_contiguous():  # a view
+            self._flats[index] = flat
+        return flat
 
     def _plan(self, indices: Sequence[int]) -> list[_Bucket]:
         key = tuple(indices)
@@ -312,6 +325,7 @@ class UpdateTracker:
     def reset(self) -> None:
         self._before.clear()
         self._kept.clear()
+        self._flats.clear()
         self._measured = []
 
 
