@@ -130,6 +130,11 @@ class ActivationTable(Mapping[str, ActivationStats]):
         return self._ints[:, 0]
 
     @property
+    def leaves(self) -> np.ndarray:
+        """Whether each module is a leaf (no submodules), in name order."""
+        return self._flags[:, 0]
+
+    @property
     def orders(self) -> np.ndarray:
         """Order of first call of every module, in name order."""
         return self._ints[:, 2]

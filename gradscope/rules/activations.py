@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import evidence as ev
 from .base import Finding, rule
 from .common import WARMUP, WINDOW, fmt, persistent, ranked, usable
@@ -44,8 +46,16 @@ def _output_module(record) -> str | None:
     """The leaf module that ran last in the step's forward (the model's output layer)."""
 
     def compute() -> str | None:
-        leaves = [(s.order, n) for n, s in record.activations.items() if s.leaf]
-        return max(leaves)[1] if leaves else None
+        # max((order, name)) over the leaves, read from the table's columns (no object per
+        # module: this runs on every record of the rules' window)
+        table = record.activations
+        leaf = table.leaves
+        if not leaf.any():
+            return None
+        orders = table.orders
+        top = np.flatnonzero(leaf & (orders == orders[leaf].max())).tolist()
+        names = table.names
+        return max(names[i] for i in top)
 
     return record.derived("output_module", compute)
 
