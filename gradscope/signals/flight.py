@@ -29,7 +29,7 @@ from ..records import FlightLog
 from .activations import _float_leaves, compiling, in_backward
 from .data import first_tensor
 from .distributed import is_dtensor, local_tensor, world_size
-from .grads import measurable
+from .grads import _stack_plan
 from .transfer import DeviceBatch, group_by_device_dtype, on_device
 
 INPUT, OUTPUT = range(2)
@@ -42,10 +42,33 @@ def peaks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         >>> peaks([torch.tensor([1.0, -3.0]), torch.tensor([float("nan"), 0.0])]).tolist()
         [3.0, nan]
     """
+    if tensors[0].device.type == "cpu" and len(tensors) > 1:
+        return _stacked_peaks(tensors)
     pairs = [torch.aminmax(t) for t in tensors]  # a single-pass kernel, fast on CPU
     low = torch.stack([lo for lo, _ in pairs]).to(torch.float64)
     high = torch.stack([hi for _, hi in pairs]).to(torch.float64)
     return torch.maximum(low.abs(), high.abs())
+
+
+def _stacked_peaks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """peaks() of CPU tensors of one dtype: small tensors of one shape stacked into a matrix
+    and reduced by rows (a kernel per tensor costs more than its arithmetic on models of
+    many small layers), large ones one aminmax pass each. Min and max are exact in any
+    dtype and keep NaN, so the values are those of one aminmax per tensor."""
+    plan = _stack_plan(tensors)
+    parts = []
+    for members in plan.groups:
+        if len(members) == 1:
+            low, high = torch.aminmax(tensors[members[0]])
+            low, high = low.reshape(1), high.reshape(1)
+        else:
+            rows = torch.stack([tensors[i] for i in members]).view(len(members), -1)
+            # amin and amax along the dim: aminmax along a dim is the slow CPU kernel
+            low, high = rows.amin(1), rows.amax(1)
+        parts.append(torch.maximum(low.abs(), high.abs()))
+    if len(parts) == 1:
+        return parts[0].to(torch.float64)  # one group holds the tensors in their order
+    return torch.cat(parts).index_select(0, plan.back).to(torch.float64)
 
 
 def _flag(t: torch.Tensor) -> torch.Tensor:
@@ -174,17 +197,20 @@ class FlightRecorder:
             self._check(step, row)
 
     def _maxima_row(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
-        # a sharded (DTensor) gradient: this rank's shard (a detector, no collective)
+        # a sharded (DTensor) gradient: this rank's shard (a detector, no collective);
+        # a strided layout leaves out sparse gradients, numel() empty ones
         present = [(local_tensor(g) if is_dtensor(g) else g, i) for i, g in enumerate(grads)
-                   if g is not None and measurable(g) and not g.is_sparse
-                   and g.layout is torch.strided and not g.is_complex()]
+                   if g is not None and g.layout is torch.strided and g.numel() > 0
+                   and not g.is_complex()]
         if not present:
             return None
         device = present[0][0].device
+        groups = group_by_device_dtype(*zip(*present))
+        if len(groups) == 1 and len(present) == len(self._params):
+            return peaks(groups[0][0])  # every parameter, in order: the row itself
         # -1 marks "not measured" (a peak is >= 0; NaN is a gradient that holds NaN)
         row = torch.full((len(self._params),), -1.0, dtype=torch.float64, device=device)
-        tensors, idx = zip(*present)
-        for group, group_idx in group_by_device_dtype(tensors, idx):
+        for group, group_idx in groups:
             if group[0].device == device:
                 row.index_copy_(0, on_device(list(group_idx), device), peaks(group))
         return row
