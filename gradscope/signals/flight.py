@@ -29,7 +29,7 @@ from ..records import FlightLog
 from .activations import _float_leaves, compiling, in_backward
 from .data import first_tensor
 from .distributed import is_dtensor, local_tensor, world_size
-from .grads import _stack_plan
+from .grads import stack_plan
 from .transfer import DeviceBatch, group_by_device_dtype, on_device
 
 INPUT, OUTPUT = range(2)
@@ -55,7 +55,7 @@ def _stacked_peaks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     and reduced by rows (a kernel per tensor costs more than its arithmetic on models of
     many small layers), large ones one aminmax pass each. Min and max are exact in any
     dtype and keep NaN, so the values are those of one aminmax per tensor."""
-    plan = _stack_plan(tensors)
+    plan = stack_plan(tensors)
     parts = []
     for members in plan.groups:
         if len(members) == 1:

@@ -79,7 +79,16 @@ class _StackPlan:
 _plans: dict[tuple[tuple[int, ...], ...], _StackPlan] = {}
 
 
-def _stack_plan(tensors: Sequence[torch.Tensor]) -> _StackPlan:
+def stack_plan(tensors: Sequence[torch.Tensor]) -> _StackPlan:
+    """Which of `tensors` (CPU, one dtype) are reduced together as rows of one stacked
+    matrix (small tensors of one shape), and the order that puts results back (cached by
+    the shapes).
+
+    Example:
+        >>> plan = stack_plan([torch.ones(2), torch.ones(3), torch.ones(2)])
+        >>> plan.groups, plan.back.tolist()
+        ([[0, 2], [1]], [0, 2, 1])
+    """
     shapes = tuple(tuple(t.shape) for t in tensors)
     plan = _plans.get(shapes)
     if plan is None:
@@ -108,7 +117,7 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
         listed = list(tensors)
         peak = torch.stack(torch._foreach_norm(listed, float("inf"))) if with_max else None
         return torch.stack(torch._foreach_norm(listed, 2)), peak
-    plan = _stack_plan(tensors)
+    plan = stack_plan(tensors)
     l2: list[torch.Tensor] = []
     peaks: list[torch.Tensor] = []
     for members in plan.groups:
