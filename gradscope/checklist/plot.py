@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from ..report.plots import ScopeFigure, check_plot_path, present_figure
-from ..report.views import fold_name
+from ..report.readings import fold_name
 
 if TYPE_CHECKING:
     from .result import Checkup

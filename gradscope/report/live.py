@@ -27,8 +27,7 @@ from rich.text import Text
 from ..diagnosis import Diagnosis
 from ..history import History, StepRecord
 from .display import OutputArea
-from .summary import SEVERITY_STYLE
-from .views import (
+from .readings import (
     UPDATE_RATIO_REFERENCE,
     fmt,
     fmt_frac,
@@ -39,6 +38,7 @@ from .views import (
     severity_sorted,
     sparkline,
 )
+from .summary import SEVERITY_STYLE
 
 #: Layers shown in the panel before the rest are folded into "… N more".
 MAX_LAYER_ROWS = 12

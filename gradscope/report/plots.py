@@ -19,7 +19,7 @@ from ..diagnosis import Diagnosis
 from ..errors import GradscopeError
 from ..history import History, StepRecord
 from .display import SavedPlot, ShownOnce, figure_bundle, in_notebook, show_figure
-from .views import (
+from .readings import (
     UPDATE_RATIO_BAND,
     UPDATE_RATIO_REFERENCE,
     fold_name,

@@ -16,7 +16,7 @@ from rich.text import Text
 from ..diagnosis import Diagnosis
 from ..history import History
 from .display import Report, show_report
-from .views import fmt, fold_list, loss_summary, severity_sorted, total_steps
+from .readings import fmt, fold_list, loss_summary, severity_sorted, total_steps
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold cyan"}
 DEFAULT_WIDTH = 100

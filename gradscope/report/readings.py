@@ -1,4 +1,5 @@
-"""Plain data the reporters share: number formatting, name folding, per-layer rows, sparklines.
+"""What the reporters read: per-layer rows, the loss summary, and the text helpers (number
+and name folding, sparklines) that the live view, the report and the plots share.
 
 Nothing here draws; the live view, the report and the plots read the same numbers from here.
 """
