@@ -24,6 +24,7 @@ from torch import nn
 from benchmarks.bug_injectors import Knobs, Probe
 
 BATCH = 32
+IMAGE_BATCH = 16
 DIM = 32
 CLASSES = 10
 VOCAB = 64
@@ -231,12 +232,12 @@ class SmallResNet(nn.Module):
     def __init__(self, k: Knobs) -> None:
         super().__init__()
         self.k = k
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = nn.Sequential(BasicBlock(16), BasicBlock(16))
+        self.layer1 = nn.Sequential(BasicBlock(8), BasicBlock(8))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, CLASSES)
+        self.fc = nn.Linear(8, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = batch_standardise(x, self.k)
@@ -469,7 +470,7 @@ def _image_batches(seed: int, k: Knobs) -> Callable[[int, int], Any]:
     data = Images(seed)
 
     def batch(i: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img, y = data.batch(i * 8 + m)
+        img, y = data.batch(i * 8 + m, IMAGE_BATCH)
         return image_input(img, i, k), labels(y, i, k)
     return batch
 
@@ -563,12 +564,13 @@ def build_gpt2(k: Knobs, probe: Probe, seed: int) -> Trainer:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                        eos_token_id=0)
     model = GPT2LMHeadModel(config)
     _cut_hook(model.transformer.h[0], k)
     opt = _prepare(model, k, "lm_head", lambda ps: configure_optimizers(
         model, 0.1, 1e-3 * k.lr_scale, (0.9, 0.95), ps))
-    return supervised(model, opt, k, probe, _lm_batches(seed, k, 8),
+    return supervised(model, opt, k, probe, _lm_batches(seed, k, 4),
                       lambda mdl, x, y: _lm_loss(mdl(x).logits, y, k, mdl), None,
                       accum=2, clip=1.0)
 
@@ -587,7 +589,7 @@ def build_bert(k: Knobs, probe: Probe, seed: int) -> Trainer:
     data = Tokens(seed)
 
     def batch(i: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = data.batch(i, 16)[:, :SEQ]
+        idx = data.batch(i, 8)[:, :SEQ]
         return idx, labels(idx[:, 0] % 4, i, k)
     return supervised(model, opt, k, probe, batch,
                       lambda mdl, x, y: ce_loss(mdl(input_ids=x).logits, y, k, mdl),
@@ -711,13 +713,13 @@ def build_fp16(k: Knobs, probe: Probe, seed: int) -> Trainer:
 def build_lbfgs(k: Knobs, probe: Probe, seed: int) -> Trainer:
     model = Sequence(k)
     opt = _prepare(model, k, "linear", lambda ps: torch.optim.LBFGS(
-        ps, lr=0.8 * k.lr_scale, max_iter=4))
+        ps, lr=0.8 * k.lr_scale, max_iter=3))
     criterion = nn.MSELoss()
 
     def run_step(tr: Trainer, i: int) -> torch.Tensor:
         g = _gen(seed, i)
         phase = torch.rand(8, 1, generator=g) * 6.28
-        wave = torch.sin(phase + torch.arange(13.0) * 0.5)
+        wave = torch.sin(phase + torch.arange(9.0) * 0.7)
         x, y = float_bug(wave[:, :-1], i, k), wave[:, 1:]
         tr.see_input(x, i)
 

@@ -110,7 +110,7 @@ def run(setup: str, injector: str | None, steps: int, watched: bool) -> dict[str
     torch.manual_seed(SEED)
     knobs = Knobs(**(INJECTOR_BY_NAME[injector].knobs if injector else {}))
     probe = Probe(active=not watched)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result: dict[str, Any] = {"setup": setup, "injector": injector, "steps": steps,
                               "watched": watched}
     sink, scope, handle = RaisedSink(), None, None
@@ -148,6 +148,7 @@ def run(setup: str, injector: str | None, steps: int, watched: bool) -> dict[str
     result["events"] = sink.events
     result["error"] = probe.error
     result["seconds"] = time.perf_counter() - started
+    result["cpu_seconds"] = time.process_time() - cpu
     if not watched:
         result["probe"] = asdict(probe)
     return result
@@ -157,7 +158,8 @@ def score(inj: Injector | None, result: dict[str, Any]) -> dict[str, Any]:
     """Sign hit, cause, latency (bug runs) or false alarms (healthy runs) of one watched run."""
     raised = [e for e in result["events"] if e[2] in RAISED]
     final = [f for f in result.get("final", []) if f[1] in RAISED]
-    out: dict[str, Any] = {"error": result["error"], "seconds": round(result["seconds"], 2)}
+    out: dict[str, Any] = {"error": result["error"], "seconds": round(result["seconds"], 2),
+                           "cpu_seconds": round(result["cpu_seconds"], 2)}
     if inj is None:
         out["false_alarms"] = sorted({e[1] for e in raised} | {f[0] for f in final})
         return out
@@ -178,6 +180,7 @@ def healthy_task(setup: str, short: int, long: int) -> dict[str, Any]:
     drop = relative_drop(plain["probe"]["losses"])
     learns = plain["error"] is None and (setup == "gan" or drop > 0.05)
     return {"setup": setup, "probe": plain["probe"], "learns": learns, "drop": drop,
+            "plain_cpu_seconds": plain["cpu_seconds"],
             "short": score(None, run(setup, None, short, watched=True)),
             "long": score(None, run(setup, None, long, watched=True))}
 
@@ -192,7 +195,8 @@ def pair_task(setup: str, injector: str, short: int, long: int,
     except (ValueError, ZeroDivisionError):
         verified = False
     out: dict[str, Any] = {"setup": setup, "injector": injector, "verified": verified,
-                           "plain_error": plain["error"], "plain_drop": relative_drop(bug.losses)}
+                           "plain_error": plain["error"], "plain_drop": relative_drop(bug.losses),
+                           "plain_cpu_seconds": plain["cpu_seconds"]}
     if verified:
         out["short"] = score(inj, run(setup, injector, short, watched=True))
         out["long"] = score(inj, run(setup, injector, long, watched=True))
@@ -418,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          for i in applicable},
         "per_setup": {s: summarise([r for r in kept if r["setup"] == s]) for s in setups},
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds(results, healthy_rows), 1),
         "pairs": [{"setup": r["setup"], "injector": r["injector"],
                    "heldout": (r["setup"], r["injector"]) in held,
                    "short": r["short"], "long": r["long"]} for r in kept],
@@ -426,8 +431,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(line)
     if args.json:
         Path(args.json).write_text(line + "\n")
-    log(f"done in {seconds:.0f} s")
+    log(f"done in {seconds:.0f} s wall, {result['cpu_seconds']:.0f} s CPU over all runs")
     return result
+
+
+def cpu_seconds(results: list[dict[str, Any]], healthy: list[dict[str, Any]]) -> float:
+    """CPU time of every run (plain and watched): the wall time on idle cores is about this
+    divided by the number of workers."""
+    total = 0.0
+    for r in [*results, *healthy]:
+        total += r["plain_cpu_seconds"]
+        total += sum(r[n]["cpu_seconds"] for n in ("short", "long") if n in r)
+    return total
 
 
 def _jsonable(value: Any) -> Any:
