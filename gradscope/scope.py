@@ -84,6 +84,8 @@ class Scope:
         self.model = model
         self.optimizers = _as_optimizers(model, optimizer)
         self.layout = ModelLayout.of(model)
+        # several optimizers may train opposing objectives (a GAN): rules read this
+        self.layout.static("optimizers", lambda: len(self.optimizers))
         if not any(p.requires_grad for p in self.layout.params):
             warnings.warn(
                 "gradscope: the model has no parameter with requires_grad=True, so there are no "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -12,15 +15,18 @@ from .context import RuleContext
 from .onset import find_onset, onset_finding
 from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
 
-MIN_STEPS = Threshold(100, "steps before a loss can be called flat: fewer say little about a "
-                           "trend when batches are small and noisy")
+MIN_STEPS = Threshold(30, "steps before a loss can be called flat: the start level (first "
+                          "10 losses) and the recent level (last 20) must not overlap")
 FLAT_CHANGE = Threshold(
-    0.05, "relative drop from the mean of the first 10 losses to the mean of the last 20 below "
-    "which the loss may be flat: a model that learns anything drops well over 5% in its first "
-    "few dozen steps")
+    0.05, "relative drop from the start level that counts as real progress: a model that "
+    "learns anything drops well over 5% in its first few dozen steps")
+HORIZON = Threshold(
+    2000, "steps within which a learning run makes that drop: a loss whose fastest plausible "
+    "pace (its recent trend plus two standard errors) needs longer makes no practical "
+    "progress, however steady its tiny drop")
 FLAT_T = Threshold(
-    2.0, "the drop must also be within batch noise: its Welch t statistic below 2 (about the "
-    "95% level); a small but steady drop is slow learning, not a flat loss")
+    -2.0, "t statistic of the recent loss trend (slope over its standard error) above which "
+    "the loss is not going down: no significant downward trend (about the 95% level)")
 START_STEPS = 10  # losses averaged for the starting level
 TINY_BATCH = 2  # batch sizes at or below this make a flat-looking loss plausible by noise alone
 RECENT_STEPS = 20  # losses averaged for the recent level
@@ -47,30 +53,76 @@ def _rolling_typical(values: np.ndarray, width: int) -> np.ndarray:
     return np.median(sliding_window_view(values, width), axis=1)
 
 
-def _flatness(ctx: RuleContext) -> tuple[float, float, float, int, int] | None:
-    """(start level, recent level, t statistic of the drop, steps seen, first step).
+@dataclass(frozen=True)
+class Progress:
+    """How far the loss has come since the start, and how fast it can plausibly go on.
 
-    The start level is the mean of the first 10 losses, the recent level the mean of the
-    last 20; t is their difference over its standard error (Welch), so batch noise alone
-    rarely makes a learning run look flat or a flat run look like it learns.
+    `drop` is (start level - recent level) / |start level|, `drop_hi` its optimistic bound
+    (two standard errors up); `pace_hi` the fastest plausible relative drop per step from
+    the trend of the recent losses (least-squares slope plus two standard errors) and
+    `trend_t` that slope over its standard error (negative: going down).
     """
+
+    start: float
+    late: float
+    drop: float
+    drop_hi: float
+    pace_hi: float
+    trend_t: float
+    count: int
+    first_step: int
+
+    def steps_to(self, change: float) -> float:
+        """Steps the loss would need, at its fastest plausible pace, to drop by `change`."""
+        return change / self.pace_hi if self.pace_hi > 0 else math.inf
+
+
+def _trend(steps: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of `values` over `steps` and its standard error."""
+    x = steps.astype(np.float64) - steps.mean()
+    sxx = float(np.dot(x, x))
+    if values.size < 3 or sxx <= 0:
+        return 0.0, math.inf
+    slope = float(np.dot(x, values - values.mean()) / sxx)
+    resid = values - values.mean() - slope * x
+    return slope, float(np.sqrt(np.dot(resid, resid) / (values.size - 2) / sxx))
+
+
+def _progress(ctx: RuleContext) -> Progress | None:
+    """The loss's progress, judged the same live and on a replayed log: from the first losses
+    the history keeps for good and the recent loss window, never from when the rules ran."""
     history = ctx.history
-    first = np.asarray(history.first_losses[:START_STEPS])
-    _, tail = ctx.losses
-    recent = tail[-RECENT_STEPS:]
+    first = np.asarray(history.first_losses, dtype=np.float64)
+    steps, tail = ctx.losses
     n = len(history.loss_values)
     if len(first) < START_STEPS or n < START_STEPS + RECENT_STEPS:
         return None
+    # the start level never reaches into the recent level's steps
+    first = first[:max(START_STEPS, min(len(first), n - RECENT_STEPS))]
+    recent = tail[-RECENT_STEPS:]
     start, late = float(first.mean()), float(recent.mean())
+    if not (np.isfinite(start) and np.isfinite(late)) or abs(start) < 1e-12:
+        return None
     se = float(np.sqrt(first.var(ddof=1) / first.size + recent.var(ddof=1) / recent.size))
-    diff = start - late
-    t = diff / se if se > 0 else (np.inf if diff > 0 else 0.0)
-    return start, late, float(t), n, int(history.loss_steps[0])
+    slope, slope_se = _trend(steps, tail)
+    return Progress(start=start, late=late, drop=(start - late) / abs(start),
+                    drop_hi=(start - late + 2 * se) / abs(start),
+                    pace_hi=max(0.0, -slope + 2 * slope_se) / abs(start),
+                    trend_t=slope / slope_se if slope_se > 0 else math.copysign(math.inf, slope),
+                    count=n,
+                    first_step=int(history.loss_steps[0]))
+
+
+def several_optimizers(ctx: RuleContext) -> bool:
+    """Whether several optimizers were given to watch() (e.g. a GAN's D and G): their losses
+    may oppose each other, so the loss alone says little; the signals must back a finding."""
+    return int(ctx.layout.static("optimizers", lambda: 1)) > 1
 
 
 @rule(sign="loss-flat", severity="warning", title="Loss is flat from the start",
       needs=("loss", "grad_norm", "update_ratio", "activations"),
-      thresholds={"min_steps": MIN_STEPS, "change": FLAT_CHANGE, "t": FLAT_T, "warmup": WARMUP,
+      thresholds={"min_steps": MIN_STEPS, "change": FLAT_CHANGE, "horizon": HORIZON,
+                  "t": FLAT_T, "warmup": WARMUP,
                   "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
       causes=("lr-too-low", "broken-gradient-flow", "vanishing-gradients",
               "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph",
@@ -80,15 +132,18 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
     _, tail = ctx.losses
     if not np.isfinite(tail).all():
         return None
-    flat = _flatness(ctx)
-    if flat is None:
+    progress = _progress(ctx)
+    if progress is None or progress.count < ctx.t["min_steps"]:
         return None
-    early, late, t_stat, count, start = flat
-    if count < ctx.t["min_steps"] or abs(early) < 1e-12:
+    change = ctx.t["change"]
+    drop = progress.drop
+    if -drop > 0.5:
+        return None  # diverging: other rules cover that
+    # Flat: it has not dropped by `change` since the start, and it is not going down now, or
+    # so slowly that even its most optimistic pace needs more than `horizon` steps for it.
+    slow = progress.steps_to(change) > ctx.t["horizon"]
+    if not (drop < change and (progress.trend_t > ctx.t["t"] or slow)):
         return None
-    drop = (early - late) / abs(early)
-    if drop >= ctx.t["change"] or t_stat >= ctx.t["t"] or (late - early) / abs(early) > 0.5:
-        return None  # it moved, the drop is real, or it is diverging (other rules cover that)
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
     if not records or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None  # no records yet, or the learning rate is still ramping up
@@ -103,15 +158,21 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         ev.detached(ctx, records),
         _tiny_batch(records),
     ])
+    if several_optimizers(ctx) and not causes:
+        return None  # opposing objectives (a GAN): their summed loss need not go down
     ratio = ev.update_ratio_median(ctx, records)
     return Finding(
-        summary=(f"loss averaged {fmt(early)} over the first {START_STEPS} steps and "
-                 f"{fmt(late)} over the last {RECENT_STEPS} (of {count}): "
-                 f"{_change_text(drop)}, within batch noise (t = {fmt(t_stat)})"),
+        summary=(f"loss averaged {fmt(progress.start)} over the first steps and "
+                 f"{fmt(progress.late)} over the last {RECENT_STEPS} (of {progress.count}): "
+                 f"{_change_text(drop)}; "
+                 + (f"at its fastest plausible recent pace a {fmt(100 * change)}% drop would "
+                    f"take {fmt(progress.steps_to(change))} steps" if slow else
+                    f"its recent trend is not downward (t = {fmt(progress.trend_t)})")),
         causes=causes,
-        evidence={"loss_early": early, "loss_recent": late, "relative_change": drop,
-                  "t": t_stat,
-                  "steps": count, "update_ratio_median": ratio,
+        evidence={"loss_early": progress.start, "loss_recent": progress.late,
+                  "relative_change": drop, "relative_change_bound": progress.drop_hi,
+                  "steps_to_meaningful_drop": min(progress.steps_to(change), 1e12),
+                  "steps": progress.count, "update_ratio_median": ratio,
                   "grad_norm_median": ev.grad_total_median(records)},
         checks=[
             "Print the update/weight ratio per layer: ~1e-3 is healthy; far below means the "
@@ -121,7 +182,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
             "Overfit a single small batch: if the loss cannot go down there, the model, loss or "
             "optimizer wiring is broken.",
         ],
-        first_step=start,
+        first_step=progress.first_step,
     )
 
 
