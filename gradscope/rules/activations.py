@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import evidence as ev
-from .base import Finding, rule
+from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fmt, persistent, ranked, usable
 from .context import RuleContext
 from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
@@ -26,9 +26,26 @@ def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
     return sorted(((n, last[n]) for n in names or ()), key=lambda x: (-x[1], order[x[0]]))
 
 
+FACT_WINDOW = Threshold(
+    3, "recorded steps, counted from the very first one, over which a layer must be dead or "
+       "saturated on every batch to be reported at once: a fact from the first batch needs no "
+       "warm-up, only to be seen more than once")
+
+
 def _persistent_worst(ctx: RuleContext, field: str, limit: float):
-    """(window records, modules over `limit` on `field` in all of them) or (None, [])."""
-    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.activations]
+    """(records, modules over `limit` on `field` in all of them) or (None, []).
+
+    A layer over the limit in every record since the first one is certain after
+    `fact_window` records; one that got there later waits out warm-up and `window` records.
+    """
+    records = [r for r in ctx.healthy_records if r.activations]
+    first = ctx.first
+    if (first and records and records[0].step == first[0].step
+            and len(records) >= ctx.t["fact_window"]):
+        worst = _worst(records, field, limit)
+        if worst:
+            return records, worst
+    records = usable(records, ctx.t["warmup"])
     tail = persistent(records, ctx.t["window"], lambda r: True)
     return (tail, _worst(tail, field, limit)) if tail is not None else (None, [])
 
@@ -68,6 +85,7 @@ def _model_order(ctx: RuleContext, names: list[str]) -> list[str]:
 @rule(sign="units-dead", severity="warning", title="Units that never activate (dead ReLUs)",
       needs=("activations", "update_ratio", "param_norm"),
       thresholds={"dead": SATURATED, "window": WINDOW, "warmup": WARMUP,
+                  "fact_window": FACT_WINDOW,
                   "high_update": HIGH_UPDATE},
       causes=("poor-init", "lr-too-high", "dead-units"))
 def units_dead(ctx: RuleContext) -> Finding | None:
@@ -102,6 +120,7 @@ def units_dead(ctx: RuleContext) -> Finding | None:
       title="Activations saturate at the flat ends of sigmoid/tanh",
       needs=("activations", "data", "param_norm", "update_ratio"),
       thresholds={"saturated": SATURATED, "window": WINDOW, "warmup": WARMUP,
+                  "fact_window": FACT_WINDOW,
                   "data_scale": DATA_SCALE, "high_update": HIGH_UPDATE},
       causes=("data-scale", "poor-init", "lr-too-high", "saturated-activations"))
 def activations_saturated(ctx: RuleContext) -> Finding | None:
