@@ -7,12 +7,17 @@ from .common import fmt, ranked
 from .context import RuleContext
 from .thresholds import DATA_SCALE
 
+DATA_TYPICAL = Threshold(
+    20, "typical input magnitude (the larger of |mean| and std of the batch) above which the "
+        "inputs are not normalised: standardised features have std ~1, images scaled to [0, 1] "
+        "~0.3, while raw 8-bit pixels have a mean and std of tens to ~100")
+
 EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
 
 
 @rule(sign="data-suspect", severity="warning", title="Input batches look wrong",
       needs=("data",),
-      thresholds={"scale": DATA_SCALE,
+      thresholds={"scale": DATA_SCALE, "typical": DATA_TYPICAL,
                   "window": Threshold(3, "recorded steps with suspect inputs before it is "
                                          "reported (non-finite inputs are reported at once)")},
       causes=("data-nonfinite", "data-scale", "data-dtype"))
@@ -28,7 +33,8 @@ def data_suspect(ctx: RuleContext) -> Finding | None:
         t in EMBEDDING_TYPES for t in ctx.layout.module_types.values()))
     wrong_dtype = bool(tail) and not has_embedding and all(not d.is_float for _, d in tail)
     huge = bool(tail) and all(
-        d.is_float and max(abs(d.min), abs(d.max)) > ctx.t["scale"] for _, d in tail)
+        d.is_float and (max(abs(d.min), abs(d.max)) > ctx.t["scale"]
+                        or _typical(d) > ctx.t["typical"]) for _, d in tail)
     if not (nonfinite or wrong_dtype or huge):
         return None
     last = (nonfinite or tail)[-1][1]
@@ -44,7 +50,8 @@ def data_suspect(ctx: RuleContext) -> Finding | None:
         peak = max(abs(last.min), abs(last.max))
         scores.append(("data-scale", 1.0,
                        f"inputs reach |x| = {fmt(peak)} (mean {fmt(last.mean)}, std "
-                       f"{fmt(last.std)}); normalised data stays within a few units"))
+                       f"{fmt(last.std)}); normalised data has a mean near 0 and a std near 1 "
+                       "(8-bit images: divide by 255)"))
     first_step = (nonfinite or tail)[0][0]
     return Finding(
         summary=f"input batch: {scores[0][2]}",
@@ -58,6 +65,11 @@ def data_suspect(ctx: RuleContext) -> Finding | None:
             "Cast inputs to float (x.float()) unless the first layer is an embedding.",
         ],
     )
+
+
+def _typical(data) -> float:
+    """The typical magnitude of a batch: the larger of |mean| and std."""
+    return max(abs(data.mean), data.std)
 
 
 RULES = [data_suspect]
