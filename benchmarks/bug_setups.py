@@ -713,7 +713,7 @@ def build_fp16(k: Knobs, probe: Probe, seed: int) -> Trainer:
 def build_lbfgs(k: Knobs, probe: Probe, seed: int) -> Trainer:
     model = Sequence(k)
     opt = _prepare(model, k, "linear", lambda ps: torch.optim.LBFGS(
-        ps, lr=0.8 * k.lr_scale, max_iter=3))
+        ps, lr=0.8 * k.lr_scale, max_iter=3, line_search_fn="strong_wolfe"))
     criterion = nn.MSELoss()
 
     def run_step(tr: Trainer, i: int) -> torch.Tensor:

@@ -176,11 +176,18 @@ def score(inj: Injector | None, result: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- tasks
 def healthy_task(setup: str, short: int, long: int) -> dict[str, Any]:
+    """The healthy setup: verified in plain torch (it learns in the short run, and stays
+    finite without blowing up over the long one), then watched at both lengths."""
     plain = run(setup, None, short, watched=False)
     drop = relative_drop(plain["probe"]["losses"])
     learns = plain["error"] is None and (setup == "gan" or drop > 0.05)
+    plain_long = run(setup, None, long, watched=False)
+    losses = plain_long["probe"]["losses"]
+    stable = plain_long["error"] is None and all(math.isfinite(v) for v in losses) and (
+        max(losses[len(losses) // 2:]) < 3 * max(losses[:5]))
     return {"setup": setup, "probe": plain["probe"], "learns": learns, "drop": drop,
-            "plain_cpu_seconds": plain["cpu_seconds"],
+            "stable": stable,
+            "plain_cpu_seconds": plain["cpu_seconds"] + plain_long["cpu_seconds"],
             "short": score(None, run(setup, None, short, watched=True)),
             "long": score(None, run(setup, None, long, watched=True))}
 
@@ -317,8 +324,12 @@ def report(kept: list[dict[str, Any]], dropped: list[dict[str, Any]],
                        ["false alarms healthy short", "false alarms healthy long"]))
     bad = [h for h in healthy if not h["learns"]]
     if bad:
-        parts.append("Healthy setups that did not learn in plain torch (their pairs are "
-                     "still run): " + ", ".join(h["setup"] for h in bad) + "\n")
+        parts.append("Healthy setups that did not drop 5% in the short plain-torch run (their "
+                     "pairs are still run): " + ", ".join(h["setup"] for h in bad) + "\n")
+    wild = [h for h in healthy if not h["stable"]]
+    if wild:
+        parts.append("Healthy setups that blew up in the long plain-torch run (their false "
+                     "alarms are not counted): " + ", ".join(h["setup"] for h in wild) + "\n")
     misses = []
     for r in kept:
         for length in ("short", "long"):
@@ -416,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "heldout": summarise(heldout),
         "healthy_runs": 2 * len(healthy_rows),
         "false_alarm_runs": sum(bool(v["short"]) + bool(v["long"])
-                                for v in false_alarms.values()),
+                                for s, v in false_alarms.items() if healthy[s]["stable"]),
+        "unstable_healthy": [h["setup"] for h in healthy_rows if not h["stable"]],
         "false_alarms": false_alarms,
         "per_injector": {i: summarise([r for r in kept if r["injector"] == i])
                          for i in applicable},
