@@ -12,6 +12,7 @@ time-sequence LSTM trained with an LBFGS closure). Setups read `Knobs`, where th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -180,7 +181,7 @@ class DeepMLP(nn.Module):
         act = nn.Sigmoid if k.act == "sigmoid" else nn.Tanh
         dims = [DIM] + [64] * 6
         layers: list[nn.Module] = []
-        for a, b in zip(dims, dims[1:]):
+        for a, b in itertools.pairwise(dims):
             layers += [nn.Linear(a, b), act()]
         self.lower = nn.Sequential(*layers[:6])
         self.upper = nn.Sequential(*layers[6:])
@@ -541,7 +542,7 @@ def _cut_hook(module: nn.Module, k: Knobs) -> None:
 
     def hook(mod: nn.Module, args: Any, out: Any) -> Any:
         if isinstance(out, tuple):
-            return (cut(out[0], k),) + tuple(out[1:])
+            return (cut(out[0], k), *out[1:])
         return cut(out, k)
     module.register_forward_hook(hook)
 
