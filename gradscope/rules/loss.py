@@ -156,6 +156,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         ev.dead_units(ctx, records, t["saturated"]),
         ev.frozen_by_optimizer(ctx, records),
         ev.detached(ctx, records),
+        _penalty_only(records),
         _tiny_batch(records),
     ])
     if several_optimizers(ctx) and not causes:
@@ -281,6 +282,28 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
             "LayerNorm.",
         ],
     )
+
+
+def _penalty_only(records) -> tuple[str, float, str]:
+    """Every gradient a fixed multiple of its weights, in every record: only a weight penalty
+    (an L2 term added to the loss) reaches the parameters; the data term has no gradient."""
+    ratios = []
+    for r in records[-5:]:
+        g, w = r.grad_norm, r.param_norm
+        ok = np.isfinite(g) & np.isfinite(w) & (w > 0) & (g > 0)
+        if ok.sum() < 2:
+            return ("detached-graph", 0.0, "")
+        ratio = g[ok] / w[ok]
+        if (ratio.max() - ratio.min()) > 1e-3 * ratio.mean():
+            return ("detached-graph", 0.0, "")
+        ratios.append(float(ratio.mean()))
+    if not ratios:
+        return ("detached-graph", 0.0, "")
+    return ("detached-graph", 2.0,
+            f"every parameter's gradient is {fmt(ratios[-1])} x its weights in "
+            f"{len(ratios)} recorded steps: only a weight penalty reaches them, the data term "
+            "of the loss carries no gradient (computed under torch.no_grad(), detached, or "
+            "rebuilt from .item())")
 
 
 def _tiny_batch(records) -> tuple[str, float, str]:
