@@ -291,8 +291,8 @@ def _penalty_only(records) -> tuple[str, float, str]:
     for r in records[-5:]:
         g, w = r.grad_norm, r.param_norm
         ok = np.isfinite(g) & np.isfinite(w) & (w > 0) & (g > 0)
-        if ok.sum() < 2:
-            return ("detached-graph", 0.0, "")
+        if ok.sum() < 2 or w[ok].max() < 1.5 * w[ok].min():
+            return ("detached-graph", 0.0, "")  # weights alike in size: proves nothing
         ratio = g[ok] / w[ok]
         if (ratio.max() - ratio.min()) > 1e-3 * ratio.mean():
             return ("detached-graph", 0.0, "")
