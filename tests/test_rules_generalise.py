@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 from rulekit import act, data, deep_layout, history, record
 
+from gradscope.layout import ModelLayout
 from gradscope.options import WatchOptions
 from gradscope.rules import RuleEngine
 
@@ -87,3 +88,21 @@ def test_raw_8bit_pixels_are_a_data_scale_problem():
     assert found["data-suspect"].cause == "data-scale"
     scaled = [record(layout, s, data=data(low=0.0, high=1.0, std=0.3)) for s in range(5)]
     assert "data-suspect" not in run(history(layout, scaled, losses=np.linspace(2, 1, 5)))
+
+
+def test_a_frozen_output_layer_is_a_warning_a_frozen_body_is_not():
+    import torch
+
+    def frozen(names):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        for name, p in model.named_parameters():
+            if name.split(".")[0] in names:
+                p.requires_grad_(False)
+        layout = ModelLayout.of(model)
+        return run(history(layout, [record(layout, s) for s in range(3)],
+                           losses=np.linspace(2, 1, 3)))
+
+    found = frozen({"2"})
+    assert found["params-frozen"].cause == "requires-grad-off"
+    assert found["params-frozen"].layers == ["2"]
+    assert "params-frozen" not in frozen({"0"})  # fine-tuning: the body frozen, an info

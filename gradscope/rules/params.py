@@ -19,7 +19,7 @@ FROZEN_WINDOW = Threshold(3, "optimizer steps (recorded) in a row without any ch
                       1e-6, "gradient/weight norm ratio below which an update at an ordinary "
                             "learning rate falls under float32 resolution (~1.2e-7 relative)")},
       causes=("missing-from-optimizer", "vanishing-gradients", "lr-too-low",
-              "frozen-on-purpose"))
+              "frozen-on-purpose", "requires-grad-off"))
 def params_frozen(ctx: RuleContext) -> Finding | None:
     """Parameters keep their values across optimizer steps."""
     stepped = [r for r in ctx.records if r.stepped]
@@ -84,11 +84,43 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _output_layer(ctx: RuleContext) -> str | None:
+    """The parameterised module that runs last in the forward pass (registration order when
+    no forward was seen): the model's output layer."""
+    owners = {p.layer for p in ctx.layout.params}
+    record = next((r for r in reversed(ctx.records) if r.activations), None)
+    if record is not None:
+        ran = [(record.activations[name].order, name) for name in record.activations
+               if name in owners]
+        if ran:
+            return max(ran)[1]
+    ordered = [name for name in ctx.layout.layers if name in owners]
+    return ordered[-1] if ordered else None
+
+
 def _frozen_on_purpose(ctx: RuleContext) -> Finding | None:
     frozen = ctx.layout.static("frozen_at_watch",
                                lambda: [p for p in ctx.layout.params if not p.requires_grad])
     if not frozen or not ctx.records:
         return None
+    # Fine-tuning freezes the body and trains the head; a frozen output layer while earlier
+    # layers train is a freezing rule that matched the wrong names.
+    output = _output_layer(ctx)
+    frozen_layers = {p.layer for p in frozen}
+    training = {p.layer for p in ctx.layout.params if p.requires_grad} - frozen_layers
+    if output in frozen_layers and training:
+        return Finding(
+            summary=(f"the output layer '{output}' was frozen (requires_grad=False) before "
+                     f"watching started while {len(training)} earlier layer(s) train"),
+            causes=ranked([("requires-grad-off", 1.0,
+                            f"'{output}' produces the model's output but cannot learn: "
+                            "fine-tuning freezes the body and trains the head, not the "
+                            "other way round")]),
+            layers=[output], first_step=ctx.records[0].step,
+            evidence={"frozen_params": len(frozen), "output_layer": output},
+            checks=["Check the freezing code (name patterns such as 'in name' match more than "
+                    "intended) and set requires_grad=True on the output layer."],
+        )
     return Finding(
         summary=(f"{len(frozen)} parameter(s) were frozen (requires_grad=False) before watching "
                  "started; they are not expected to change"),
