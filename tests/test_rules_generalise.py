@@ -106,3 +106,10 @@ def test_a_frozen_output_layer_is_a_warning_a_frozen_body_is_not():
     assert found["params-frozen"].cause == "requires-grad-off"
     assert found["params-frozen"].layers == ["2"]
     assert "params-frozen" not in frozen({"0"})  # fine-tuning: the body frozen, an info
+
+
+def test_a_flat_loss_with_uncleared_gradients_names_missing_zero_grad():
+    losses = 2.3 + 0.01 * np.random.default_rng(4).standard_normal(80)
+    found = run(flat_history(losses, stale_grad=np.full(4, 0.5)))
+    assert found["loss-flat"].cause == "missing-zero-grad"
+    assert found["grad-accumulating"].cause == "missing-zero-grad"

@@ -126,7 +126,7 @@ def several_optimizers(ctx: RuleContext) -> bool:
                   "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
       causes=("lr-too-low", "broken-gradient-flow", "vanishing-gradients",
               "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph",
-              "small-batch"))
+              "missing-zero-grad", "small-batch"))
 def loss_flat(ctx: RuleContext) -> Finding | None:
     """The loss has not moved since training started."""
     _, tail = ctx.losses
@@ -157,6 +157,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         ev.frozen_by_optimizer(ctx, records),
         ev.detached(ctx, records),
         _penalty_only(records),
+        _stale_gradients(records),
         _tiny_batch(records),
     ])
     if several_optimizers(ctx) and not causes:
@@ -282,6 +283,19 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
             "LayerNorm.",
         ],
     )
+
+
+def _stale_gradients(records) -> tuple[str, float, str]:
+    """Gradients never cleared: each step follows the running sum of all gradients so far,
+    the cause behind a loss that does not go down (a fact, checked on every record)."""
+    checked = [r for r in records if np.any(~np.isnan(r.stale_grad))]
+    stale = [r for r in checked if float(np.nansum(r.stale_grad)) > 0]
+    if len(stale) < 2 or len(stale) < len(checked) // 2 + 1:
+        return ("missing-zero-grad", 0.0, "")
+    return ("missing-zero-grad", 3.0,
+            f"the previous step's gradients were still there when backward began in "
+            f"{len(stale)} of {len(checked)} recorded steps: every update follows the sum of "
+            "all gradients so far, not this batch's")
 
 
 def _penalty_only(records) -> tuple[str, float, str]:
