@@ -19,7 +19,7 @@ A fixed-seed third of the pairs is held out and scored separately. Prints markdo
 and one JSON line starting with `{"benchmark": "gradscope-diagnosis"`.
 
 Usage:
-    python benchmarks/diagnosis.py                  # everything (~10-15 min on 2 cores)
+    python benchmarks/diagnosis.py                  # everything (~5 min on 2 idle cores)
     python benchmarks/diagnosis.py --split design   # only the pairs not held out
     python benchmarks/diagnosis.py --quick          # a small subset, short lengths
     python benchmarks/diagnosis.py --setups mlp_tanh,gan --injectors lr_low --jobs 1
