@@ -189,7 +189,7 @@ INJECTORS: tuple[Injector, ...] = (
              lambda b, h: nonfinite(b.losses[:3]),
              what="inputs divided by their per-batch std (constant border pixels: 0/0)"),
     Injector("softmax_before_ce", "flat", "stat", {"softmax_before_ce": True},
-             ("loss-flat",), ("softmax-before-loss",), "ce", learns_much_less,
+             ("loss-flat",), ("probabilities-as-logits",), "ce", learns_much_less,
              what="softmax applied to the logits before CrossEntropyLoss"),
     Injector("shuffled_labels", "flat", "stat", {"shuffle_labels": True}, ("loss-flat",),
              None, "ce", learns_much_less, what="labels shuffled independently of inputs"),
