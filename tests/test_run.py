@@ -135,7 +135,9 @@ def _report(stdout: str) -> str:
 @pytest.mark.parametrize("name, every, sign", [
     ("quickstart", "5", "lr-too-low"),
     ("cnn_live", "2", "units-dead"),
-    ("tensorboard_example", "5", "No problems found"),
+    # 8 sigmoid layers: in the 40 steps of --fast the loss does not go down (first-layer
+    # gradients ~1e-7 of the last's)
+    ("tensorboard_example", "5", "loss-flat"),
 ])
 def test_example_copies_get_the_report_watch_gives(tmp_path, capsys, monkeypatch, name,
                                                    every, sign):
