@@ -260,7 +260,7 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     scores = []
     if records:
         scores.append(ev.lr_too_high(ctx, records, ctx.t["high_update"]))
-        totals = np.array([float(np.sqrt(np.nansum(r.grad_norm ** 2))) for r in records])
+        totals = np.array([r.total_grad_norm() for r in records])
         totals = totals[np.isfinite(totals)]
         if totals.size >= 3 and np.median(totals) > 0:
             jump = float(totals.max() / np.median(totals))
