@@ -50,6 +50,10 @@ EXTRA_CELLS = [
     "    optimizer.step()\n"
     "    again.step(loss)",
     "again.close()",
+    # a checkup shows its report and its figure the same way: once each
+    "ck = gradscope.checkup(model, (inputs[:64], targets[:64]), loss_fn, optimizer, quick=True)\n"
+    "ck.report()",
+    "ck.plot('checkup.png')",
 ]
 
 
@@ -194,3 +198,13 @@ def test_returned_values_show_once_per_cell_and_keep_the_text(executed):
     final = cells[7].outputs[0].data["text/plain"]          # updated by close() in cell 9
     assert final.startswith("╭─ gradscope · recorded 30") and re.search(r"step 29\s", final)
 
+
+
+def test_checkup_report_and_plot_show_once(executed):
+    nb, _, _, tmp_path, _ = executed
+    report = nb.cells[_code_cell(nb, "ck = gradscope.checkup(")]
+    assert _kinds(report.outputs) == ["display_data:text/html"]
+    assert report.outputs[0].data["text/plain"].startswith("gradscope checkup")
+    figure = nb.cells[_code_cell(nb, "ck.plot(")]
+    assert _kinds(figure.outputs) == ["display_data:image/png"]
+    assert (tmp_path / "checkup.png").read_bytes().startswith(b"\x89PNG")
