@@ -27,7 +27,10 @@ MODULES = sorted(
 def _examples(name: str) -> list[doctest.DocTest]:
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder(exclude_empty=True)
-    return [t for t in finder.find(module, name) if t.examples]
+    tests = [t for t in finder.find(module, name) if t.examples]
+    for test in tests:  # find() shares one dict among them, and a run clears it: one each
+        test.globs = dict(vars(module))
+    return tests
 
 
 @pytest.mark.parametrize("name", MODULES)
