@@ -232,6 +232,10 @@ def _change_text(drop: float) -> str:
                                         "the median rise of all steps in the window by this "
                                         "many of their median absolute deviations (judged on "
                                         "log ratios: relative jitter of the loss's own noise)"),
+                  "recover": Threshold(2.0, "a spike after which the median of the next 3 "
+                                            "losses is back below this multiple of the level "
+                                            "before it was recovered from at once: it counts "
+                                            "only if it stands out from the window's noise"),
                   "spikes": Threshold(3, "spikes within the recent window before training is "
                                          "called unstable (a single outlier is not a pattern)"),
                   "warmup": WARMUP, "high_update": HIGH_UPDATE,
@@ -260,9 +264,12 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     # ... and stand out from the loss's own noise over the whole window: a converged loss
     # is skewed (a few hard examples per batch), so its isolated jumps of several local MADs
     # are ordinary; rises are judged against the spread of every step's rise in the window.
+    # A loss that bounces all the time has a wide spread itself: there a spike counts when
+    # the loss does not come straight back down after it (isolated jumps are batch noise).
     rise = _rise_z(losses[20:], base)
     spikes = [i for i in candidates if _outlier(losses[i - 20:i], losses[i], ctx.t["mad"])
-              and rise[i - 20] >= ctx.t["noise"]]
+              and (rise[i - 20] >= ctx.t["noise"]
+                   or _lingers(losses[i + 1:i + 4], base[i - 20], ctx.t["recover"]))]
     if len(spikes) < ctx.t["spikes"]:
         return None
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
@@ -338,6 +345,16 @@ def _tiny_batch(records) -> tuple[str, float, str]:
                                 "progress is slow and buried in noise")
 
 
+def _lingers(after: np.ndarray, level: float, factor: float) -> bool:
+    """The loss stays up after a spike: the median of the (three) losses after it is still
+    above `factor` times the level before it; False while too few steps have followed.
+
+    >>> _lingers(np.array([3.0, 2.5, 0.9]), 1.0, 1.5), _lingers(np.array([1.0, 1.2, 3.0]), 1.0, 1.5)
+    (True, False)
+    """
+    return len(after) == 3 and float(np.median(after)) > factor * level
+
+
 def _rise_z(values: np.ndarray, base: np.ndarray) -> np.ndarray:
     """How far each value's rise over its local level stands out from the rises of all the
     values, in median absolute deviations: rises are log ratios for a positive loss (its
@@ -346,10 +363,8 @@ def _rise_z(values: np.ndarray, base: np.ndarray) -> np.ndarray:
     >>> _rise_z(np.array([1.0, 1.1, 0.9, 1.0, 5.0]), np.ones(5))[-1] > 8
     True
     """
-    if np.all(values > 0) and np.all(base > 0):
-        rise = np.log(values / base)
-    else:
-        rise = values - base
+    relative = bool(np.all(values > 0) and np.all(base > 0))
+    rise = np.log(values / base) if relative else values - base
     median = fast_median(rise)
     mad = fast_median(np.abs(rise - median))
     return (rise - median) / max(mad, 1e-12)
