@@ -349,7 +349,9 @@ def _lingers(after: np.ndarray, level: float, factor: float) -> bool:
     """The loss stays up after a spike: the median of the (three) losses after it is still
     above `factor` times the level before it; False while too few steps have followed.
 
-    >>> _lingers(np.array([3.0, 2.5, 0.9]), 1.0, 1.5), _lingers(np.array([1.0, 1.2, 3.0]), 1.0, 1.5)
+    >>> import numpy as np
+    >>> from gradscope.rules.loss import _lingers
+    >>> _lingers(np.array([3.0, 2.5, 0.9]), 1.0, 2), _lingers(np.array([1.0, 1.2, 3.0]), 1.0, 2)
     (True, False)
     """
     return len(after) == 3 and float(np.median(after)) > factor * level
@@ -360,7 +362,9 @@ def _rise_z(values: np.ndarray, base: np.ndarray) -> np.ndarray:
     values, in median absolute deviations: rises are log ratios for a positive loss (its
     jitter is relative), plain differences otherwise.
 
-    >>> _rise_z(np.array([1.0, 1.1, 0.9, 1.0, 5.0]), np.ones(5))[-1] > 8
+    >>> import numpy as np
+    >>> from gradscope.rules.loss import _rise_z
+    >>> bool(_rise_z(np.array([1.0, 1.1, 0.9, 1.0, 5.0]), np.ones(5))[-1] > 8)
     True
     """
     relative = bool(np.all(values > 0) and np.all(base > 0))
