@@ -183,6 +183,31 @@ def test_loss_spikes_are_unstable():
     assert d.cause == "lr-too-high" and d.evidence["spikes"] == 4
 
 
+def _converged_loss(steps: int, seed: int = 0) -> np.ndarray:
+    """A classifier's loss falling from ~2.3 to ~0.03 with skewed (log-normal) batch noise:
+    near zero its relative jitter is large, as a few hard examples dominate a batch."""
+    rng = np.random.default_rng(seed)
+    level = 0.03 + 2.27 * np.exp(-np.arange(steps) / 40)
+    return level * rng.lognormal(0.0, 0.5, steps)
+
+
+def test_isolated_spikes_of_a_converged_noisy_loss_are_not_unstable():
+    losses = _converged_loss(600)
+    losses[[420, 470, 520]] = [0.5, 0.3, 0.35]  # rare hard batches, recovered from at once
+    layout = deep_layout(2)
+    records = [record(layout, s, loss=float(losses[s])) for s in range(600)]
+    assert "training-unstable" not in signs(run(history(layout, records, losses)))
+
+
+def test_recurring_spikes_of_a_converged_loss_are_unstable():
+    losses = _converged_loss(600)
+    losses[400::10] *= 20  # every tenth batch from step 400 on: a pattern, not noise
+    layout = deep_layout(2)
+    records = [record(layout, s, loss=float(losses[s])) for s in range(600)]
+    [d] = [d for d in run(history(layout, records, losses)) if d.sign == "training-unstable"]
+    assert d.severity == "warning" and d.evidence["spikes"] >= 3
+
+
 def test_frozen_on_purpose_is_info_only():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     model[0].requires_grad_(False)

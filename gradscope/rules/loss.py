@@ -228,6 +228,14 @@ def _change_text(drop: float) -> str:
                   "mad": Threshold(6, "a spike must also exceed the median of the 20 losses "
                                       "before it by this many median absolute deviations "
                                       "(about 4 standard deviations of Gaussian noise)"),
+                  "noise": Threshold(8, "a spike's rise over its local level must also exceed "
+                                        "the median rise of all steps in the window by this "
+                                        "many of their median absolute deviations (judged on "
+                                        "log ratios: relative jitter of the loss's own noise)"),
+                  "recover": Threshold(2.0, "a spike after which the median of the next 3 "
+                                            "losses is back below this multiple of the level "
+                                            "before it was recovered from at once: it counts "
+                                            "only if it stands out from the window's noise"),
                   "spikes": Threshold(3, "spikes within the recent window before training is "
                                          "called unstable (a single outlier is not a pattern)"),
                   "warmup": WARMUP, "high_update": HIGH_UPDATE,
@@ -253,7 +261,15 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     candidates = (np.flatnonzero((ratio >= ctx.t["spike"]) & big) + 20).tolist()
     # ... and stand out from the spread of the 20 losses before it (median + k * MAD), so
     # the skewed batch-to-batch noise of a converging classifier is not taken for spikes.
-    spikes = [i for i in candidates if _outlier(losses[i - 20:i], losses[i], ctx.t["mad"])]
+    # ... and stand out from the loss's own noise over the whole window: a converged loss
+    # is skewed (a few hard examples per batch), so its isolated jumps of several local MADs
+    # are ordinary; rises are judged against the spread of every step's rise in the window.
+    # A loss that bounces all the time has a wide spread itself: there a spike counts when
+    # the loss does not come straight back down after it (isolated jumps are batch noise).
+    rise = _rise_z(losses[20:], base)
+    spikes = [i for i in candidates if _outlier(losses[i - 20:i], losses[i], ctx.t["mad"])
+              and (rise[i - 20] >= ctx.t["noise"]
+                   or _lingers(losses[i + 1:i + 4], base[i - 20], ctx.t["recover"]))]
     if len(spikes) < ctx.t["spikes"]:
         return None
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
@@ -327,6 +343,35 @@ def _tiny_batch(records) -> tuple[str, float, str]:
         return ("small-batch", 0.0, "")
     return ("small-batch", 0.5, f"batch size {size}: each step follows one or two examples, so "
                                 "progress is slow and buried in noise")
+
+
+def _lingers(after: np.ndarray, level: float, factor: float) -> bool:
+    """The loss stays up after a spike: the median of the (three) losses after it is still
+    above `factor` times the level before it; False while too few steps have followed.
+
+    >>> import numpy as np
+    >>> from gradscope.rules.loss import _lingers
+    >>> _lingers(np.array([3.0, 2.5, 0.9]), 1.0, 2), _lingers(np.array([1.0, 1.2, 3.0]), 1.0, 2)
+    (True, False)
+    """
+    return len(after) == 3 and float(np.median(after)) > factor * level
+
+
+def _rise_z(values: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """How far each value's rise over its local level stands out from the rises of all the
+    values, in median absolute deviations: rises are log ratios for a positive loss (its
+    jitter is relative), plain differences otherwise.
+
+    >>> import numpy as np
+    >>> from gradscope.rules.loss import _rise_z
+    >>> bool(_rise_z(np.array([1.0, 1.1, 0.9, 1.0, 5.0]), np.ones(5))[-1] > 8)
+    True
+    """
+    relative = bool(np.all(values > 0) and np.all(base > 0))
+    rise = np.log(values / base) if relative else values - base
+    median = fast_median(rise)
+    mad = fast_median(np.abs(rise - median))
+    return (rise - median) / max(mad, 1e-12)
 
 
 def _outlier(window: np.ndarray, value: float, k: float) -> bool:
