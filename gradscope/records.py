@@ -20,6 +20,31 @@ from .layout import ModelLayout
 T = TypeVar("T")
 
 
+#: Suffix of the row that measures the input of a parameterised module when that input is
+#: the output of a functional activation (`F.relu`, `torch.tanh` in a `forward`).
+INPUT_SUFFIX = ":input"
+
+
+def input_row(name: str) -> str:
+    """The table row measuring the input of module `name` (see INPUT_SUFFIX).
+
+    Example:
+        >>> input_row("fc2")
+        'fc2:input'
+    """
+    return name + INPUT_SUFFIX
+
+
+def input_owner(row: str) -> str | None:
+    """The module whose input row `row` is, or None for a module's own row.
+
+    Example:
+        >>> input_owner("decoder.fc2:input"), input_owner("fc2")
+        ('decoder.fc2', None)
+    """
+    return row[:-len(INPUT_SUFFIX)] if row.endswith(INPUT_SUFFIX) else None
+
+
 @dataclass(frozen=True, slots=True)
 class ActivationStats:
     """Statistics of one module's outputs over the training forwards of one step."""

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..records import input_owner
 from . import evidence as ev
 from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fmt, persistent, ranked, usable
 from .context import RuleContext
 from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
+
+
+def _described(name: str, activation: str) -> str:
+    """How a report names an activation row: a module, or the input of a parameterised
+    module that a functional activation (`F.relu`, `torch.tanh`) in a forward produced.
+
+    Example:
+        >>> _described("enc.fc2:input", "ReLU")
+        "the input of 'enc.fc2' (after a functional ReLU in the forward of 'enc')"
+    """
+    owner = input_owner(name)
+    if owner is None:
+        return f"'{name}'"
+    parent = owner.rpartition(".")[0]
+    where = f"the forward of '{parent}'" if parent else "the model's forward"
+    return f"the input of '{owner}' (after a functional {activation} in {where})"
 
 
 def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
@@ -103,7 +120,7 @@ def units_dead(ctx: RuleContext) -> Finding | None:
                                           "their pre-activations below zero for every input"))
     name, frac = worst[0]
     return Finding(
-        summary=f"{fmt(100 * frac)}% of the units of '{name}' are dead"
+        summary=f"{fmt(100 * frac)}% of the units of {_described(name, 'ReLU')} are dead"
                 + (f" (and {len(worst) - 1} more layer(s))" if len(worst) > 1 else ""),
         causes=ranked(scores), layers=_model_order(ctx, [n for n, _ in worst]),
         first_step=tail[0].step,
@@ -137,7 +154,10 @@ def activations_saturated(ctx: RuleContext) -> Finding | None:
         scores.append(("saturated-activations", 0.5, "pre-activations drifted to large values"))
     name, frac = worst[0]
     return Finding(
-        summary=f"{fmt(100 * frac)}% of the outputs of '{name}' are saturated"
+        summary=f"{fmt(100 * frac)}% of the values of {_described(name, 'sigmoid/tanh')} "
+                "are saturated"
+                if input_owner(name) else
+                f"{fmt(100 * frac)}% of the outputs of '{name}' are saturated"
                 + (f" (and {len(worst) - 1} more layer(s))" if len(worst) > 1 else ""),
         causes=ranked(scores), layers=_model_order(ctx, [n for n, _ in worst]),
         first_step=tail[0].step,

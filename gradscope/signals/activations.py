@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..guard import Guard
 from ..hooks import HookSet
-from ..records import FLOAT_FIELDS, ActivationStats, ActivationTable
+from ..records import FLOAT_FIELDS, ActivationStats, ActivationTable, input_owner, input_row
 from .reduce import nonfinite_count
 from .staging import (
     SAMPLE,
@@ -30,6 +30,16 @@ RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 MIN_UNIT_ROWS = 16
 #: How many of the latest small outputs are remembered for reuse as inputs (see _remember).
 RECENT = 4
+#: Autograd nodes of functional activations whose output can be judged like a module's:
+#: the ReLU family for dead units, sigmoid/tanh (known bounds) for saturation.
+FUNCTIONAL_ACTIVATIONS: dict[str, tuple[bool, tuple[float, float] | None]] = {
+    "ReluBackward0": (True, None),
+    "ReluBackward1": (True, None),
+    "SigmoidBackward0": (False, (0.0, 1.0)),
+    "SigmoidBackward1": (False, (0.0, 1.0)),
+    "TanhBackward0": (False, (-1.0, 1.0)),
+    "TanhBackward1": (False, (-1.0, 1.0)),
+}
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
 CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 
@@ -46,6 +56,10 @@ class ModuleAcc(IntEnum):
     DEAD = 6
 
 
+def _functional_activation(t: torch.Tensor) -> tuple[bool, tuple[float, float] | None] | None:
+    """(is ReLU-like, bounds) when `t` is the output of a functional ReLU/sigmoid/tanh."""
+    node = t.grad_fn
+    return FUNCTIONAL_ACTIVATIONS.get(type(node).__name__) if node is not None else None
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
     """The output range of a saturating module, or None for unbounded ones."""
@@ -124,6 +138,17 @@ class ActivationCollector:
         self._by_name = dict(self._modules)
         self._leaf = {name: not any(True for _ in m.children()) for name, m in self._modules}
         self._bounded = {name: _bounds(m) is not None for name, m in self._modules}
+        # modules with parameters of their own (Linear, Conv, ...): their input is measured
+        # when it comes from a functional activation no module hook saw
+        self._owners = [name for name, m in self._modules
+                        if any(True for _ in m.parameters(recurse=False))]
+        for name in self._owners:
+            self._leaf[input_row(name)] = True
+            self._bounded[input_row(name)] = False
+        self._activation_modules = {name for name, m in self._modules
+                                    if self._leaf[name] and (isinstance(m, RELU_FAMILY)
+                                                             or _bounds(m) is not None)}
+        self._activation_outputs: list[torch.Tensor] = []  # latest outputs of those modules
         self._numel: dict[str, int] = {}
         self._out_numel: dict[str, int] = {}
         self._recomputed: set[str] = set()
@@ -163,6 +188,13 @@ class ActivationCollector:
                 hook = self._wrapped[name] = self._guard.wrap("activations",
                                                               self._make_hook(name))
             self._hooks.add(module.register_forward_hook(hook))
+        for name in self._owners:
+            row = input_row(name)
+            hook = self._wrapped.get(row)
+            if hook is None:
+                hook = self._wrapped[row] = self._guard.wrap("activations",
+                                                             self._make_input_hook(row))
+            self._hooks.add(self._by_name[name].register_forward_pre_hook(hook))
 
     def detach(self) -> None:
         """Remove the hooks and drop whatever an unfinished step staged."""
@@ -196,6 +228,48 @@ class ActivationCollector:
                 torch._C._set_grad_enabled(grad_was)
 
         return hook
+
+    def _make_input_hook(self, row: str):
+        """A forward pre-hook measuring a module's input when a functional activation made it."""
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if compiling() or not module.training or not torch.is_grad_enabled():
+                return
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0]
+            kind = _functional_activation(x)
+            if kind is None or not x.is_floating_point() or x.layout is not torch.strided:
+                return
+            if any(t is x for t in self._activation_outputs):
+                return  # an activation module's output, measured there
+            if in_backward():  # checkpoint recomputation
+                if row in self._calls and row not in self._recomputed:
+                    return
+                self._recomputed.add(row)
+            grad_was = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
+                self._record_input(row, kind[0], kind[1], x.detach())
+            finally:
+                torch._C._set_grad_enabled(grad_was)
+
+        return hook
+
+    def _record_input(self, row_name: str, relu: bool, bounds: tuple[float, float] | None,
+                      x: torch.Tensor) -> None:
+        """Mean, std, zero and saturated fractions and dead units of a functional
+        activation's output, read where the next parameterised module receives it."""
+        self._calls[row_name] = self._calls.get(row_name, 0) + 1
+        row = self._order.setdefault(row_name, len(self._order))
+        if bounds is not None:
+            self._bounded[row_name] = True
+        if relu and x.dim() >= 1:
+            self._record_units(row_name, x)
+        handle = self._stage.add(x.reshape(-1), bounds)
+        size = min(x.numel(), SAMPLE)
+        self._numel[row_name] = self._numel.get(row_name, 0) + size
+        self._moments += (row, handle, size)
 
     def _remember(self, t: torch.Tensor, count: Any) -> None:
         """Keep the NaN/Inf count (0-d tensor or staged row) of `t` as it is now.
@@ -249,6 +323,10 @@ class ActivationCollector:
 
     def _record(self, name, leaf, bounds, relu, args, outputs) -> None:
         primary = outputs[0]
+        if name in self._activation_modules:
+            self._activation_outputs.append(primary)
+            if len(self._activation_outputs) > RECENT:
+                del self._activation_outputs[0]
         self._calls[name] = self._calls.get(name, 0) + 1
         row = self._order.setdefault(name, len(self._order))  # first-call order = its row
         x = primary.detach()
@@ -422,6 +500,7 @@ class ActivationCollector:
         self._counted_version.clear()
         self._counted_as.clear()
         self._recent = []
+        self._activation_outputs = []
         self._numel.clear()
         self._out_numel.clear()
         self._recomputed.clear()
@@ -433,5 +512,5 @@ class ActivationCollector:
 
 __all__ = [
     "SATURATION_MARGIN", "ActivationCollector", "ActivationStats", "ActivationTable",
-    "compiling", "in_backward",
+    "compiling", "in_backward", "input_owner", "input_row",
 ]
