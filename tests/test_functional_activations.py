@@ -147,3 +147,29 @@ def test_dead_functional_relu_is_reported_at_the_next_layers_input_within_40_ste
 def test_healthy_functional_relu_model_raises_no_warning():
     scope = _train(Functional(), steps=60)
     assert [d.sign for d in scope.diagnose() if d.severity != "info"] == []
+
+
+def test_relu_seen_through_max_pooling_counts_dead_channels():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3)
+            self.conv2 = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))
+
+    model = Net()
+    with torch.no_grad():
+        model.conv1.bias[2] = -100.0
+    inputs = Inputs(model, ["conv2"])
+    scope = gradscope.watch(model, every=1)
+    model(torch.randn(8, 1, 12, 12)).sum().backward()
+    scope.step()
+    scope.close()
+    inputs.remove()
+    x = inputs.inputs["conv2"][0]
+    dead = (x.amax(dim=(0, 2, 3)) <= 0)
+    assert dead[2]
+    stats = scope.history.last.activations["conv2:input"]
+    assert stats.dead_frac == pytest.approx(dead.double().mean().item())

@@ -56,10 +56,24 @@ class ModuleAcc(IntEnum):
     DEAD = 6
 
 
+#: Autograd nodes between a ReLU and the next module that keep its dead units dead and make
+#: no live unit look dead (max-pooling keeps each channel's maximum): a ReLU seen through
+#: them is still judged for dead units.
+RELU_PRESERVING = frozenset({"MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0"})
+
+
 def _functional_activation(t: torch.Tensor) -> tuple[bool, tuple[float, float] | None] | None:
-    """(is ReLU-like, bounds) when `t` is the output of a functional ReLU/sigmoid/tanh."""
+    """(is ReLU-like, bounds) when `t` is the output of a functional ReLU/sigmoid/tanh,
+    or of a ReLU followed by max-pooling."""
     node = t.grad_fn
-    return FUNCTIONAL_ACTIVATIONS.get(type(node).__name__) if node is not None else None
+    through = False
+    while node is not None and type(node).__name__ in RELU_PRESERVING:
+        node, through = node.next_functions[0][0], True
+    if node is None:
+        return None
+    kind = FUNCTIONAL_ACTIVATIONS.get(type(node).__name__)
+    return kind if kind is None or not through or kind[0] else None
+
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
     """The output range of a saturating module, or None for unbounded ones."""
