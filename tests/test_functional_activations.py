@@ -173,3 +173,24 @@ def test_relu_seen_through_max_pooling_counts_dead_channels():
     assert dead[2]
     stats = scope.history.last.activations["conv2:input"]
     assert stats.dead_frac == pytest.approx(dead.double().mean().item())
+
+
+def test_one_activation_feeding_two_modules_is_measured_once():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(6, 8)
+            self.mu = nn.Linear(8, 2)
+            self.logvar = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = F.relu(self.fc1(x))
+            return self.mu(h) + self.logvar(h)
+
+    model = TwoHeads()
+    scope = gradscope.watch(model, every=1)
+    model(torch.randn(16, 6)).sum().backward()
+    scope.step()
+    scope.close()
+    acts = scope.history.last.activations
+    assert "mu:input" in acts and "logvar:input" not in acts

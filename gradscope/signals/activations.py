@@ -256,7 +256,10 @@ class ActivationCollector:
             if kind is None or not x.is_floating_point() or x.layout is not torch.strided:
                 return
             if any(t is x for t in self._activation_outputs):
-                return  # an activation module's output, measured there
+                return  # an activation module's output, or another module's input, measured
+            self._activation_outputs.append(x)  # a second consumer (fc21, fc22) skips it
+            if len(self._activation_outputs) > RECENT:
+                del self._activation_outputs[0]
             if in_backward():  # checkpoint recomputation
                 if row in self._calls and row not in self._recomputed:
                     return
