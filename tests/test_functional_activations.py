@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_signals_activations import _assert_matches, _reference
+from test_sync import COPIES, _measure
+from test_sync import counter as counter  # the fixture
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -194,3 +196,45 @@ def test_one_activation_feeding_two_modules_is_measured_once():
     scope.close()
     acts = scope.history.last.activations
     assert "mu:input" in acts and "logvar:input" not in acts
+
+
+def test_functional_inputs_keep_one_transfer_per_recorded_step_and_none_otherwise(counter):
+    model = Functional(bias=-50.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scope = gradscope.watch(model, opt, every=3)
+    per_step = []
+    for _ in range(4):
+        x = torch.rand(32, 20)
+
+        def one_step(x=x):
+            opt.zero_grad()
+            loss = F.binary_cross_entropy(model(x), x)
+            loss.backward()
+            opt.step()
+            scope.step(loss)
+        per_step.append(sum(_measure(counter, one_step)[k] for k in COPIES))
+    scope.close()
+    assert "fc2:input" in scope.history.last.activations
+    assert per_step == [1, 0, 0, 1]
+
+
+def test_training_with_functional_inputs_measured_is_bit_identical():
+    def train(watched: bool):
+        torch.manual_seed(1)
+        model = Functional(bias=-0.5)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        scope = gradscope.watch(model, opt, every=1) if watched else None
+        for _ in range(5):
+            x = torch.rand(16, 20)
+            loss = F.binary_cross_entropy(model(x), x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if scope is not None:
+                scope.step(loss)
+        if scope is not None:
+            assert "fc2:input" in scope.history.last.activations
+            scope.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(train(False), train(True), strict=True))
