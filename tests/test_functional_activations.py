@@ -238,3 +238,26 @@ def test_training_with_functional_inputs_measured_is_bit_identical():
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(train(False), train(True), strict=True))
+
+
+def test_functional_relu_before_a_dropout_module_is_measured_at_the_dropout():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(6, 8)
+            self.drop = nn.Dropout(0.5)
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(self.drop(F.relu(self.fc1(x))))
+
+    model = Net()
+    with torch.no_grad():
+        model.fc1.bias[:6] = -100.0
+    scope = gradscope.watch(model, every=1)
+    model(torch.randn(32, 6)).sum().backward()
+    scope.step()
+    scope.close()
+    acts = scope.history.last.activations
+    assert acts["drop:input"].dead_frac >= 6 / 8
+    assert "fc2:input" not in acts  # dropout's output: no activation's own

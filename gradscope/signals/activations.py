@@ -152,10 +152,12 @@ class ActivationCollector:
         self._by_name = dict(self._modules)
         self._leaf = {name: not any(True for _ in m.children()) for name, m in self._modules}
         self._bounded = {name: _bounds(m) is not None for name, m in self._modules}
-        # modules with parameters of their own (Linear, Conv, ...): their input is measured
+        # modules with parameters of their own (Linear, Conv, ...) and dropout modules (the
+        # PyTorch examples' `self.dropout(F.relu(self.fc1(x)))`): their input is measured
         # when it comes from a functional activation no module hook saw
         self._owners = [name for name, m in self._modules
-                        if any(True for _ in m.parameters(recurse=False))]
+                        if isinstance(m, nn.modules.dropout._DropoutNd)
+                        or any(True for _ in m.parameters(recurse=False))]
         for name in self._owners:
             self._leaf[input_row(name)] = True
             self._bounded[input_row(name)] = False
