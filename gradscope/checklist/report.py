@@ -8,7 +8,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..report.summary import diagnosis_block, emit
+from ..report.summary import emit, findings_blocks
 
 if TYPE_CHECKING:
     from .result import Checkup
@@ -39,16 +39,7 @@ def checkup_renderable(ck: Checkup) -> RenderableType:
     if not found:
         parts.append(Text("No problems found: the model is ready to train.", style="bold green"))
         return Group(*parts)
-    counts: dict[str, int] = {}
-    for d in found:
-        counts[d.severity] = counts.get(d.severity, 0) + 1
-    summary = ", ".join(f"{counts[s]} {s}{'s' if counts[s] > 1 else ''}"
-                        for s in ("error", "warning", "info") if s in counts)
-    parts.append(Text(f"{len(found)} finding{'s' if len(found) > 1 else ''}: {summary}",
-                      style="bold"))
-    for d in found:
-        parts.append(Text(""))
-        parts.append(diagnosis_block(d))
+    parts += findings_blocks(found)
     return Group(*parts)
 
 

@@ -134,17 +134,29 @@ def report_renderable(history: History, diagnoses: Sequence[Diagnosis], *,
         parts.append(Text(f"No problems found: {history.total_recorded} recorded steps "
                           f"checked{checked}.", style="bold green"))
         return Group(*parts)
+    parts += findings_blocks(ordered)
+    return Group(*parts)
+
+
+def findings_blocks(found: Sequence[Diagnosis]) -> list[RenderableType]:
+    """The count of findings by severity, then one block per finding, in the given order.
+
+    Example:
+        >>> from gradscope.diagnosis import Diagnosis
+        >>> d = Diagnosis(sign="loss-flat", severity="warning", title="Loss is flat")
+        >>> str(findings_blocks([d])[0])
+        '1 finding: 1 warning'
+    """
     counts: dict[str, int] = {}
-    for d in ordered:
+    for d in found:
         counts[d.severity] = counts.get(d.severity, 0) + 1
     summary = ", ".join(f"{counts[s]} {s}{'s' if counts[s] > 1 else ''}"
                         for s in ("error", "warning", "info") if s in counts)
-    parts.append(Text(f"{len(ordered)} finding{'s' if len(ordered) > 1 else ''}: {summary}",
-                      style="bold"))
-    for d in ordered:
-        parts.append(Text(""))
-        parts.append(diagnosis_block(d))
-    return Group(*parts)
+    blocks: list[RenderableType] = [
+        Text(f"{len(found)} finding{'s' if len(found) > 1 else ''}: {summary}", style="bold")]
+    for d in found:
+        blocks += [Text(""), diagnosis_block(d)]
+    return blocks
 
 
 def render_text(renderable: RenderableType, width: int = DEFAULT_WIDTH) -> str:
