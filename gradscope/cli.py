@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .diagnosis import SEVERITY_RANK, Diagnosis
+from .diagnosis import Diagnosis, fails
 from .errors import GradscopeError
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
@@ -36,13 +36,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def _failing(diagnoses: Sequence[Diagnosis], fail_on: str) -> bool:
-    if fail_on == "never":
-        return False
-    return any(SEVERITY_RANK[d.severity] >= SEVERITY_RANK[fail_on] for d in diagnoses)
 
-
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -75,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=[*SCENARIOS, CHECKUP_DEMO],
                       metavar="SCENARIO", help=f"one of: {', '.join([*SCENARIOS, CHECKUP_DEMO])} "
                       f"(default: {DEFAULT})")
-    demo.add_argument("--steps", type=_positive_int, default=None,
+    demo.add_argument("--steps", type=positive_int, default=None,
                       help="training steps (default: the scenario's own, about 100)")
     demo.add_argument("--out", "-o", default=None, metavar="FILE",
                       help="where to save the plot (.png, .svg or .pdf; default: "
@@ -94,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the log_dir given to watch(), or its gradscope.jsonl")
     report.add_argument("--fail-on", choices=FAIL_CHOICES, default="error",
                         help="exit 1 when a finding is at least this severe (default: error)")
-    report.add_argument("--width", type=_positive_int, default=None,
+    report.add_argument("--width", type=positive_int, default=None,
                         help="report width in characters (default: the terminal's)")
     report.add_argument("--logged", action="store_true",
                         help="show the findings the run logged instead of re-running the rules")
@@ -183,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         ck, path = run_checkup_demo(out=args.out)
         print(f"plot saved to {path}")
-        return EXIT_FOUND if _failing(ck.diagnoses, args.fail_on) else EXIT_OK
+        return EXIT_FOUND if fails(ck.diagnoses, args.fail_on) else EXIT_OK
 
     live: bool | str = not args.no_live
     scope, path = run_demo(args.scenario, steps=args.steps, out=args.out, live=live,
@@ -191,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"plot saved to {path}")
     if args.log_dir:
         print(f"run log in {args.log_dir} (read it with: gradscope report {args.log_dir})")
-    return EXIT_FOUND if _failing(scope.diagnose(), args.fail_on) else EXIT_OK
+    return EXIT_FOUND if fails(scope.diagnose(), args.fail_on) else EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -200,7 +195,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     log, history, diagnoses, notes = _load(args.log_dir, args.logged)
     rules = None if args.logged else len(_engine_for(log, []).rules)
     emit_report(history, diagnoses, width=args.width, rules_checked=rules, notes=notes)
-    return EXIT_FOUND if _failing(diagnoses, args.fail_on) else EXIT_OK
+    return EXIT_FOUND if fails(diagnoses, args.fail_on) else EXIT_OK
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -260,7 +255,7 @@ def cmd_checkup(args: argparse.Namespace) -> int:
     from .checklist.command import run_command
 
     ck = run_command(args)
-    return EXIT_FOUND if _failing(ck.diagnoses, args.fail_on) else EXIT_OK
+    return EXIT_FOUND if fails(ck.diagnoses, args.fail_on) else EXIT_OK
 
 
 COMMANDS = {"demo": cmd_demo, "report": cmd_report, "plot": cmd_plot, "rules": cmd_rules,

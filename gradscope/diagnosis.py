@@ -10,6 +10,18 @@ SEVERITIES = ("info", "warning", "error")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
 
+def fails(diagnoses: Iterable[Diagnosis], fail_on: str) -> bool:
+    """True when a diagnosis is at least as severe as `fail_on` ("never" never fails).
+
+    Example:
+        >>> fails([Diagnosis(sign="loss-flat", severity="warning", title="t")], "error")
+        False
+    """
+    if fail_on == "never":
+        return False
+    return any(SEVERITY_RANK[d.severity] >= SEVERITY_RANK[fail_on] for d in diagnoses)
+
+
 @dataclass(frozen=True)
 class Cause:
     """One possible reason for a sign, with how likely the evidence makes it (0..1).

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..diagnosis import SEVERITY_RANK
+from ..diagnosis import fails
 from .attach import AutoWatch
 from .script import EXIT_INTERRUPTED, RunResult, run_target
 
@@ -72,15 +72,10 @@ def finish(result: RunResult, *, fail_on: str = "never", plot: str | Path | None
             print(f"gradscope: plot saved to {scope.plot(plot)}", flush=True)
         except Exception as err:  # a bad path must not hide the script's exit code
             print(f"gradscope: could not save the plot to {plot}: {err}", file=sys.stderr)
-    if result.exit_code == 0 and _failing(scope.diagnose(), fail_on):
+    if result.exit_code == 0 and fails(scope.diagnose(), fail_on):
         return 1
     return result.exit_code
 
-
-def _failing(diagnoses: Sequence[Any], fail_on: str) -> bool:
-    if fail_on == "never":
-        return False
-    return any(SEVERITY_RANK[d.severity] >= SEVERITY_RANK[fail_on] for d in diagnoses)
 
 
 def _reports_here() -> bool:

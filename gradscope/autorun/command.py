@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from ..cli import positive_int
+
 EXAMPLES = """\
 examples:
   gradscope run train.py --epochs 3            # the script's own arguments follow it
@@ -38,7 +40,7 @@ def add_parser(sub: Any, fail_choices: Sequence[str]) -> argparse.ArgumentParser
                      help="run a module as `python -m MODULE` does")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="args",
                      help="arguments passed to the script as its sys.argv[1:]")
-    run.add_argument("--every", type=_positive_int, default=10, metavar="N",
+    run.add_argument("--every", type=positive_int, default=10, metavar="N",
                      help="record the heavier signals every N optimizer steps (default: 10)")
     run.add_argument("--log-dir", default=None, metavar="DIR",
                      help="write the run log there (read it with 'gradscope report DIR')")
@@ -54,15 +56,6 @@ def add_parser(sub: Any, fail_choices: Sequence[str]) -> argparse.ArgumentParser
                      "severe (default: never)")
     return run
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
