@@ -101,3 +101,21 @@ class ModelLayout:
             "layers": list(self.layers),
             "module_types": dict(self.module_types),
         }
+
+
+def forward_roots(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forward the training loop calls: the model itself, or, for a
+    container without a forward of its own (an `nn.ModuleDict` holding a GAN's generator
+    and discriminator), its parts that have one.
+
+    Example:
+        >>> gan = nn.ModuleDict({"G": nn.Linear(2, 2), "D": nn.Linear(2, 1)})
+        >>> [type(m).__name__ for m in forward_roots(gan)]
+        ['Linear', 'Linear']
+        >>> forward_roots(nn.Linear(2, 2))[0].out_features
+        2
+    """
+    if type(model).forward is not nn.Module.forward:
+        return [model]
+    roots = [root for child in model.children() for root in forward_roots(child)]
+    return roots or [model]

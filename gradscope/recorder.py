@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -14,7 +15,7 @@ from .errors import GradscopeWarning
 from .guard import Guard
 from .history import StepRecord
 from .hooks import HookSet
-from .layout import ModelLayout
+from .layout import ModelLayout, forward_roots
 from .losses import LossBuffer, any_nonfinite
 from .options import WatchOptions
 from .records import ActivationTable, FlightLog
@@ -29,6 +30,8 @@ from .signals.grads import (
     put_param_norms,
     put_stale_grad_norms,
 )
+from .signals.loss_graph import activation_before_logit_loss
+from .signals.output import OutputCollector
 from .signals.transfer import DeviceBatch
 from .signals.updates import UpdateTracker
 
@@ -79,10 +82,17 @@ class StepRecorder:
         self._tensor_hooks = HookSet()
         self._batch = DeviceBatch()
         self._index = {id(t): i for i, t in enumerate(layout.tensors)}
+        #: what the loop calls forward on (the model, or the parts of a container) and, for
+        #: each, the indices of its parameters
+        self._roots = forward_roots(model)
+        self._root_params = ([list(range(len(layout.tensors)))] if self._roots == [model] else
+                             [[self._index[id(p)] for p in root.parameters()
+                               if id(p) in self._index] for root in self._roots])
         self._updates = UpdateTracker(layout.tensors, options.update_sample)
         self.activations = (ActivationCollector(model, guard, options.nonfinite_origin)
                             if options.activations else None)
         self._data = DataCollector()
+        self._output = OutputCollector()
         self.flight = FlightRecorder(model, layout.tensors, guard, optimized=bool(optimizers))
         # sharded (FSDP2) gradients are combined by a collective on recorded steps, so every
         # rank must record the same steps: no extra recording triggered by this rank's loss
@@ -100,8 +110,12 @@ class StepRecorder:
         self._stepping: dict[int, list[int]] = {}
         self._orphans: list[int] | None = None
         self._backward_count = 0
-        self._backward_tasks: set[int] = set()
-        self._stale_checked = False
+        self._backward_tasks: set[tuple[int, int]] = set()  # (backward call, root) seen
+        self._stale_roots: set[int] = set()  # roots whose leftover gradients were checked
+        self._in_closure = False  # inside an optimizer step that evaluates a closure
+        self._closure_backwards = 0  # backward calls inside closure steps
+        self._closure_checked = False
+        self._activation_before_loss: str | None = None
         self._loss_requires_grad: bool | None = None
 
     # ----------------------------------------------------------------- attach / detach
@@ -124,17 +138,18 @@ class StepRecorder:
         self._hooks.remove()
         self._detach_recording_hooks()
         self._held_grads = {}
+        self._output.reset()
         self._updates.reset()
 
     def _begin_recording(self) -> None:
         self.guard.call("activations", self._attach_recording_hooks)
 
     def _attach_recording_hooks(self) -> None:
-        root = self.model
-        self._recording_hooks.add(root.register_forward_pre_hook(
-            self.guard.wrap("data", self._on_root_input), with_kwargs=True))
-        self._recording_hooks.add(root.register_forward_hook(
-            self.guard.wrap("accumulation", self._on_root_output)))
+        for k, root in enumerate(self._roots):
+            self._recording_hooks.add(root.register_forward_pre_hook(
+                self.guard.wrap("data", self._on_root_input), with_kwargs=True))
+            self._recording_hooks.add(root.register_forward_hook(
+                self.guard.wrap("accumulation", functools.partial(self._on_root_output, k))))
         if self.activations is not None:
             self.activations.attach()
 
@@ -176,33 +191,49 @@ class StepRecorder:
         if tensor is not None:
             self._data.observe(tensor)
 
-    def _on_root_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _on_root_output(self, root: int, module: nn.Module, args: tuple[Any, ...],
+                        output: Any) -> None:
         # Any forward whose output is later backpropagated counts, eval mode included
         # (fine-tuning with dropout off); outputs that never get a backward cost nothing.
         if self.closed or compiling() or not torch.is_grad_enabled() or in_backward():
             return
+        if self._training_forward(module):
+            self.guard.call("output", self._output.observe, output)
         # every output that needs grad: the loss may come from any of them
         for leaf in _float_leaves(output):
             if leaf.requires_grad:
-                self._tensor_hooks.add(
-                    leaf.register_hook(self.guard.wrap("accumulation", self._on_backward_start)))
+                self._tensor_hooks.add(leaf.register_hook(self.guard.wrap(
+                    "accumulation", functools.partial(self._on_backward_start, root))))
 
-    def _on_backward_start(self, grad: torch.Tensor) -> None:
+    def _on_backward_start(self, root: int, grad: torch.Tensor) -> None:
         if self.closed:
             return
         task = torch._C._current_graph_task_id()  # one id per backward() call
-        if task in self._backward_tasks:
+        if (task, root) in self._backward_tasks:
             return
-        self._backward_tasks.add(task)
-        self._backward_count += 1
-        if self._backward_count == 1 and self._prev_stepped and not self._stale_checked:
-            self._stale_checked = True
-            # Parameters outside every optimizer are never cleared by optimizer.zero_grad()
-            # and never stepped, so leftover gradient there is harmless: check the others.
-            held = self.optimizer_param_ids()
-            indices = [i for i, p in enumerate(self.layout.tensors)
-                       if p.requires_grad and (not held or id(p) in held)]
-            put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
+        new_task = not any(t == task for t, _ in self._backward_tasks)
+        self._backward_tasks.add((task, root))
+        if new_task:
+            self._backward_count += 1
+            self._closure_backwards += self._in_closure
+        # The first backward through a root after an optimizer step must find that root's
+        # gradients cleared. Each root on its own: a GAN clears D before D's losses and G
+        # before G's, so G's gradients are still there when D's first backward runs, rightly.
+        first = root not in self._stale_roots and self._prev_stepped
+        # A closure optimizer (LBFGS) evaluates the closure several times in one step: each
+        # evaluation must start from cleared gradients, or they add up across evaluations.
+        again = new_task and self._closure_backwards == 2 and not self._closure_checked
+        if not (first or again):
+            return
+        self._stale_roots.add(root)
+        self._closure_checked = self._closure_checked or again
+        # Parameters outside every optimizer are never cleared by optimizer.zero_grad()
+        # and never stepped, so leftover gradient there is harmless: check the others.
+        held = self.optimizer_param_ids()
+        indices = [i for i in self._root_params[root]
+                   if self.layout.tensors[i].requires_grad
+                   and (not held or id(self.layout.tensors[i]) in held)]
+        put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
 
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.closed:
@@ -211,7 +242,12 @@ class StepRecorder:
         if not self.recording:
             return
         indices = self._optimizer_indices(optimizer)
-        self.guard.call("gradients", self._read_grads, indices)
+        # A closure optimizer (LBFGS) computes its gradients inside step(), by calling the
+        # closure: they are read after the step, not before it.
+        closure = (args[0] if args else None) if not kwargs.get("closure") else kwargs["closure"]
+        self._in_closure = closure is not None
+        if not self._in_closure:
+            self.guard.call("gradients", self._read_grads, indices)
         # gradients read earlier by read_gradients() still get their update measured
         early = [i for g in optimizer.param_groups for p in g["params"]
                  if (i := self._index.get(id(p))) in self._read_early]
@@ -230,6 +266,10 @@ class StepRecorder:
         if not self.recording:
             return
         indices = self._stepping.pop(id(optimizer), [])
+        if self._in_closure:
+            self._in_closure = False
+            self.guard.call("gradients", self._read_grads,
+                            [i for i in indices if i not in self._read])
         self.guard.call("updates", self._updates.after, indices, self._batch, self.step,
                         self._next_is_recorded())
 
@@ -272,8 +312,13 @@ class StepRecorder:
         self._orphans = None
         self._backward_count = 0
         self._backward_tasks = set()
-        self._stale_checked = False
+        self._stale_roots = set()
+        self._in_closure = False
+        self._closure_backwards = 0
+        self._closure_checked = False
         self._loss_requires_grad = None
+        self._activation_before_loss = None
+        self._output.reset()
 
     def will_record(self, step: int) -> bool:
         """Whether `step` is to be recorded (every `every`-th, or forced by a NaN/Inf loss)."""
@@ -281,6 +326,11 @@ class StepRecorder:
             return False
         forced = self._force_record and not self._sharded
         return forced or step % self.every == 0
+
+    def observe_loss(self, loss: object) -> None:
+        """Read the loss's graph on a recorded step (see signals.loss_graph)."""
+        if self.recording and not self.closed:
+            self._activation_before_loss = activation_before_logit_loss(loss)
 
     def finish_step(self, loss: torch.Tensor | float | None,
                     loss_requires_grad: bool | None = None) -> StepRecord | None:
@@ -343,6 +393,7 @@ class StepRecorder:
         if self.activations is not None:
             act_names = self.guard.call("activations", self.activations.put, self._batch) or []
         self.guard.call("data", self._data.put, self._batch)
+        self.guard.call("output", self._output.put, self._batch)
         self.guard.call("flight", self.flight.put, self._batch, self.step)
         self._check_forward_seen()
         host = self._batch.fetch({name: n for name in PARAM_FIELDS})
@@ -355,6 +406,8 @@ class StepRecorder:
                                   or ActivationTable.empty())
             record.nonfinite_origin = nonfinite_origin(record.activations)
         record.data = self.guard.call("data", self._data.result, host)
+        record.output = self.guard.call("output", self._output.result, host)
+        record.activation_before_loss = self._activation_before_loss
         record.flight = self.guard.call("flight", self.flight.result, host, self.step)
         self.guard.call("gradients", self._count_nonfinite_grads, record)
         self._held_grads = {}

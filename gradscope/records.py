@@ -183,6 +183,73 @@ class DataStats:
     is_float: bool
 
 
+@dataclass(frozen=True)
+class OutputStats:
+    """The model's output on one recorded step (its first training forward): are its rows
+    probabilities, and does the loss treat them as logits?
+
+    `row_sum_error` is the largest |row sum - 1| over the last dimension (`classes` entries);
+    `grad_row_sum` the largest |row sum| of the gradient reaching the output over its
+    largest |entry| (NaN when no gradient reached it): ~0 for a loss that applies its own
+    softmax, as `cross_entropy` does.
+
+    Example:
+        >>> s = OutputStats(10, 0.0, 0.9, 1e-7, 1e-8, False)
+        >>> s.probability_rows, s.shift_invariant_loss, round(s.logit_loss_floor, 3)
+        (True, True, 1.463)
+    """
+
+    classes: int
+    min: float
+    max: float
+    row_sum_error: float
+    grad_row_sum: float
+    half_precision: bool = False
+
+    @property
+    def _slack(self) -> float:
+        return 1e-2 if self.half_precision else 1e-4
+
+    @property
+    def probability_rows(self) -> bool:
+        """Every entry in [0, 1] and every row summing to 1: a softmax was applied."""
+        return (self.classes >= 2 and self.min >= 0.0 and self.max <= 1.0 + self._slack
+                and self.row_sum_error <= self._slack)
+
+    @property
+    def shift_invariant_loss(self) -> bool:
+        """The output's gradient sums to zero along each row: the loss does not change when a
+        constant is added to a row, i.e. it applies its own softmax to what it is given."""
+        return self.grad_row_sum <= 10 * self._slack  # False for NaN (not measured)
+
+    @property
+    def logit_loss_floor(self) -> float:
+        """The lowest cross-entropy a probability row can reach when taken as logits:
+        ln(1 + (C - 1) / e), the target entry at 1 and the others at 0."""
+        return math.log1p((self.classes - 1) / math.e)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> OutputStats | None:
+        """The stats of a run log's "output" entry (None for logs without one).
+
+        Example:
+            >>> OutputStats.from_json({"classes": 3, "min": 0, "max": 1, "row_sum_error": 0,
+            ...                        "grad_row_sum": None}).grad_row_sum
+            nan
+        """
+        if not isinstance(data, dict):
+            return None
+
+        def number(key: str) -> float:
+            value = data.get(key)
+            return math.nan if value is None else float(value)
+
+        return cls(classes=int(data.get("classes") or 0), min=number("min"),
+                   max=number("max"), row_sum_error=number("row_sum_error"),
+                   grad_row_sum=number("grad_row_sum"),
+                   half_precision=bool(data.get("half_precision")))
+
+
 @dataclass
 class FlightLog:
     """What the flight recorder saw since the previous recorded step (JSON-friendly).
@@ -263,6 +330,9 @@ class StepRecord:
     loss_requires_grad: bool | None
     activations: ActivationTable = field(default_factory=ActivationTable.empty)
     data: DataStats | None = None
+    output: OutputStats | None = None
+    #: "softmax"/"sigmoid" when that activation's output went into a loss applying its own
+    activation_before_loss: str | None = None
     nonfinite_origin: str | None = None
     nonfinite_grad_params: list[str] = field(default_factory=list)
     flight: FlightLog | None = None

@@ -126,12 +126,15 @@ def several_optimizers(ctx: RuleContext) -> bool:
                   "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
       causes=("lr-too-low", "broken-gradient-flow", "vanishing-gradients",
               "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph",
-              "missing-zero-grad", "small-batch"))
+              "missing-zero-grad", "small-batch", "probabilities-as-logits"))
 def loss_flat(ctx: RuleContext) -> Finding | None:
     """The loss has not moved since training started."""
     _, tail = ctx.losses
     if not np.isfinite(tail).all():
         return None
+    floor = _probabilities_as_logits(ctx)
+    if floor is not None:
+        return floor
     progress = _progress(ctx)
     if progress is None or progress.count < ctx.t["min_steps"]:
         return None
@@ -266,16 +269,24 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     # are ordinary; rises are judged against the spread of every step's rise in the window.
     # A loss that bounces all the time has a wide spread itself: there a spike counts when
     # the loss does not come straight back down after it (isolated jumps are batch noise).
+    # Oversized steps (update/weight ratio far above healthy) explain a loss that bounces
+    # all the time while it is still high: then a spike need not stand out from that
+    # bouncing, which is the sign. A loss that came down by over 90% and jitters there has
+    # converged (BatchNorm with weight decay keeps the ratio high in healthy training).
+    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
+    oversized = ev.lr_too_high(ctx, records, ctx.t["high_update"]) if records else None
+    if fast_median(losses[-20:]) < ctx.t["jump"] * scale or _descending(losses):
+        oversized = None
     rise = _rise_z(losses[20:], base)
     spikes = [i for i in candidates if _outlier(losses[i - 20:i], losses[i], ctx.t["mad"])
-              and (rise[i - 20] >= ctx.t["noise"]
+              and ((oversized is not None and oversized[1] > 0)
+                   or rise[i - 20] >= ctx.t["noise"]
                    or _lingers(losses[i + 1:i + 4], base[i - 20], ctx.t["recover"]))]
     if len(spikes) < ctx.t["spikes"]:
         return None
-    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
     scores = []
-    if records:
-        scores.append(ev.lr_too_high(ctx, records, ctx.t["high_update"]))
+    if records and oversized is not None:
+        scores.append(oversized)
         totals = np.array([r.total_grad_norm() for r in records])
         totals = totals[np.isfinite(totals)]
         if totals.size >= 3 and np.median(totals) > 0:
@@ -298,6 +309,62 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
             "With BatchNorm and small batches, increase the batch size or use GroupNorm/"
             "LayerNorm.",
         ],
+    )
+
+
+#: Recorded steps that must all show probability rows fed to a softmax-applying loss.
+PROBABILITY_RECORDS = 3
+
+
+def _probabilities_as_logits(ctx: RuleContext) -> Finding | None:
+    """Probabilities go into a loss that applies its own softmax (or sigmoid): a fact of the
+    code, true from the first batch. Seen in the loss's graph (a softmax node feeding
+    `cross_entropy`'s log-softmax, wherever the softmax was applied), or from the model's
+    outputs (rows in [0, 1] summing to 1) and the gradient the loss sends them (summing to
+    zero along every row, as a loss applying its own softmax does). Such a loss cannot go
+    below ln(1 + (C - 1) / e) and the double activation damps every gradient."""
+    records = ctx.records[-PROBABILITY_RECORDS:]
+    if len(records) < PROBABILITY_RECORDS:
+        return None
+    kinds = {r.activation_before_loss for r in records}
+    outputs = [r.output for r in records if r.output is not None]
+    by_output = (len(outputs) == len(records)
+                 and all(o.probability_rows and o.shift_invariant_loss for o in outputs))
+    if by_output:
+        kind = "softmax"
+        how = (f"the model's outputs are probabilities ({outputs[-1].classes} per row, in "
+               f"[{fmt(outputs[-1].min)}, {fmt(outputs[-1].max)}], each row summing to 1) and "
+               "the loss applies its own softmax to them (its gradient sums to zero along "
+               "every row)")
+    elif len(kinds) == 1 and None not in kinds:
+        kind = str(kinds.pop())
+        how = (f"the loss's graph shows a {kind} applied to the model's output right before a "
+               f"loss that applies its own {kind} ("
+               + ("cross_entropy's log-softmax" if kind == "softmax" else
+                  "binary_cross_entropy_with_logits") + ")")
+    else:
+        return None
+    classes = outputs[-1].classes if outputs else 0
+    floor = (math.log1p(math.exp(-1.0)) if kind == "sigmoid" else
+             math.log1p((classes - 1) / math.e) if classes >= 2 else math.nan)
+    _, tail = ctx.losses
+    recent = float(np.mean(tail[-RECENT_STEPS:])) if tail.size else math.nan
+    if recent < 0.98 * floor:
+        return None  # below the floor: the loss is not only that cross-entropy
+    floor_text = f"it cannot go below {fmt(floor)}, " if math.isfinite(floor) else ""
+    return Finding(
+        summary=(f"{how}: predictions can never become confident; {floor_text}and learning "
+                 f"crawls (recent loss {fmt(recent)})"),
+        causes=ranked([("probabilities-as-logits", 3.0,
+                        f"a {kind} feeds a loss that expects logits in the last "
+                        f"{len(records)} recorded steps")]),
+        evidence={"activation": kind, "classes": classes, "loss_floor": floor,
+                  "loss_recent": recent},
+        checks=[f"Remove the {kind} before the loss (" + (
+            "cross_entropy applies log-softmax itself), or use nll_loss on log_softmax "
+            "outputs." if kind == "softmax" else "binary_cross_entropy_with_logits applies "
+            "the sigmoid itself), or use binary_cross_entropy on the probabilities.")],
+        first_step=records[0].step,
     )
 
 
@@ -343,6 +410,29 @@ def _tiny_batch(records) -> tuple[str, float, str]:
         return ("small-batch", 0.0, "")
     return ("small-batch", 0.5, f"batch size {size}: each step follows one or two examples, so "
                                 "progress is slow and buried in noise")
+
+
+#: A loss whose typical level over the second half of the window is below this fraction of
+#: the first half's is still coming down fast: it learns, whatever it bounces.
+DESCENT = 0.5
+
+
+def _descending(losses: np.ndarray) -> bool:
+    """Whether the loss's typical level at least halved from the first half of `losses` to
+    the second (geometric means of a positive loss, medians otherwise).
+
+    >>> import numpy as np
+    >>> from gradscope.rules.loss import _descending
+    >>> _descending(np.array([4.0, 3.0, 1.0, 0.5])), _descending(np.array([3.0, 1.0, 4.0, 2.0]))
+    (True, False)
+    """
+    half = len(losses) // 2
+    first, second = losses[:half], losses[half:]
+    if half == 0:
+        return False
+    if np.all(losses > 0):
+        return bool(np.exp(np.mean(np.log(second)) - np.mean(np.log(first))) < DESCENT)
+    return bool(fast_median(second) < DESCENT * fast_median(first))
 
 
 def _lingers(after: np.ndarray, level: float, factor: float) -> bool:

@@ -193,6 +193,14 @@ def blowup_causes(s: Steps, layout: Any, before: int) -> list[tuple[str, float, 
     scores: list[tuple[str, float, str]] = []
     if g is None:
         return scores  # nothing grew: the steps before were not blowing up
+    stale = _stale_records(s, before)
+    if stale:
+        # gradients never cleared: each update follows the running sum of all gradients,
+        # which grows step by step; the growth and the oversized steps are its consequences
+        scores.append(("missing-zero-grad", 4.0,
+                       f"the previous step's gradients were still there when backward began "
+                       f"in {stale[0]} of {stale[1]} recorded steps before it: every update "
+                       "follows the growing sum of all gradients so far"))
     if update is not None and update[0] > HIGH_UPDATE:
         scores.append(("lr-too-high", 3.0, _update_text(update, lrs)))
         if g is not None:
@@ -206,6 +214,17 @@ def blowup_causes(s: Steps, layout: Any, before: int) -> list[tuple[str, float, 
             scores.append(("lr-too-high", 0.5, f"update/weight ratio {fmt(update[0])} at "
                            f"step {update[1]}: the learning rate may be at its stability edge"))
     return scores
+
+
+def _stale_records(s: Steps, before: int) -> tuple[int, int] | None:
+    """(records with leftover gradients at backward, records checked) before `before`, when
+    most of at least two showed them; else None."""
+    checked = [r for step, r in s.records.items()
+               if step < before and np.any(~np.isnan(r.stale_grad))]
+    stale = [r for r in checked if float(np.nansum(r.stale_grad)) > 0]
+    if len(stale) < 2 or len(stale) < len(checked) // 2 + 1:
+        return None
+    return len(stale), len(checked)
 
 
 @dataclass

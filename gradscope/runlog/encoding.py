@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..history import StepRecord
-from ..records import ActivationStats, ActivationTable, DataStats, FlightLog
+from ..records import ActivationStats, ActivationTable, DataStats, FlightLog, OutputStats
 
 if TYPE_CHECKING:
     pass
@@ -256,6 +256,8 @@ def decode_record(data: dict[str, Any], n_params: int, module_names: list[str] |
             values[f.name] = _data_from_json(raw)
         elif f.name == "flight":
             values[f.name] = FlightLog.from_json(raw) if isinstance(raw, dict) else None
+        elif f.name == "output":
+            values[f.name] = OutputStats.from_json(raw)
         elif f.name == "loss":
             values[f.name] = number_from_json(raw)
         elif f.name == "lrs":

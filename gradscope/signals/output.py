@@ -1,0 +1,112 @@
+"""Whether the model's output rows are probabilities, and whether the loss treats them as logits.
+
+A model that ends in a softmax gives rows in [0, 1] that sum to 1. Fed to a loss that applies
+its own softmax (`cross_entropy`), the predictions can never become confident: the loss keeps
+a floor of ln(1 + (C - 1) / e) and learning crawls. Such a loss does not change when a
+constant is added to every entry of a row, so the gradient it sends back sums to zero along
+each row; a loss written for probabilities (the negative log of the right entry) does not.
+
+On recorded steps, for the first training forward of the step: the output's min and max, the
+largest |row sum - 1|, and from the gradient reaching the output, the largest |row sum| over
+the largest |entry|. Five numbers, queued for the step's single transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..records import OutputStats
+from .activations import _float_leaves
+from .transfer import DeviceBatch
+
+
+def output_logits(output: Any) -> torch.Tensor | None:
+    """The tensor a loss is computed from: `logits` of a mapping that has them
+    (transformers), else the first floating-point tensor of the output.
+
+    Example:
+        >>> output_logits({"logits": torch.zeros(2, 3), "loss": torch.zeros(())}).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(output, Mapping) and "logits" in output:
+        output = output["logits"]
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() and output.numel() else None
+    leaves = [t for t in _float_leaves(output) if t.numel()]
+    return leaves[0] if leaves else None
+
+
+class OutputCollector:
+    """The OutputStats of a recorded step (see the module docstring).
+
+    Example:
+        >>> collector = OutputCollector()
+        >>> logits = torch.randn(4, 3, requires_grad=True)
+        >>> probs = logits.softmax(-1)
+        >>> collector.observe(probs)
+        >>> torch.nn.functional.cross_entropy(probs, torch.tensor([0, 1, 2, 0])).backward()
+        >>> batch = DeviceBatch(); collector.put(batch)
+        True
+        >>> stats = collector.result(batch.fetch())
+        >>> stats.probability_rows, stats.shift_invariant_loss
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        self._values: torch.Tensor | None = None
+        self._grad: torch.Tensor | None = None
+        self._meta: tuple[int, bool] | None = None  # classes, half precision
+        self._hook: Any = None
+
+    def observe(self, output: Any) -> None:
+        """Measure the first training output of the step (later ones are left alone)."""
+        if self._meta is not None:
+            return
+        leaf = output_logits(output)
+        if leaf is None or leaf.dim() < 2 or leaf.shape[-1] < 2 or not leaf.requires_grad:
+            return
+        values = leaf.detach()
+        low, high = torch.aminmax(values)
+        row_error = (values.sum(-1, dtype=torch.float32) - 1.0).abs().amax()
+        self._values = torch.stack([low.float(), high.float(), row_error])
+        self._meta = (int(leaf.shape[-1]), leaf.element_size() < 4)
+        self._hook = leaf.register_hook(self._on_grad)
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        self._hook = None  # a tensor's hooks go with the tensor: nothing to remove
+        if self._grad is not None:
+            return
+        g = grad.detach()
+        self._grad = torch.stack([g.sum(-1, dtype=torch.float32).abs().amax(),
+                                  g.abs().amax().float()])
+
+    def put(self, batch: DeviceBatch) -> bool:
+        if self._values is None:
+            return False
+        batch.put("output", self._values)
+        if self._grad is not None:
+            batch.put("output_grad", self._grad)
+        return True
+
+    def result(self, host: dict[str, np.ndarray]) -> OutputStats | None:
+        meta, values, grad = self._meta, host.get("output"), host.get("output_grad")
+        self.reset()
+        if meta is None or values is None:
+            return None
+        classes, half = meta
+        grad_row = math.nan
+        if grad is not None and float(grad[1]) > 0:
+            grad_row = float(grad[0]) / float(grad[1])
+        return OutputStats(classes=classes, min=float(values[0]), max=float(values[1]),
+                           row_sum_error=float(values[2]), grad_row_sum=grad_row,
+                           half_precision=half)
+
+    def reset(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._values = self._grad = self._meta = self._hook = None
