@@ -244,7 +244,7 @@ class StepRecorder:
         indices = self._optimizer_indices(optimizer)
         # A closure optimizer (LBFGS) computes its gradients inside step(), by calling the
         # closure: they are read after the step, not before it.
-        closure = (args[0] if args else None) if not kwargs.get("closure") else kwargs["closure"]
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: optimizer
         self._in_closure = closure is not None
         if not self._in_closure:
             self.guard.call("gradients", self._read_grads, indices)

@@ -205,3 +205,21 @@ def test_lbfgs_gradients_are_read_after_the_closure_and_clearing_outside_it_is_c
     assert found["grad-accumulating"].cause == "missing-zero-grad"
     records = healthy.history.records()
     assert all(not r.grad_none.any() and (r.grad_norm > 0).all() for r in records)
+
+
+def test_without_a_closure_gradients_and_weights_are_read_before_the_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), 0.1)
+    before: list[list[float]] = []
+    opt.register_step_pre_hook(lambda o, a, k: before.append(
+        [float(torch.linalg.vector_norm(p.detach().double())) for p in model.parameters()]))
+    scope = gradscope.watch(model, opt, every=1, live=False)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(16, 3)), torch.randn(16, 1)).backward()
+        opt.step()
+        scope.step()
+    scope.close()
+    for record, norms in zip(scope.history.records(), before):
+        assert record.param_norm.tolist() == pytest.approx(norms, rel=1e-6)

@@ -103,7 +103,9 @@ def _model_order(ctx: RuleContext, names: list[str]) -> list[str]:
       needs=("activations", "update_ratio", "param_norm"),
       thresholds={"dead": SATURATED, "window": WINDOW, "warmup": WARMUP,
                   "fact_window": FACT_WINDOW,
-                  "high_update": HIGH_UPDATE},
+                  "high_update": HIGH_UPDATE,
+                  "blocked": Threshold(0.9, "dead fraction of a layer above which it passes "
+                                            "almost nothing on: a warning however it died")},
       causes=("poor-init", "lr-too-high", "dead-units"))
 def units_dead(ctx: RuleContext) -> Finding | None:
     """More than half of a ReLU layer's units output zero on every example of every batch."""
@@ -119,7 +121,12 @@ def units_dead(ctx: RuleContext) -> Finding | None:
         scores.append(("dead-units", 0.5, "units died during training: large updates pushed "
                                           "their pre-activations below zero for every input"))
     name, frac = worst[0]
+    # Units that went quiet during training, with steps of an ordinary size and the layer
+    # still mostly alive, are capacity the model stopped using: worth knowing, not a
+    # failure. Dead from the start, nearly the whole layer, or after oversized steps: warn.
+    quiet = not dead_from_start and scores[0][1] <= 0 and frac < ctx.t["blocked"]
     return Finding(
+        severity="info" if quiet else None,
         summary=f"{fmt(100 * frac)}% of the units of {_described(name, 'ReLU')} are dead"
                 + (f" (and {len(worst) - 1} more layer(s))" if len(worst) > 1 else ""),
         causes=ranked(scores), layers=_model_order(ctx, [n for n, _ in worst]),

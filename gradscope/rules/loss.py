@@ -126,9 +126,15 @@ def several_optimizers(ctx: RuleContext) -> bool:
                   "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
       causes=("lr-too-low", "broken-gradient-flow", "vanishing-gradients",
               "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph",
-              "missing-zero-grad", "small-batch", "probabilities-as-logits"))
+              "missing-zero-grad", "small-batch", "probabilities-as-logits", "outlier-batches"))
 def loss_flat(ctx: RuleContext) -> Finding | None:
-    """The loss has not moved since training started."""
+    """The loss has not moved since the start, cannot, or stalled high under huge steps.
+
+    Cannot: probabilities go into a loss that applies its own softmax (a floor it cannot
+    pass).
+    Stalled high: it came down at first, then stopped improving far above its start's half
+    while steps stayed far larger than healthy ones (a learning rate too high, hidden by
+    gradient clipping)."""
     _, tail = ctx.losses
     if not np.isfinite(tail).all():
         return None
@@ -145,7 +151,10 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
     # Flat: it has not dropped by `change` since the start, and it is not going down now, or
     # so slowly that even its most optimistic pace needs more than `horizon` steps for it.
     slow = progress.steps_to(change) > ctx.t["horizon"]
-    if not (drop < change and (progress.trend_t > ctx.t["t"] or slow)):
+    stalled = progress.trend_t > ctx.t["t"] or slow
+    if drop >= change and stalled:
+        return _stalled_high(ctx, progress)
+    if not (drop < change and stalled):
         return None
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
     if not records or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
@@ -162,6 +171,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         _penalty_only(records),
         _stale_gradients(records),
         _tiny_batch(records),
+        _outliers(records, set()),  # a few batches far off the others keep undoing progress
     ])
     if several_optimizers(ctx) and not causes:
         return None  # opposing objectives (a GAN): their summed loss need not go down
@@ -309,6 +319,41 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
             "With BatchNorm and small batches, increase the batch size or use GroupNorm/"
             "LayerNorm.",
         ],
+    )
+
+
+#: Steps of loss history before a loss that stopped improving can be called stalled.
+STALL_STEPS = 100
+#: A loss still above this fraction of its start level has not converged.
+STALL_LEVEL = 0.5
+
+
+def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
+    """The loss came down at first, then stopped improving while still high, and every step
+    still changes the weights by a large fraction of their norm: steps that large bounce
+    around the valley instead of going down into it (a learning rate far too high that
+    gradient clipping keeps from blowing up)."""
+    if progress.count < STALL_STEPS or progress.drop > 1 - STALL_LEVEL:
+        return None  # too early to tell, or it came down by over half: near its floor
+    records = usable(ctx.healthy_records, ctx.t["warmup"])
+    if len(records) < 5 or in_lr_warmup(records):
+        return None
+    oversized = ev.lr_too_high(ctx, records, HIGH_UPDATE.default)
+    if oversized[1] <= 0:
+        return None
+    return Finding(
+        summary=(f"loss averaged {fmt(progress.start)} over the first steps and "
+                 f"{fmt(progress.late)} over the last {RECENT_STEPS} (of {progress.count}): "
+                 f"{_change_text(progress.drop)}, then no further progress (recent trend "
+                 f"t = {fmt(progress.trend_t)}) while each step still moves the weights by "
+                 f"{fmt(ev.update_ratio_median(ctx, records))} of their norm"),
+        causes=ranked([oversized]),
+        evidence={"loss_early": progress.start, "loss_recent": progress.late,
+                  "relative_change": progress.drop, "steps": progress.count,
+                  "update_ratio_median": ev.update_ratio_median(ctx, records)},
+        checks=["Lower the learning rate 3-10x: with clipping on, a rate far too high shows "
+                "as a loss that stalls early, not as a blow-up."],
+        first_step=progress.first_step,
     )
 
 
