@@ -194,9 +194,10 @@ class OutputStats:
     softmax, as `cross_entropy` does.
 
     Example:
+        >>> from gradscope.records import OutputStats
         >>> s = OutputStats(10, 0.0, 0.9, 1e-7, 1e-8, False)
         >>> s.probability_rows, s.shift_invariant_loss, round(s.logit_loss_floor, 3)
-        (True, True, 1.463)
+        (True, True, 1.461)
     """
 
     classes: int
@@ -233,6 +234,7 @@ class OutputStats:
         """The stats of a run log's "output" entry (None for logs without one).
 
         Example:
+            >>> from gradscope.records import OutputStats
             >>> OutputStats.from_json({"classes": 3, "min": 0, "max": 1, "row_sum_error": 0,
             ...                        "grad_row_sum": None}).grad_row_sum
             nan

@@ -5,12 +5,7 @@ from __future__ import annotations
 from .base import Finding, Threshold, rule
 from .common import fmt, ranked
 from .context import RuleContext
-from .thresholds import DATA_SCALE
-
-DATA_TYPICAL = Threshold(
-    20, "typical input magnitude (the larger of |mean| and std of the batch) above which the "
-        "inputs are not normalised: standardised features have std ~1, images scaled to [0, 1] "
-        "~0.3, while raw 8-bit pixels have a mean and std of tens to ~100")
+from .thresholds import DATA_SCALE, DATA_TYPICAL
 
 EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
 
@@ -32,9 +27,8 @@ def data_suspect(ctx: RuleContext) -> Finding | None:
     has_embedding = ctx.layout.static("has_embedding", lambda: any(
         t in EMBEDDING_TYPES for t in ctx.layout.module_types.values()))
     wrong_dtype = bool(tail) and not has_embedding and all(not d.is_float for _, d in tail)
-    huge = bool(tail) and all(
-        d.is_float and (max(abs(d.min), abs(d.max)) > ctx.t["scale"]
-                        or _typical(d) > ctx.t["typical"]) for _, d in tail)
+    huge = bool(tail) and all(unnormalised(d, ctx.t["scale"], ctx.t["typical"])
+                              for _, d in tail)
     if not (nonfinite or wrong_dtype or huge):
         return None
     last = (nonfinite or tail)[-1][1]
@@ -70,6 +64,21 @@ def data_suspect(ctx: RuleContext) -> Finding | None:
 def _typical(data) -> float:
     """The typical magnitude of a batch: the larger of |mean| and std."""
     return max(abs(data.mean), data.std)
+
+
+def unnormalised(data, scale: float = DATA_SCALE.default,
+                 typical: float = DATA_TYPICAL.default) -> bool:
+    """Whether a float input batch is far from normalised: some |x| over `scale`, or a typical
+    magnitude (|mean| or std) over `typical`.
+
+    Example:
+        >>> from gradscope.records import DataStats
+        >>> pixels = DataStats("float32", (8, 784), 0.0, 255.0, 33.0, 78.0, 0, True)
+        >>> unnormalised(pixels), unnormalised(DataStats("float32", (8, 4), -3, 3, 0, 1, 0, True))
+        (True, False)
+    """
+    return bool(data.is_float and (max(abs(data.min), abs(data.max)) > scale
+                                   or _typical(data) > typical))
 
 
 RULES = [data_suspect]

@@ -165,3 +165,20 @@ def vanishing(ctx: RuleContext, records: Sequence[StepRecord], ratio: float) -> 
             f"layer '{ctx.layout.layers[cols[0]]}' gets a gradient norm of {fmt(first)} vs "
             f"{fmt(last)} at '{ctx.layout.layers[cols[-1]]}' (ratio {fmt(first / last)}): the "
             "early layers barely learn")
+
+
+def zero_weights(ctx: RuleContext) -> Score:
+    """Weight matrices that were exactly zero at the first recorded step: every unit of such a
+    layer computes the same output and gets the same gradient (and behind tanh or ReLU a zero
+    one), so they cannot learn apart: a fact of the initialisation."""
+    first = ctx.first[0] if ctx.first else None
+    if first is None:
+        return ("poor-init", 0.0, "")
+    zero = [p.name for p, norm in zip(ctx.layout.params, first.param_norm.tolist())
+            if len(p.shape) >= 2 and norm == 0.0]
+    if not zero:
+        return ("poor-init", 0.0, "")
+    return ("poor-init", 3.0,
+            f"{len(zero)} weight matri{'x was' if len(zero) == 1 else 'ces were'} exactly zero "
+            f"at the first step (e.g. '{zero[0]}'): every unit of the layer computes the same "
+            "thing and gets the same gradient, so the units cannot learn apart")

@@ -98,7 +98,7 @@ def _layers_of(ctx: RuleContext, param_indices) -> list[str]:
                   "first_norm": Threshold(1e-4, "first-layer gradient norm below which it "
                                                 "learns practically nothing (AUTOTRAINER)"),
                   "window": WINDOW, "warmup": WARMUP, "saturated": SATURATED},
-      causes=("saturated-activations", "dead-units", "poor-init"))
+      causes=("saturated-activations", "dead-units", "poor-init", "lr-too-high"))
 def grad_vanishing(ctx: RuleContext) -> Finding | None:
     """Early layers receive orders of magnitude less gradient than the last ones."""
     records = usable(ctx.healthy_records, ctx.t["warmup"])
@@ -119,9 +119,10 @@ def grad_vanishing(ctx: RuleContext) -> Finding | None:
     cols = np.flatnonzero(~np.isnan(grads))
     latest = grads[cols]
     vanished = [int(c) for c, g in zip(cols, latest) if g < latest[-1] * ctx.t["ratio"]]
-    scores = [ev.saturation(ctx, recs, ctx.t["saturated"]),
+    # oversized steps saturate gates and kill units on the way: the cause, named first
+    scores = [ev.zero_weights(ctx), ev.saturation(ctx, recs, ctx.t["saturated"]),
               ev.dead_units(ctx, recs, ctx.t["saturated"]), _small_init(ctx, recs),
-              _squashing_depth(ctx)]
+              _squashing_depth(ctx), _oversized(ev.lr_too_high(ctx, recs, HIGH_UPDATE.default))]
     if not any(s > 0 for _, s, _ in scores):
         scores.append(("poor-init", 0.3, "no saturated or dead activations were seen: the "
                        "per-layer gain of the initialisation/architecture shrinks the signal"))
@@ -408,4 +409,12 @@ def _embeddings(ctx: RuleContext) -> set[int]:
         if ctx.layout.module_types.get(name) in ("Embedding", "EmbeddingBag")})
 
 
+def _oversized(score: tuple[str, float, str]) -> tuple[str, float, str]:
+    """lr-too-high evidence weighed above the signs it produces (saturation, dead units)."""
+    cause, value, text = score
+    return (cause, 2.0 * value, text + " (saturated or dead units downstream are its "
+                                       "consequence)" if value > 0 else text)
+
+
 RULES = [grad_none, layers_stalled, grad_vanishing, grad_exploding, grad_accumulating]
+

@@ -13,6 +13,7 @@ from .base import Finding, Threshold, rule
 from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked, usable
 from .context import RuleContext
 from .onset import find_onset, onset_finding
+from .params import frozen_output_score
 from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
 
 MIN_STEPS = Threshold(30, "steps before a loss can be called flat: the start level (first "
@@ -126,7 +127,8 @@ def several_optimizers(ctx: RuleContext) -> bool:
                   "low_update": LOW_UPDATE, "tiny_grad": TINY_GRAD, "saturated": SATURATED},
       causes=("lr-too-low", "broken-gradient-flow", "vanishing-gradients",
               "saturated-activations", "dead-units", "missing-from-optimizer", "detached-graph",
-              "missing-zero-grad", "small-batch", "probabilities-as-logits", "outlier-batches"))
+              "missing-zero-grad", "small-batch", "probabilities-as-logits", "outlier-batches",
+              "poor-init", "lr-too-high", "requires-grad-off"))
 def loss_flat(ctx: RuleContext) -> Finding | None:
     """The loss has not moved since the start, cannot, or stalled high under huge steps.
 
@@ -161,12 +163,15 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         return None  # no records yet, or the learning rate is still ramping up
     t = ctx.t
     causes = ranked([
+        ev.zero_weights(ctx),
         ev.lr_too_low(ctx, records, t["low_update"], t["tiny_grad"]),
+        ev.lr_too_high(ctx, records, HIGH_UPDATE.default),  # bouncing, clipped: no descent
         ev.near_zero_gradients(ctx, records, t["tiny_grad"]),
         ev.vanishing(ctx, records, VANISHING_RATIO),
         ev.saturation(ctx, records, t["saturated"]),
         ev.dead_units(ctx, records, t["saturated"]),
         ev.frozen_by_optimizer(ctx, records),
+        frozen_output_score(ctx),
         ev.detached(ctx, records),
         _penalty_only(records),
         _stale_gradients(records),
@@ -341,13 +346,17 @@ def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
     oversized = ev.lr_too_high(ctx, records, HIGH_UPDATE.default)
     if oversized[1] <= 0:
         return None
+    # what makes the steps oversized or the loss stall comes first: gradients never
+    # cleared (each step follows their growing sum), an output layer that cannot learn
+    causes = ranked([oversized, _stale_gradients(records), ev.frozen_by_optimizer(ctx, records),
+                     frozen_output_score(ctx)])
     return Finding(
         summary=(f"loss averaged {fmt(progress.start)} over the first steps and "
                  f"{fmt(progress.late)} over the last {RECENT_STEPS} (of {progress.count}): "
                  f"{_change_text(progress.drop)}, then no further progress (recent trend "
                  f"t = {fmt(progress.trend_t)}) while each step still moves the weights by "
                  f"{fmt(ev.update_ratio_median(ctx, records))} of their norm"),
-        causes=ranked([oversized]),
+        causes=causes,
         evidence={"loss_early": progress.start, "loss_recent": progress.late,
                   "relative_change": progress.drop, "steps": progress.count,
                   "update_ratio_median": ev.update_ratio_median(ctx, records)},

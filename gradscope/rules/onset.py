@@ -18,6 +18,7 @@ import numpy as np
 from ..history import History, StepRecord
 from .base import Finding
 from .common import fmt, ranked
+from .data import unnormalised
 
 #: Growth of the largest gradient over its start that counts as a blow-up (two orders).
 GROWTH = 100.0
@@ -191,6 +192,14 @@ def blowup_causes(s: Steps, layout: Any, before: int) -> list[tuple[str, float, 
     update = early_update(s, layout, before)
     lrs = next((r.lrs for r in s.records.values()), [])
     scores: list[tuple[str, float, str]] = []
+    huge = _unnormalised_inputs(s, before)
+    if huge is not None:
+        # inputs far from normalised make outputs and gradients scale with them: the first
+        # cause to fix, whatever the learning rate
+        scores.append(("data-scale", 4.0,
+                       f"the inputs before it were not normalised (|x| up to {fmt(huge)} in "
+                       "every recorded step): the first layers' outputs and gradients scale "
+                       "with them"))
     if g is None:
         return scores  # nothing grew: the steps before were not blowing up
     stale = _stale_records(s, before)
@@ -214,6 +223,15 @@ def blowup_causes(s: Steps, layout: Any, before: int) -> list[tuple[str, float, 
             scores.append(("lr-too-high", 0.5, f"update/weight ratio {fmt(update[0])} at "
                            f"step {update[1]}: the learning rate may be at its stability edge"))
     return scores
+
+
+def _unnormalised_inputs(s: Steps, before: int) -> float | None:
+    """The largest |input| when every recorded input before `before` was far from
+    normalised (see rules.data.unnormalised); else None."""
+    data = [r.data for step, r in s.records.items() if step < before and r.data is not None]
+    if not data or not all(unnormalised(d) for d in data):
+        return None
+    return max(max(abs(d.min), abs(d.max)) for d in data)
 
 
 def _stale_records(s: Steps, before: int) -> tuple[int, int] | None:

@@ -98,20 +98,43 @@ def _output_layer(ctx: RuleContext) -> str | None:
     return ordered[-1] if ordered else None
 
 
-def _frozen_on_purpose(ctx: RuleContext) -> Finding | None:
-    frozen = ctx.layout.static("frozen_at_watch",
-                               lambda: [p for p in ctx.layout.params if not p.requires_grad])
+def _frozen_at_watch(ctx: RuleContext) -> list:
+    return ctx.layout.static("frozen_at_watch",
+                             lambda: [p for p in ctx.layout.params if not p.requires_grad])
+
+
+def frozen_output(ctx: RuleContext) -> tuple[str | None, int]:
+    """(the output layer, how many earlier layers train) when the output layer was frozen
+    before watching started while other layers train; (None, 0) otherwise. Fine-tuning
+    freezes the body and trains the head: the other way round is a freezing rule that
+    matched the wrong names."""
+    frozen = _frozen_at_watch(ctx)
     if not frozen or not ctx.records:
-        return None
-    # Fine-tuning freezes the body and trains the head; a frozen output layer while earlier
-    # layers train is a freezing rule that matched the wrong names.
+        return None, 0
     output = _output_layer(ctx)
     frozen_layers = {p.layer for p in frozen}
     training = {p.layer for p in ctx.layout.params if p.requires_grad} - frozen_layers
-    if output in frozen_layers and training:
+    return (output, len(training)) if output in frozen_layers and training else (None, 0)
+
+
+def frozen_output_score(ctx: RuleContext) -> tuple[str, float, str]:
+    """The cause score of a frozen output layer (see frozen_output), for other signs."""
+    output, _ = frozen_output(ctx)
+    if output is None:
+        return ("requires-grad-off", 0.0, "")
+    return ("requires-grad-off", 3.0, f"the output layer '{output}' has requires_grad=False: "
+                                      "the model's output cannot learn")
+
+
+def _frozen_on_purpose(ctx: RuleContext) -> Finding | None:
+    frozen = _frozen_at_watch(ctx)
+    if not frozen or not ctx.records:
+        return None
+    output, training = frozen_output(ctx)
+    if output is not None:
         return Finding(
             summary=(f"the output layer '{output}' was frozen (requires_grad=False) before "
-                     f"watching started while {len(training)} earlier layer(s) train"),
+                     f"watching started while {training} earlier layer(s) train"),
             causes=ranked([("requires-grad-off", 1.0,
                             f"'{output}' produces the model's output but cannot learn: "
                             "fine-tuning freezes the body and trains the head, not the "

@@ -18,4 +18,9 @@ SATURATED = Threshold(0.5, "fraction of a layer's outputs saturated/dead that bl
 DATA_SCALE = Threshold(1e3, "largest |input| considered normalised data; beyond it inputs "
                             "saturate or blow up the first layers")
 
-__all__ = ["DATA_SCALE", "HIGH_UPDATE", "SATURATED"]
+DATA_TYPICAL = Threshold(
+    20, "typical input magnitude (the larger of |mean| and std of the batch) above which the "
+        "inputs are not normalised: standardised features have std ~1, images scaled to [0, 1] "
+        "~0.3, while raw 8-bit pixels have a mean and std of tens to ~100")
+
+__all__ = ["DATA_SCALE", "DATA_TYPICAL", "HIGH_UPDATE", "SATURATED"]
