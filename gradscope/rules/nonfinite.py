@@ -5,9 +5,22 @@ from __future__ import annotations
 from .base import Finding, Threshold, rule
 from .common import fmt, ranked
 from .context import RuleContext
-from .onset import blowup_causes, collect, early_update, find_onset, first_blowup, onset_finding
+from .onset import (
+    BLOWUP,
+    CLIPPED_BLOWUP,
+    blowup_causes,
+    collect,
+    early_update,
+    find_onset,
+    first_blowup,
+    growth,
+    onset_finding,
+)
 from .thresholds import HIGH_UPDATE
 
+#: Steps after a smaller (clipped) loss jump before it is judged: a jump still on its way
+#: to a full blow-up is judged as one, from its own step.
+SETTLE_STEPS = 20
 OVERFLOW_RUN = Threshold(10, "AMP overflow-skipped steps in a row tolerated: GradScaler skips a "
                              "few steps while it lowers its scale, but not for long")
 
@@ -51,12 +64,20 @@ def blow_up(ctx: RuleContext) -> Finding | None:
     """The loss jumped by orders of magnitude in a few steps without going NaN/Inf."""
     if ctx.memo("onset", lambda: find_onset(ctx.history)) is not None:
         return None  # the NaN/Inf rules explain it from its first bad step
-    jump = first_blowup(ctx.history)
+    jump = first_blowup(ctx.history) or first_blowup(ctx.history, CLIPPED_BLOWUP)
     if jump is None:
         return None
     step, value, start = jump
     s = collect(ctx.history)
     scores = blowup_causes(s, ctx.layout, step + 1)
+    if value < BLOWUP * start:
+        # a smaller jump counts only when clipping kept the gradients from growing and the
+        # steps were oversized; growing gradients are judged by the full jump
+        loss_steps, _ = ctx.losses
+        settled = loss_steps.size and int(loss_steps[-1]) - step >= SETTLE_STEPS
+        if growth(s, ctx.layout, step + 1) is not None or not settled:
+            return None  # growing gradients, or a jump that may still be on its way up
+        scores = [c for c in scores if c[0] == "lr-too-high"]
     if not scores:
         return None  # the gradients did not blow up with it: a noisy or drifting loss
     update = early_update(s, ctx.layout, step + 1)

@@ -27,6 +27,10 @@ HIGH_UPDATE = 1e-2
 HEALTHY_UPDATE = 1e-3
 #: A loss this many times its first value within the run is a blow-up (three orders).
 BLOWUP = 1e3
+#: A smaller jump (an order of magnitude above the first loss) is a blow-up too when the
+#: steps before it were oversized: gradient clipping keeps the gradients from growing, so
+#: the step size is the evidence.
+CLIPPED_BLOWUP = 10.0
 
 
 @dataclass
@@ -201,6 +205,9 @@ def blowup_causes(s: Steps, layout: Any, before: int) -> list[tuple[str, float, 
                        "every recorded step): the first layers' outputs and gradients scale "
                        "with them"))
     if g is None:
+        if update is not None and update[0] > HIGH_UPDATE:
+            scores.append(("lr-too-high", 2.0, _update_text(update, lrs) + "; the gradients "
+                                               "stayed bounded (clipping), the steps did not"))
         return scores  # nothing grew: the steps before were not blowing up
     stale = _stale_records(s, before)
     if stale:
@@ -387,8 +394,8 @@ CHECKS = (
 )
 
 
-def first_blowup(history: History) -> tuple[int, float, float] | None:
-    """(step, loss there, loss at the start) of the first loss BLOWUP times the first one."""
+def first_blowup(history: History, factor: float = BLOWUP) -> tuple[int, float, float] | None:
+    """(step, loss there, loss at the start) of the first loss `factor` times the first one."""
     steps, values = history.losses()
     finite = np.isfinite(values)
     if not finite.any():
@@ -397,7 +404,7 @@ def first_blowup(history: History) -> tuple[int, float, float] | None:
     if not start > 0:
         return None
     with np.errstate(invalid="ignore"):
-        over = np.flatnonzero(finite & (values >= BLOWUP * start))
+        over = np.flatnonzero(finite & (values >= factor * start))
     if over.size == 0:
         return None
     i = int(over[0])
