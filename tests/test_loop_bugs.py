@@ -223,3 +223,27 @@ def test_without_a_closure_gradients_and_weights_are_read_before_the_step():
     scope.close()
     for record, norms in zip(scope.history.records(), before):
         assert record.param_norm.tolist() == pytest.approx(norms, rel=1e-6)
+
+
+def test_signals_a_set_up_cannot_measure_are_named_in_the_report():
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    scope = gradscope.watch(model, opt, live=False)
+    for _ in range(25):
+        h = model[1](model[0](torch.randn(8, 4)))  # the parts, never the model's forward
+        loss = F.cross_entropy(model[2](h), torch.randint(0, 2, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        scope.step(loss)
+    scope.close()
+    text = scope.report(file=io.StringIO(), width=200)
+    lines = [line for line in text.splitlines() if line.startswith("not measured")]
+    assert len(lines) == 2, text
+    assert "input batches" in lines[0] and "leftover gradients" in lines[1]
+    # a model watched whole, with its optimizer, measures everything
+    healthy = _classify(CNN(), (4, 1, 8, 8), 25, softmax=False)
+    assert "not measured" not in healthy.report(file=io.StringIO(), width=200)

@@ -349,3 +349,33 @@ def record_at(history: History, step: int | None) -> StepRecord | None:
         return records[-1]
     earlier = [r for r in records if r.step <= step]
     return earlier[-1] if earlier else records[0]
+
+
+def unmeasured_signals(history: History) -> list[str]:
+    """The signals this run could not measure at all, each with the reason: named once in
+    the report rather than silently missing.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> unmeasured_signals(History(ModelLayout.of(model)))
+        []
+    """
+    records = history.records()
+    if not records:
+        return []
+    missing = []
+    if all(not len(r.activations) for r in records):
+        missing.append("activations (dead and saturated units, where NaN/Inf began): no "
+                       "module's forward ran under gradscope's hooks (compiled code runs none)")
+    if all(r.data is None for r in records):
+        missing.append("input batches: no tensor reached the forward of the watched model "
+                       "(its parts were called directly?)")
+    stepped = [r for r in records[1:] if r.stepped]
+    if stepped and all(np.isnan(r.stale_grad).all() for r in stepped):
+        missing.append("leftover gradients (a missing zero_grad()): no backward went through "
+                       "the output of the watched model's forward")
+    if all(not r.stepped for r in records):
+        missing.append("update sizes and frozen parameters: no optimizer step was seen (pass "
+                       "the optimizer to watch())")
+    return missing

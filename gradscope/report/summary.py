@@ -16,7 +16,14 @@ from rich.text import Text
 from ..diagnosis import Diagnosis
 from ..history import History
 from .display import Report, show_report
-from .readings import fmt, fold_list, loss_summary, severity_sorted, total_steps
+from .readings import (
+    fmt,
+    fold_list,
+    loss_summary,
+    severity_sorted,
+    total_steps,
+    unmeasured_signals,
+)
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold cyan"}
 DEFAULT_WIDTH = 100
@@ -127,6 +134,8 @@ def report_renderable(history: History, diagnoses: Sequence[Diagnosis], *,
             parts.append(more)
     for note in notes:
         parts.append(Text(note, style="dim"))
+    for missing in unmeasured_signals(history):
+        parts.append(Text(f"not measured  {missing}", style="dim"))
     parts.append(Text(""))
     ordered = severity_sorted(diagnoses)
     if not ordered:
