@@ -34,11 +34,13 @@ def _records(layout, steps, **fields):
 
 
 # ----------------------------------------------------------------------- clipped blow-up
-def _clipped_run(jump_to: float, ratio: float, grads_grow: bool, steps: int = 60):
+def _clipped_run(jump_to: float, ratio: float, grads_grow: bool, steps: int = 60,
+                 spike: int = 4):
     layout = deep_layout()
     losses = list(_noisy(np.full(steps, 5.0)))
     losses[0] = 4.0
-    losses[2] = jump_to  # the loss leaps after two oversized steps, then settles
+    for s in range(2, 2 + spike):  # the loss leaps after two oversized steps, then settles
+        losses[s] = jump_to
     recs = []
     for s in range(0, steps, 10):
         grad = 0.1 * (1000.0 if grads_grow and s > 0 else 1.0)
@@ -60,6 +62,11 @@ def test_a_clipped_jump_of_an_order_of_magnitude_is_a_blow_up_from_the_learning_
 def test_a_smaller_jump_or_ordinary_steps_are_no_blow_up(jump_to, ratio):
     # 30 < 10 x 4.0: no order of magnitude; 0.002: steps of a healthy size
     assert _fire("blow-up", _clipped_run(jump_to=jump_to, ratio=ratio, grads_grow=False)) is None
+
+
+def test_a_single_spiking_batch_is_no_blow_up():
+    assert _fire("blow-up", _clipped_run(jump_to=60.0, ratio=0.05, grads_grow=False,
+                                         spike=1)) is None
 
 
 def test_a_clipped_jump_is_judged_only_once_it_settled():

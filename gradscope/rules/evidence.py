@@ -174,8 +174,9 @@ def zero_weights(ctx: RuleContext) -> Score:
     first = ctx.first[0] if ctx.first else None
     if first is None:
         return ("poor-init", 0.0, "")
+    # layers' weight matrices only: tokens and position tables start at zero by design
     zero = [p.name for p, norm in zip(ctx.layout.params, first.param_norm.tolist())
-            if len(p.shape) >= 2 and norm == 0.0]
+            if len(p.shape) >= 2 and p.name.rpartition(".")[2] == "weight" and norm == 0.0]
     if not zero:
         return ("poor-init", 0.0, "")
     return ("poor-init", 3.0,

@@ -114,6 +114,27 @@ def _progress(ctx: RuleContext) -> Progress | None:
                     first_step=int(history.loss_steps[0]))
 
 
+def _flat_causes(ctx: RuleContext, records: list) -> list:
+    """The causes of a loss that does not go down, ranked by what the records show."""
+    t = ctx.t
+    return ranked([
+        ev.zero_weights(ctx),
+        ev.lr_too_low(ctx, records, t["low_update"], t["tiny_grad"]),
+        ev.lr_too_high(ctx, records, HIGH_UPDATE.default),  # bouncing, clipped: no descent
+        ev.near_zero_gradients(ctx, records, t["tiny_grad"]),
+        ev.vanishing(ctx, records, VANISHING_RATIO),
+        ev.saturation(ctx, records, t["saturated"]),
+        ev.dead_units(ctx, records, t["saturated"]),
+        ev.frozen_by_optimizer(ctx, records),
+        frozen_output_score(ctx),
+        ev.detached(ctx, records),
+        _penalty_only(records),
+        _stale_gradients(records),
+        _tiny_batch(records),
+        _outliers(records, set()),  # a few batches far off the others keep undoing progress
+    ])
+
+
 def several_optimizers(ctx: RuleContext) -> bool:
     """Whether several optimizers were given to watch() (e.g. a GAN's D and G): their losses
     may oppose each other, so the loss alone says little; the signals must back a finding."""
@@ -161,23 +182,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
     if not records or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None  # no records yet, or the learning rate is still ramping up
-    t = ctx.t
-    causes = ranked([
-        ev.zero_weights(ctx),
-        ev.lr_too_low(ctx, records, t["low_update"], t["tiny_grad"]),
-        ev.lr_too_high(ctx, records, HIGH_UPDATE.default),  # bouncing, clipped: no descent
-        ev.near_zero_gradients(ctx, records, t["tiny_grad"]),
-        ev.vanishing(ctx, records, VANISHING_RATIO),
-        ev.saturation(ctx, records, t["saturated"]),
-        ev.dead_units(ctx, records, t["saturated"]),
-        ev.frozen_by_optimizer(ctx, records),
-        frozen_output_score(ctx),
-        ev.detached(ctx, records),
-        _penalty_only(records),
-        _stale_gradients(records),
-        _tiny_batch(records),
-        _outliers(records, set()),  # a few batches far off the others keep undoing progress
-    ])
+    causes = _flat_causes(ctx, records)
     if several_optimizers(ctx) and not causes:
         return None  # opposing objectives (a GAN): their summed loss need not go down
     ratio = ev.update_ratio_median(ctx, records)
@@ -346,10 +351,10 @@ def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
     oversized = ev.lr_too_high(ctx, records, HIGH_UPDATE.default)
     if oversized[1] <= 0:
         return None
-    # what makes the steps oversized or the loss stall comes first: gradients never
-    # cleared (each step follows their growing sum), an output layer that cannot learn
-    causes = ranked([oversized, _stale_gradients(records), ev.frozen_by_optimizer(ctx, records),
-                     frozen_output_score(ctx)])
+    # what makes the steps oversized or the loss stall comes first when the records show it
+    # (gradients never cleared, an output layer that cannot learn, only a weight penalty
+    # reaching the parameters): the same causes as a flat loss, ranked the same way
+    causes = _flat_causes(ctx, records)
     return Finding(
         summary=(f"loss averaged {fmt(progress.start)} over the first steps and "
                  f"{fmt(progress.late)} over the last {RECENT_STEPS} (of {progress.count}): "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .base import Finding, Threshold, rule
 from .common import fmt, ranked
 from .context import RuleContext
@@ -73,10 +75,13 @@ def blow_up(ctx: RuleContext) -> Finding | None:
     if value < BLOWUP * start:
         # a smaller jump counts only when clipping kept the gradients from growing and the
         # steps were oversized; growing gradients are judged by the full jump
-        loss_steps, _ = ctx.losses
+        loss_steps, loss_values = ctx.losses
         settled = loss_steps.size and int(loss_steps[-1]) - step >= SETTLE_STEPS
         if growth(s, ctx.layout, step + 1) is not None or not settled:
             return None  # growing gradients, or a jump that may still be on its way up
+        after = loss_values[(loss_steps > step) & (loss_steps <= step + 3)]
+        if after.size < 3 or not np.median(after) >= CLIPPED_BLOWUP * start:
+            return None  # one batch's spike (an outlier batch), not the model blowing up
         scores = [c for c in scores if c[0] == "lr-too-high"]
     if not scores:
         return None  # the gradients did not blow up with it: a noisy or drifting loss
