@@ -115,7 +115,8 @@ def forward_roots(model: nn.Module) -> list[nn.Module]:
         >>> forward_roots(nn.Linear(2, 2))[0].out_features
         2
     """
-    if type(model).forward is not nn.Module.forward:
+    # a forward of the class, or of the instance (torch.compile's wrapper sets its own)
+    if type(model).forward is not nn.Module.forward or "forward" in vars(model):
         return [model]
     roots = [root for child in model.children() for root in forward_roots(child)]
     return roots or [model]

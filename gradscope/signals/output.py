@@ -82,8 +82,9 @@ class OutputCollector:
         if self._grad is not None:
             return
         g = grad.detach()
+        # the largest |entry| as an inf-norm: a reduction, no |g| copy of a large output
         self._grad = torch.stack([g.sum(-1, dtype=torch.float32).abs().amax(),
-                                  g.abs().amax().float()])
+                                  torch.linalg.vector_norm(g, float("inf")).float()])
 
     def put(self, batch: DeviceBatch) -> bool:
         if self._values is None:
