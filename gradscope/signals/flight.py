@@ -238,7 +238,7 @@ class FlightRecorder:
         if recorded and not self._check_now():
             return
         full = None
-        if any(g is not None and is_dtensor(g) for g in grads):
+        if self._rows.plan(grads).sharded:
             full = self._maxima_row(grads)  # shards: the general path, as a full row
             grads = [None] * len(grads)
         piece = self._rows.piece(grads, keep=not recorded, full=full)

@@ -43,18 +43,21 @@ class GradPlan:
         ([1], [[0, 2]])
     """
 
-    def __init__(self, pairs: list[int], groups: list[list[int]]) -> None:
+    def __init__(self, pairs: list[int], groups: list[list[int]], sharded: bool = False
+                 ) -> None:
         self.pairs = pairs
         self.groups = groups
+        self.sharded = sharded  # some gradient is a DTensor: read elsewhere
 
     @classmethod
     def of(cls, grads: Sequence[torch.Tensor | None]) -> GradPlan:
         """The plan of the gradients that can be read here: present, dense, non-empty, real
         and not sharded (the others are not measured, as on other devices)."""
         shapes: dict[tuple, list[int]] = {}
+        if any(g is not None and is_dtensor(g) for g in grads):
+            return cls([], [], sharded=True)
         for i, g in enumerate(grads):
-            if (g is None or g.layout is not torch.strided or g.numel() == 0 or g.is_complex()
-                    or is_dtensor(g)):
+            if g is None or g.layout is not torch.strided or g.numel() == 0 or g.is_complex():
                 continue
             key = (tuple(g.shape), g.dtype) if g.numel() <= STACK_LIMIT else (i,)
             shapes.setdefault(key, []).append(i)
@@ -112,10 +115,10 @@ class StepRows:
         vectors: list[torch.Tensor] = []
         if grads is not None:
             try:
-                plan = self._plan(grads, cached=True)
+                plan = self.plan(grads)
                 parts = self._read(grads, plan)
             except RuntimeError:  # a gradient changed shape, dtype or layout: read afresh
-                plan = self._plan(grads, cached=False)
+                plan = self.plan(grads, cached=False)
                 parts = self._read(grads, plan)
             pair_values, peaks = parts
             if plan.pairs:
@@ -135,8 +138,9 @@ class StepRows:
         self._segments += segments
         return piece
 
-    def _plan(self, grads: Sequence[torch.Tensor | None], cached: bool) -> GradPlan:
-        key = tuple(i for i, g in enumerate(grads) if g is not None)
+    def plan(self, grads: Sequence[torch.Tensor | None], cached: bool = True) -> GradPlan:
+        """The reading plan of these gradients, kept by which of them are missing."""
+        key = tuple([i for i, g in enumerate(grads) if g is None])  # usually empty
         plan = self._plans.get(key) if cached else None
         if plan is None:
             if len(self._plans) > 8:
