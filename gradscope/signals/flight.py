@@ -29,7 +29,7 @@ from ..records import FlightLog
 from .activations import _float_leaves, compiling, in_backward
 from .data import first_tensor
 from .distributed import is_dtensor, local_tensor, world_size
-from .flight_rows import IN, OUT, StepRows
+from .flight_rows import IN, OUT, GradPlan, StepRows
 from .grads import stack_plan
 from .transfer import DeviceBatch, group_by_device_dtype, on_device
 
@@ -238,10 +238,11 @@ class FlightRecorder:
         if recorded and not self._check_now():
             return
         full = None
-        if self._rows.plan(grads).sharded:
+        plan: GradPlan | None = self._rows.plan(grads)
+        if plan is not None and plan.sharded:
             full = self._maxima_row(grads)  # shards: the general path, as a full row
-            grads = [None] * len(grads)
-        piece = self._rows.piece(grads, keep=not recorded, full=full)
+            grads, plan = [None] * len(grads), None
+        piece = self._rows.piece(grads, keep=not recorded, full=full, plan=plan)
         if piece is not None and self._check_now() and not self._rows.finite(piece):
             self._replay(step)
 

@@ -100,10 +100,12 @@ class StepRows:
 
     # ------------------------------------------------------------------ per step
     def piece(self, grads: Sequence[torch.Tensor | None] | None, keep: bool,
-              full: torch.Tensor | None = None) -> torch.Tensor | None:
+              full: torch.Tensor | None = None, plan: GradPlan | None = None
+              ) -> torch.Tensor | None:
         """This step's values not yet in a row piece (input/output limits, and with `grads`
         the gradient maxima, kept when `keep`), as one 1-d tensor; None when there are none.
-        `full` is a float64 row over every parameter made elsewhere (sharded gradients)."""
+        `full` is a float64 row over every parameter made elsewhere (sharded gradients);
+        `plan` the plan of `grads` when the caller has it."""
         scalars: list[torch.Tensor] = []
         segments: list[Segment] = []
         for slot, kind in ((0, IN), (1, OUT)):
@@ -115,7 +117,7 @@ class StepRows:
         vectors: list[torch.Tensor] = []
         if grads is not None:
             try:
-                plan = self.plan(grads)
+                plan = plan or self.plan(grads)
                 parts = self._read(grads, plan)
             except RuntimeError:  # a gradient changed shape, dtype or layout: read afresh
                 plan = self.plan(grads, cached=False)
