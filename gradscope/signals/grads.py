@@ -86,7 +86,7 @@ def stack_plan(tensors: Sequence[torch.Tensor]) -> _StackPlan:
         >>> plan.groups, plan.back.tolist()
         ([[0, 2], [1]], [0, 2, 1])
     """
-    shapes = tuple(tuple(t.shape) for t in tensors)
+    shapes = tuple([t.shape for t in tensors])  # torch.Size: a tuple, hashed as one
     plan = _plans.get(shapes)
     if plan is None:
         if len(_plans) > 64:
@@ -187,7 +187,8 @@ def put_param_norms(
         put_sharded_norms([p for p, _ in sharded], [i for _, i in sharded], batch, field)
         kept = [(local_tensor(p), i) for p, i in zip(params, indices) if not is_sharded(p)]
         params, indices = [p for p, _ in kept], [i for _, i in kept]
-    for group, group_idx in group_by_device_dtype([p.detach() for p in params], indices):
+    # read under no_grad: the parameters themselves, no detached copy of each
+    for group, group_idx in group_by_device_dtype(list(params), indices):
         put_norms(batch, group, group_idx, field)
 
 
