@@ -6,7 +6,8 @@ and the largest |gradient| of every parameter before the optimizer step (one min
 each: unlike a sum or a norm it never overflows for finite values). Weights are not read on
 every step (a second pass over the whole model, most of the cost): an update that overflows
 them shows in the next step's output and gradients, and on recorded steps in their norms.
-The rows wait on the device and travel with the next recorded step's single transfer.
+The rows wait on the device and travel with the next recorded step's single transfer. On
+CPU a step's values are one flat row made with a few kernels (see flight_rows.StepRows).
 
 On CPU, where reading a value costs no transfer, a step whose numbers turn non-finite is
 also replayed at once: its forward runs again on the same inputs and still-unchanged weights
