@@ -137,3 +137,27 @@ def test_other_dtypes_exact(dtype):
     log = flight.result(batch.fetch(), 2)
     np.testing.assert_array_equal(np.array(log.grad_max), np.array(want))
     flight.close()
+
+
+def test_nonfinite_gradient_alone_is_caught_at_its_step():
+    # input and output finite, one gradient infinite at step 2: that step is replayed (its
+    # forward finds nothing: the origin is in the backward) and its row reads inf there
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    flight = FlightRecorder(model, list(model.parameters()), Guard(), optimized=False)
+    flight.attach()
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        handle = (model[2].bias.register_hook(lambda g: g * math.inf) if step == 2 else None)
+        model(torch.randn(3, 4)).sum().backward()
+        if handle is not None:
+            handle.remove()
+        flight.end_step(step, recorded=False)
+    batch = DeviceBatch()
+    flight.put(batch, 3)
+    log = flight.result(batch.fetch(), 3)
+    flight.close()
+    assert log.input_bad == log.output_bad == [False] * 4
+    assert [math.isinf(row[-1]) for row in log.grad_max] == [False, False, True, False]
+    assert log.origin == {"step": 2, "kind": "none"}
+    assert log.nonfinite()
