@@ -10,6 +10,8 @@ from torch.utils.checkpoint import checkpoint
 
 import gradscope
 from gradscope.signals.activations import SATURATION_MARGIN, ActivationTable
+from gradscope.signals.staging import SAMPLE, RowStage, RowStat
+from gradscope.signals.transfer import DeviceBatch
 
 
 class Capture:
@@ -358,3 +360,17 @@ def test_many_calls_per_step_are_reduced_early_with_the_same_statistics(monkeypa
         assert acts[name].calls == 11
         _assert_matches(acts[name], _reference(capture.outputs[name], bounds))
     assert all(group.chunk is None for group in stage._list)  # nothing held after the step
+
+
+def test_staged_counts_exact_at_full_sample_width():
+    # counts per row are summed in int16: exact up to SAMPLE (16,384) values per row
+    stage = RowStage()
+    full = stage.add(torch.full((SAMPLE,), 0.999), bounds=(-1.0, 1.0))
+    empty = stage.add(torch.zeros(SAMPLE), bounds=(-1.0, 1.0))
+    sampled = stage.add(torch.ones(3 * SAMPLE))  # sampled down to SAMPLE values
+    batch = DeviceBatch()
+    stage.put(batch, "s")
+    stats = stage.results(batch.fetch())
+    assert stats[full][RowStat.NONZERO] == SAMPLE and stats[full][RowStat.SATURATED] == SAMPLE
+    assert stats[empty][RowStat.NONZERO] == 0 and stats[empty][RowStat.SATURATED] == 0
+    assert stats[sampled][RowStat.NONZERO] == SAMPLE

@@ -91,6 +91,8 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
 def _float_leaves(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value] if value.is_floating_point() else []
+    if type(value) is tuple and len(value) == 1 and isinstance(value[0], torch.Tensor):
+        return [value[0]] if value[0].is_floating_point() else []  # a module's one input
     if type(value) is tuple and all(isinstance(t, torch.Tensor) for t in value):
         return [t for t in value if t.is_floating_point()]  # the common case, without pytree
     if hasattr(value, "values") and hasattr(value, "keys") and not isinstance(value, dict):
@@ -236,12 +238,12 @@ class ActivationCollector:
             outputs = _float_leaves(output)
             if not outputs:
                 return
-            grad_was = torch.is_grad_enabled()
-            torch._C._set_grad_enabled(False)  # torch.no_grad(), without its Python overhead
+            # torch.no_grad(), without its Python overhead (grad mode is on: checked above)
+            torch._C._set_grad_enabled(False)
             try:
                 self._record(name, leaf, bounds, relu, args, outputs)
             finally:
-                torch._C._set_grad_enabled(grad_was)
+                torch._C._set_grad_enabled(True)
 
         return hook
 
@@ -254,11 +256,12 @@ class ActivationCollector:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
             x = args[0]
+            for t in self._activation_outputs:
+                if t is x:  # an activation module's output, or another module's input, measured
+                    return
             kind = _functional_activation(x)
             if kind is None or not x.is_floating_point() or x.layout is not torch.strided:
                 return
-            if any(t is x for t in self._activation_outputs):
-                return  # an activation module's output, or another module's input, measured
             self._activation_outputs.append(x)  # a second consumer (fc21, fc22) skips it
             if len(self._activation_outputs) > RECENT:
                 del self._activation_outputs[0]
@@ -348,14 +351,15 @@ class ActivationCollector:
                 del self._activation_outputs[0]
         self._calls[name] = self._calls.get(name, 0) + 1
         row = self._order.setdefault(name, len(self._order))  # first-call order = its row
-        x = primary.detach()
+        x = primary  # read under no_grad (the hook turned it off): no detached copy needed
         numel = x.numel()
         out_numel = numel if len(outputs) == 1 else sum(t.numel() for t in outputs)
         self._out_numel[name] = self._out_numel.get(name, 0) + out_numel
         inputs = _float_leaves(args) if self._track_nonfinite else []
         # inputs first (most are outputs counted just before), unless the module worked in
         # place: then its output, the same tensor, is counted first (the ReLU way is cheaper)
-        in_place = any(t is primary for t in inputs)
+        in_place = (inputs[0] is primary if len(inputs) == 1
+                    else any(t is primary for t in inputs))
         if not in_place:
             for t in inputs:
                 self._nonfinite_count(t, row, ModuleAcc.IN_NONFINITE)

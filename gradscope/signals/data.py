@@ -69,6 +69,35 @@ def _large_cpu_stats(x: torch.Tensor) -> torch.Tensor:
                         high.to(f64), total, squares, nonfinite.to(f64)])
 
 
+_constants: dict[float, torch.Tensor] = {}
+
+
+def _constant(value: float) -> torch.Tensor:
+    """A 0-d float64 CPU tensor of `value`, made once (the element count of a batch shape)."""
+    found = _constants.get(value)
+    if found is None:
+        if len(_constants) > 64:
+            _constants.clear()
+        found = _constants[value] = torch.tensor(value, dtype=torch.float64)
+    return found
+
+
+def _small_cpu_stats(x: torch.Tensor) -> torch.Tensor | None:
+    """The statistics vector of a small contiguous float CPU batch that holds no NaN/Inf,
+    in 7 kernels instead of 16 (the same values: on a finite batch the cleaned copy is the
+    batch itself); None when its sum is not finite (then the general path counts NaN/Inf).
+    Whether the float64 sum is finite is read on the host without a transfer (CPU).
+    """
+    total = x.sum(dtype=torch.float64)
+    if not torch.equal(total * 0, _constant(0.0)):  # x * 0 is 0 exactly for finite x
+        return None
+    squares = torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    low, high = torch.aminmax(x)
+    # stacking widens min and max to float64 (exact)
+    return torch.stack([_constant(float(x.numel())), low, high, total, squares,
+                        _constant(0.0)])
+
+
 class DataCollector:
     """Pools min/max/mean/std/non-finite count of each step's input batch on the device."""
 
@@ -87,6 +116,11 @@ class DataCollector:
                 and x.dtype in (torch.float32, f64)):
             self._add(x, _large_cpu_stats(x), is_float)
             return
+        if is_float and x.device.type == "cpu" and x.is_contiguous():
+            vector = _small_cpu_stats(x)
+            if vector is not None:
+                self._add(x, vector, is_float)
+                return
         if is_float:  # min/max are exact in the input's dtype; only the sums need float64
             inf = float("inf")
             finite = torch.isfinite(x)

@@ -6,7 +6,8 @@ and the largest |gradient| of every parameter before the optimizer step (one min
 each: unlike a sum or a norm it never overflows for finite values). Weights are not read on
 every step (a second pass over the whole model, most of the cost): an update that overflows
 them shows in the next step's output and gradients, and on recorded steps in their norms.
-The rows wait on the device and travel with the next recorded step's single transfer.
+The rows wait on the device and travel with the next recorded step's single transfer. On
+CPU a step's values are one flat row made with a few kernels (see flight_rows.StepRows).
 
 On CPU, where reading a value costs no transfer, a step whose numbers turn non-finite is
 also replayed at once: its forward runs again on the same inputs and still-unchanged weights
@@ -29,6 +30,7 @@ from ..records import FlightLog
 from .activations import _float_leaves, compiling, in_backward
 from .data import first_tensor
 from .distributed import is_dtensor, local_tensor, world_size
+from .flight_rows import IN, OUT, GradPlan, StepRows
 from .grads import stack_plan
 from .transfer import DeviceBatch, group_by_device_dtype, on_device
 
@@ -138,6 +140,8 @@ class FlightRecorder:
         # where a forward may wait for the other ranks
         self._cpu = (bool(self._params) and all(p.device.type == "cpu" for p in self._params)
                      and world_size() == 1)
+        # on CPU a step's numbers are one flat row with few kernels (see flight_rows)
+        self._rows = StepRows(len(self._params)) if self._cpu else None
         self._latched = False
         self.origin: dict[str, Any] | None = None
 
@@ -152,6 +156,8 @@ class FlightRecorder:
         """Remove the hooks (the rows kept so far can still be put and read)."""
         self._hooks.remove()
         self._last_input = None
+        if self._rows is not None:
+            self._rows.reset_step()
 
     def _training(self, module: nn.Module) -> bool:
         # under torch.compile tracing the hooks do nothing (compiled code runs no hooks)
@@ -170,14 +176,22 @@ class FlightRecorder:
             self._rng = torch.get_rng_state()
         x = first_tensor(args, kwargs)
         if x is not None and x.is_floating_point() and x.numel():
-            self._add(INPUT, _flag(local_tensor(x) if is_dtensor(x) else x))
+            x = local_tensor(x) if is_dtensor(x) else x
+            if self._rows is not None:
+                self._rows.limits(IN, torch.aminmax(x.detach()))
+            else:
+                self._add(INPUT, _flag(x))
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._training(module):
             return
         leaf = _output_leaf(output)
         if leaf is not None:
-            self._add(OUTPUT, _flag(local_tensor(leaf) if is_dtensor(leaf) else leaf))
+            leaf = local_tensor(leaf) if is_dtensor(leaf) else leaf
+            if self._rows is not None:
+                self._rows.limits(OUT, torch.aminmax(leaf.detach()))
+            else:
+                self._add(OUTPUT, _flag(leaf))
 
     # ------------------------------------------------------------------ per step
     @torch.no_grad()
@@ -188,13 +202,15 @@ class FlightRecorder:
             return
         self._captured = True
         grads = [p.grad for p in self._params]
-        # a recorded step measures its own gradient maxima: only the CPU check reads them here
-        row = self._maxima_row(grads) if not recorded or self._check_now() else None
-        if row is not None and not recorded:
+        if self._rows is not None:
+            self._capture_row(grads, step, recorded)
+            return
+        if recorded:
+            return  # a recorded step measures its own gradient maxima
+        row = self._maxima_row(grads)
+        if row is not None:
             self._maxima.append(row)
             self._norm_steps.append(step)
-        if self._cpu and not self._latched:
-            self._check(step, row)
 
     def _maxima_row(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         # a sharded (DTensor) gradient: this rank's shard (a detector, no collective);
@@ -215,29 +231,46 @@ class FlightRecorder:
                 row.index_copy_(0, on_device(list(group_idx), device), peaks(group))
         return row
 
-    def _check_now(self) -> bool:
-        return self._cpu and not self._latched
+    def _capture_row(self, grads: list[torch.Tensor | None], step: int, recorded: bool
+                     ) -> None:
+        """capture() on CPU: one row of the step's values so far, checked when due."""
+        assert self._rows is not None
+        # a recorded step measures its own gradient maxima: only the check reads them here
+        if recorded and not self._check_now():
+            return
+        full = None
+        plan: GradPlan | None = self._rows.plan(grads)
+        if plan is not None and plan.sharded:
+            full = self._maxima_row(grads)  # shards: the general path, as a full row
+            grads, plan = [None] * len(grads), None
+        piece = self._rows.piece(grads, keep=not recorded, full=full, plan=plan)
+        if piece is not None and self._check_now() and not self._rows.finite(piece):
+            self._replay(step)
 
-    def _check(self, step: int, row: torch.Tensor | None) -> None:
-        """Replay the step's forward when anything in it is non-finite (CPU only)."""
-        parts = [s for s in self._sums if s is not None]
-        if row is not None:
-            parts.append(row)
-        if not parts:
-            return
-        values = torch.cat([p.reshape(-1) for p in parts])
-        if not _any(~torch.isfinite(values)):
-            return
+    def _replay(self, step: int) -> None:
         self._latched = True
         self.origin = replay(self._model, self._last_input, self._rng, step)
         self._last_input = None
+
+    def _check_now(self) -> bool:
+        """Whether a non-finite step is still to be replayed (CPU, no replay yet)."""
+        return self._cpu and not self._latched
 
     def end_step(self, step: int, recorded: bool) -> None:
         """Close the step: keep its input/output sums (and capture, if no optimizer did)."""
         if not self._captured and not self._optimized:
             self.capture(step, recorded)
-        elif not self._captured and self._check_now():
-            self._check(step, None)  # the input and output only
+        elif not self._captured and self._check_now():  # the input and output only
+            assert self._rows is not None
+            piece = self._rows.piece(None, keep=False)
+            if piece is not None and not self._rows.finite(piece):
+                self._replay(step)
+        self._captured = False
+        if not self._latched and not recorded:
+            self._last_input = None  # references to the batch live one step at most
+        if self._rows is not None:
+            self._rows.end(step)
+            return
         zero = None
         sums = []
         for s in self._sums:
@@ -252,12 +285,12 @@ class FlightRecorder:
             self._flags.append(torch.stack(sums))
             self._steps.append(step)
         self._sums = [None, None]
-        self._captured = False
-        if not self._latched and not recorded:
-            self._last_input = None  # references to the batch live one step at most
 
     def put(self, batch: DeviceBatch, step: int) -> None:
         """Queue what was kept since the last record (the current step `step` included)."""
+        if self._rows is not None:
+            self._rows.put(batch)
+            return
         if self._flags:
             batch.put("flight:flags", torch.stack(self._flags).reshape(-1))
         if self._maxima:
@@ -267,6 +300,8 @@ class FlightRecorder:
                ) -> FlightLog | None:
         """The FlightLog of the steps queued by put(); None when nothing was kept. With
         `keep`, the rows stay for the next record (a look before the run is over)."""
+        if self._rows is not None:
+            return self._row_result(host, keep)
         flags = host.get("flight:flags")
         maxima = host.get("flight:maxima")
         steps, norm_steps, origin = list(self._steps), list(self._norm_steps), self.origin
@@ -289,6 +324,18 @@ class FlightRecorder:
             log.norm_steps = list(norm_steps)
             log.grad_max = rows.tolist()
         return log
+
+    def _row_result(self, host: dict[str, np.ndarray], keep: bool) -> FlightLog | None:
+        assert self._rows is not None
+        steps, input_bad, output_bad, norm_steps, grad_max = self._rows.read(host)
+        origin = self.origin
+        if not keep:
+            self._rows.clear()
+            self.origin = None
+        if not steps and not norm_steps and origin is None:
+            return None
+        return FlightLog(steps=steps, input_bad=input_bad, output_bad=output_bad,
+                         norm_steps=norm_steps, grad_max=grad_max, origin=origin)
 
 
 # ---------------------------------------------------------------------- replay

@@ -51,10 +51,7 @@ def put_grad_stats(
     if present:
         tensors, idx = zip(*present)
         for group, group_idx in group_by_device_dtype(tensors, idx):
-            norm, peak = norms(group, with_max=True)
-            batch.put("grad_norm", norm, group_idx)
-            if peak is not None:
-                batch.put("grad_max", peak, group_idx)
+            put_norms(batch, group, group_idx, "grad_norm", "grad_max")
     return grads
 
 
@@ -89,7 +86,7 @@ def stack_plan(tensors: Sequence[torch.Tensor]) -> _StackPlan:
         >>> plan.groups, plan.back.tolist()
         ([[0, 2], [1]], [0, 2, 1])
     """
-    shapes = tuple(tuple(t.shape) for t in tensors)
+    shapes = tuple([t.shape for t in tensors])  # torch.Size: a tuple, hashed as one
     plan = _plans.get(shapes)
     if plan is None:
         if len(_plans) > 64:
@@ -141,6 +138,45 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
     return norm, peak
 
 
+def put_norms(batch: DeviceBatch, tensors: Sequence[torch.Tensor], indices: Sequence[int],
+              field: str, max_field: str | None = None) -> None:
+    """Queue the L2 norm (and, with `max_field`, the max |x|) of each tensor of one device
+    and dtype as `field` at `indices`: the values of norms(), with fewer kernels on CPU.
+
+    On CPU each stack of same-shape tensors is queued with its own indices (the transfer
+    puts the values in place: no concatenation and reordering kernels) and its max |x| is
+    taken by an in-place |x| and a row max of the stacked copy (3 kernels fewer than min
+    and max; the same values, NaN included).
+
+    Example:
+        >>> b = DeviceBatch()
+        >>> put_norms(b, [torch.tensor([3.0, -4.0]), torch.tensor([1.0, 0.0])], [1, 0],
+        ...           "n", "m")
+        >>> host = b.fetch({"n": 2, "m": 2}); host["n"].tolist(), host["m"].tolist()
+        ([1.0, 5.0], [1.0, 4.0])
+    """
+    if tensors[0].device.type != "cpu" or tensors[0].is_complex():
+        norm, peak = norms(tensors, with_max=max_field is not None)
+        batch.put(field, norm, indices)
+        if max_field is not None and peak is not None:
+            batch.put(max_field, peak, indices)
+        return
+    plan = stack_plan(tensors)
+    for members in plan.groups:
+        where = [indices[i] for i in members]
+        if len(members) == 1:
+            t = tensors[members[0]].reshape(1, -1)
+            batch.put(field, torch.linalg.vector_norm(t, dim=1), where)
+            if max_field is not None:
+                low, high = torch.aminmax(t)  # a view of the tensor itself: not changed
+                batch.put(max_field, torch.maximum(high.abs(), low.abs()), where)
+            continue
+        t = torch.stack([tensors[i] for i in members]).view(len(members), -1)
+        batch.put(field, torch.linalg.vector_norm(t, dim=1), where)
+        if max_field is not None:
+            batch.put(max_field, t.abs_().amax(1), where)  # the stacked copy, after its norm
+
+
 @torch.no_grad()
 def put_param_norms(
     params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch, field: str
@@ -151,8 +187,9 @@ def put_param_norms(
         put_sharded_norms([p for p, _ in sharded], [i for _, i in sharded], batch, field)
         kept = [(local_tensor(p), i) for p, i in zip(params, indices) if not is_sharded(p)]
         params, indices = [p for p, _ in kept], [i for _, i in kept]
-    for group, group_idx in group_by_device_dtype([p.detach() for p in params], indices):
-        batch.put(field, norms(group)[0], group_idx)
+    # read under no_grad: the parameters themselves, no detached copy of each
+    for group, group_idx in group_by_device_dtype(list(params), indices):
+        put_norms(batch, group, group_idx, field)
 
 
 @torch.no_grad()
@@ -174,7 +211,7 @@ def put_stale_grad_norms(
     if present:
         tensors, idx = zip(*present)
         for group, group_idx in group_by_device_dtype(tensors, idx):
-            batch.put("stale_grad", norms(group)[0], group_idx)
+            put_norms(batch, group, group_idx, "stale_grad")
 
 
 @torch.no_grad()

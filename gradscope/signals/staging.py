@@ -250,8 +250,13 @@ def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype,
 
 
 def _count_rows(mask: torch.Tensor) -> torch.Tensor:
-    """True values per row of a boolean matrix (a byte sum: faster than count_nonzero)."""
-    return mask.view(torch.uint8).sum(1, dtype=torch.int32)
+    """True values per row of a boolean matrix (a byte sum: faster than count_nonzero).
+
+    Rows hold at most SAMPLE values, so an int16 sum is exact; on CPU it is ~3x faster
+    than an int32 one (the byte-to-int32 widening reduction is not vectorised).
+    """
+    dtype = torch.int16 if mask.shape[-1] <= 32767 else torch.int32
+    return mask.view(torch.uint8).sum(1, dtype=dtype)
 
 
 def _row_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> torch.Tensor:

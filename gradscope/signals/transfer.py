@@ -103,6 +103,11 @@ def group_by_device_dtype(
         >>> [idx for _, idx in groups]
         [[0], [1]]
     """
+    if not tensors:
+        return []
+    device, dtype = tensors[0].device, tensors[0].dtype
+    if all(t.dtype == dtype and t.device == device for t in tensors):  # the common case
+        return [(list(tensors), list(indices))]
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
     for tensor, index in zip(tensors, indices):
         key = (tensor.device, tensor.dtype)

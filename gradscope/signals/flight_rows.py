@@ -1,0 +1,259 @@
+"""The flight recorder's per-step values on CPU: one flat tensor per step, few kernels.
+
+On a CPU model the fixed cost of a kernel (a few microseconds of dispatch) outweighs its
+arithmetic on small tensors, so a step's numbers are gathered with as few kernels as
+possible: one `aminmax` on the model's input and one on its output (their minimum and
+maximum: non-finite exactly when the tensor holds NaN/Inf), one `aminmax` per large or
+lone-shaped gradient, one stack, in-place abs and row max per shape of small gradients, one
+concatenation into the step's row and one comparison that tells whether it is all finite.
+What each value of a row is (a segment list, shared between steps that look the same) is
+kept on the host; the rows travel with the next recorded step's single transfer and are
+sorted out there. Minimum, maximum and |x| are exact in any dtype and keep NaN, so the
+largest |gradient| is exactly what one pass per tensor gives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .distributed import is_dtensor
+from .grads import STACK_LIMIT
+from .transfer import DeviceBatch
+
+#: Segment kinds of a row: the model's input (min, max pairs), its output (pairs), gradients
+#: read as (min, max) pairs, gradients read as largest |value|, a float64 row over every
+#: parameter (-1: not measured), and values that are not kept (the check alone reads them).
+IN, OUT, PAIRS, PEAKS, FULL, SKIP = range(6)
+
+#: One segment: its kind and either a count of values or the parameter indices it covers.
+Segment = tuple[int, "int | Sequence[int]"]
+
+
+class GradPlan:
+    """How the gradients of one set of parameters are read: `pairs` one aminmax each (large
+    or alone in their shape and dtype), `groups` stacked by shape and dtype (small ones).
+
+    Example:
+        >>> plan = GradPlan.of([torch.ones(2), torch.ones(3), torch.ones(2), None])
+        >>> plan.pairs, plan.groups
+        ([1], [[0, 2]])
+    """
+
+    def __init__(self, pairs: list[int], groups: list[list[int]], sharded: bool = False
+                 ) -> None:
+        self.pairs = pairs
+        self.groups = groups
+        self.sharded = sharded  # some gradient is a DTensor: read elsewhere
+
+    @classmethod
+    def of(cls, grads: Sequence[torch.Tensor | None]) -> GradPlan:
+        """The plan of the gradients that can be read here: present, dense, non-empty, real
+        and not sharded (the others are not measured, as on other devices)."""
+        shapes: dict[tuple, list[int]] = {}
+        if any(g is not None and is_dtensor(g) for g in grads):
+            return cls([], [], sharded=True)
+        for i, g in enumerate(grads):
+            if g is None or g.layout is not torch.strided or g.numel() == 0 or g.is_complex():
+                continue
+            key = (tuple(g.shape), g.dtype) if g.numel() <= STACK_LIMIT else (i,)
+            shapes.setdefault(key, []).append(i)
+        pairs = [m[0] for m in shapes.values() if len(m) == 1]
+        groups = [m for m in shapes.values() if len(m) > 1]
+        return cls(sorted(pairs), groups)
+
+
+class StepRows:
+    """The flight recorder's rows on CPU: this step's values as they come, the kept rows
+    of the steps since the last record, and their reading on the host.
+
+    Example:
+        >>> rows = StepRows(2)
+        >>> rows.limits(IN, torch.aminmax(torch.tensor([1.0, -2.0])))
+        >>> grads = [torch.tensor([3.0, -4.0]), torch.tensor([float("nan")])]
+        >>> rows.finite(rows.piece(grads, keep=True))
+        False
+        >>> rows.end(0); batch = DeviceBatch(); rows.put(batch)
+        >>> steps, input_bad, output_bad, norm_steps, grad_max = rows.read(batch.fetch())
+        >>> steps, input_bad, norm_steps, grad_max
+        ([0], [False], [0], [[4.0, inf]])
+    """
+
+    def __init__(self, params: int) -> None:
+        self._params = params
+        self._limits: list[list[torch.Tensor]] = [[], []]  # input, output (min, max) values
+        self._pieces: list[torch.Tensor] = []  # this step's values, in row order
+        self._segments: list[Segment] = []
+        self._plans: dict[tuple[int, ...], GradPlan] = {}
+        self._zeros: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.rows: list[torch.Tensor] = []  # kept rows since the last record
+        self.layouts: list[tuple[Segment, ...]] = []
+        self.steps: list[int] = []  # steps with input/output values
+        self.norm_steps: list[int] = []  # steps with gradient maxima
+
+    def limits(self, slot: int, pair: Sequence[torch.Tensor]) -> None:
+        """Add the (min, max) of the model's input (IN) or output (OUT) of one forward."""
+        self._limits[slot].extend(pair)
+
+    # ------------------------------------------------------------------ per step
+    def piece(self, grads: Sequence[torch.Tensor | None] | None, keep: bool,
+              full: torch.Tensor | None = None, plan: GradPlan | None = None
+              ) -> torch.Tensor | None:
+        """This step's values not yet in a row piece (input/output limits, and with `grads`
+        the gradient maxima, kept when `keep`), as one 1-d tensor; None when there are none.
+        `full` is a float64 row over every parameter made elsewhere (sharded gradients);
+        `plan` the plan of `grads` when the caller has it."""
+        scalars: list[torch.Tensor] = []
+        segments: list[Segment] = []
+        for slot, kind in ((0, IN), (1, OUT)):
+            values = self._limits[slot]
+            if values:
+                scalars += values
+                segments.append((kind, len(values)))
+                self._limits[slot] = []
+        vectors: list[torch.Tensor] = []
+        if grads is not None:
+            try:
+                plan = plan or self.plan(grads)
+                parts = self._read(grads, plan)
+            except RuntimeError:  # a gradient changed shape, dtype or layout: read afresh
+                plan = self.plan(grads, cached=False)
+                parts = self._read(grads, plan)
+            pair_values, peaks = parts
+            if plan.pairs:
+                scalars += pair_values
+                segments.append((PAIRS, plan.pairs) if keep else (SKIP, 2 * len(plan.pairs)))
+            for members, peak in zip(plan.groups, peaks):
+                vectors.append(peak)
+                segments.append((PEAKS, members) if keep else (SKIP, len(members)))
+        if full is not None:
+            vectors.append(full)
+            segments.append((FULL, self._params) if keep else (SKIP, self._params))
+        if not scalars and not vectors:
+            return None
+        parts_ = ([torch.stack(scalars)] if scalars else []) + vectors
+        piece = torch.cat(parts_) if len(parts_) > 1 else parts_[0]
+        self._pieces.append(piece)
+        self._segments += segments
+        return piece
+
+    def plan(self, grads: Sequence[torch.Tensor | None], cached: bool = True) -> GradPlan:
+        """The reading plan of these gradients, kept by which of them are missing."""
+        key = tuple([i for i, g in enumerate(grads) if g is None])  # usually empty
+        plan = self._plans.get(key) if cached else None
+        if plan is None:
+            if len(self._plans) > 8:
+                self._plans.clear()
+            plan = self._plans[key] = GradPlan.of(grads)
+        return plan
+
+    @staticmethod
+    def _read(grads: Sequence[torch.Tensor | None], plan: GradPlan
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pairs: list[torch.Tensor] = []
+        for i in plan.pairs:
+            pairs.extend(torch.aminmax(grads[i]))  # type: ignore[arg-type]
+        peaks = []
+        for members in plan.groups:
+            rows = torch.stack([grads[i] for i in members])  # type: ignore[misc]
+            # |x| in place on the stacked copy, then one max per row (NaN stays NaN)
+            peaks.append(rows.abs_().view(len(members), -1).amax(1))
+        return pairs, peaks
+
+    def finite(self, piece: torch.Tensor) -> bool:
+        """Whether every value of `piece` is finite (x * 0 is 0 exactly for finite x), read
+        on the host without a transfer method (a CPU tensor)."""
+        key = (piece.numel(), piece.dtype)
+        zeros = self._zeros.get(key)
+        if zeros is None:
+            if len(self._zeros) > 8:
+                self._zeros.clear()
+            zeros = self._zeros[key] = torch.zeros(key[0], dtype=key[1])
+        return torch.equal(piece * 0, zeros)
+
+    def end(self, step: int) -> None:
+        """Close the step: keep its row (input/output limits come late with a closure)."""
+        self.piece(None, keep=False)
+        if self._pieces:
+            row = torch.cat(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
+            kinds = {kind for kind, _ in self._segments}
+            if kinds & {IN, OUT, PAIRS, PEAKS, FULL}:
+                self.rows.append(row)
+                self.layouts.append(tuple(self._segments))
+                if kinds & {IN, OUT}:
+                    self.steps.append(step)
+                if kinds & {PAIRS, PEAKS, FULL}:
+                    self.norm_steps.append(step)
+        self._pieces = []
+        self._segments = []
+
+    # ------------------------------------------------------------------ per record
+    def put(self, batch: DeviceBatch) -> None:
+        """Queue the kept rows (one field)."""
+        if self.rows:
+            batch.put("flight:rows", torch.cat(self.rows) if len(self.rows) > 1
+                      else self.rows[0])
+
+    def read(self, host: dict[str, np.ndarray]
+             ) -> tuple[list[int], list[bool], list[bool], list[int], list[list[float]]]:
+        """(steps, input_bad, output_bad, norm_steps, grad_max) of the rows put: grad_max
+        is inf where a gradient held NaN/Inf, NaN where it was not measured."""
+        values = host.get("flight:rows")
+        if values is None:
+            return [], [], [], [], []
+        input_bad: list[bool] = []
+        output_bad: list[bool] = []
+        maxima: list[np.ndarray] = []
+        offset = 0
+        for layout in self.layouts:
+            bad = [False, False]
+            flags = False
+            row: np.ndarray | None = None
+            for kind, what in layout:
+                size = what if isinstance(what, int) else len(what)
+                if kind == PAIRS:
+                    size *= 2
+                part = values[offset:offset + size]
+                offset += size
+                if kind in (IN, OUT):
+                    flags = True
+                    bad[kind] = bad[kind] or not bool(np.isfinite(part).all())
+                    continue
+                if kind == SKIP:
+                    continue
+                if row is None:
+                    row = np.full(self._params, -1.0)
+                if isinstance(what, int):  # FULL: a row over every parameter
+                    row[:] = part
+                elif kind == PAIRS:
+                    row[list(what)] = np.maximum(np.abs(part[0::2]), np.abs(part[1::2]))
+                else:
+                    row[list(what)] = part
+            if flags:
+                input_bad.append(bad[IN])
+                output_bad.append(bad[OUT])
+            if row is not None:
+                maxima.append(row)
+        grad_max: list[list[float]] = []
+        if maxima:
+            rows = np.stack(maxima)
+            # non-finite peaks read inf, unmeasured ones (-1) NaN
+            rows = np.where(rows < 0, math.nan, np.where(np.isnan(rows), math.inf, rows))
+            grad_max = rows.tolist()
+        return list(self.steps), input_bad, output_bad, list(self.norm_steps), grad_max
+
+    def clear(self) -> None:
+        """Drop the kept rows (they were read)."""
+        self.rows, self.layouts, self.steps, self.norm_steps = [], [], [], []
+
+    def reset_step(self) -> None:
+        """Drop whatever this step gathered (the recorder closed mid-step)."""
+        self._limits = [[], []]
+        self._pieces = []
+        self._segments = []
+
+
+__all__ = ["FULL", "IN", "OUT", "PAIRS", "PEAKS", "SKIP", "GradPlan", "StepRows"]

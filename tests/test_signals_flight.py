@@ -1,0 +1,163 @@
+"""The flight recorder's per-step rows: the largest |gradient| of every parameter of every
+unrecorded step is exact (against a float64 reference), input/output NaN/Inf flags are per
+step, missing gradients read NaN, non-finite ones inf, and a non-finite step is replayed."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradscope.guard import Guard
+from gradscope.signals.flight import FlightRecorder
+from gradscope.signals.transfer import DeviceBatch
+
+
+class Mixed(nn.Module):
+    """Parameters of several shapes: small ones that share a shape (stacked together), one
+    of its own shape, one large (read on its own) and one that may get no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.big = nn.Linear(8, 9000)  # 72,000 weights: above the stacking limit
+        self.head = nn.Linear(9000, 3)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x, use_unused=False):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        out = self.head(torch.relu(self.big(h)))
+        return self.unused(out) if use_unused else out
+
+
+def _reference(model):
+    """Largest |grad| per parameter in float64: NaN when absent, inf when non-finite."""
+    row = []
+    for p in model.parameters():
+        if p.grad is None:
+            row.append(math.nan)
+            continue
+        g = p.grad.double()
+        row.append(math.inf if not torch.isfinite(g).all() else float(g.abs().max()))
+    return row
+
+
+def _run(model, steps, poison=None, recorded=()):
+    flight = FlightRecorder(model, list(model.parameters()), Guard(), optimized=False)
+    flight.attach()
+    expected, flags = [], []
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(5, 8, generator=gen) * (10.0 ** (step % 4))
+        if poison is not None and step == poison:
+            x[2, 3] = math.nan
+        calls = 1 + step % 2  # two forwards on odd steps (micro-batches)
+        for _ in range(calls):
+            model(x, use_unused=step % 3 == 0).pow(2).mean().backward()
+        if step not in recorded:
+            expected.append((step, _reference(model)))
+        flags.append((step, not torch.isfinite(x).all().item()))
+        flight.end_step(step, recorded=step in recorded)
+    batch = DeviceBatch()
+    flight.put(batch, steps - 1)
+    log = flight.result(batch.fetch(), steps - 1)
+    flight.close()
+    return flight, log, expected, flags
+
+
+def test_gradient_maxima_exact_per_step():
+    torch.manual_seed(0)
+    model = Mixed()
+    _, log, expected, flags = _run(model, 7, recorded=(4,))
+    assert log.steps == list(range(7))
+    assert log.input_bad == [bad for _, bad in flags] == [False] * 7
+    assert log.output_bad == [False] * 7
+    assert log.norm_steps == [s for s, _ in expected]
+    for (step, want), got in zip(expected, log.grad_max):
+        np.testing.assert_array_equal(np.array(got), np.array(want), err_msg=f"step {step}")
+    # the unused layer has gradients only on steps 0, 3, 6 (the rest: NaN, not measured)
+    unused = [got[-1] for got in log.grad_max]
+    assert [not math.isnan(v) for v in unused] == [s % 3 == 0 for s, _ in expected]
+
+
+def test_nonfinite_input_flag_and_replay():
+    torch.manual_seed(0)
+    model = Mixed()
+    _, log, expected, flags = _run(model, 6, poison=3)
+    assert log.input_bad == [bad for _, bad in flags] == [s == 3 for s in range(6)]
+    assert log.output_bad == [s == 3 for s in range(6)]
+    bad_rows = [s for (s, _), got in zip(expected, log.grad_max)
+                if any(math.isinf(v) for v in got)]
+    assert bad_rows == [3]
+    for (step, want), got in zip(expected, log.grad_max):
+        np.testing.assert_array_equal(np.array(got), np.array(want), err_msg=f"step {step}")
+    assert log.origin is not None and log.origin["step"] == 3
+    assert log.origin["kind"] == "input"
+
+
+def test_rows_kept_across_peeks_and_reset():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    flight = FlightRecorder(model, list(model.parameters()), Guard(), optimized=False)
+    flight.attach()
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(3, 4)).sum().backward()
+        flight.end_step(step, recorded=False)
+    batch = DeviceBatch()
+    flight.put(batch, 2)
+    peeked = flight.result(batch.fetch(), 2, keep=True)
+    batch = DeviceBatch()
+    flight.put(batch, 2)
+    taken = flight.result(batch.fetch(), 2)
+    assert peeked.steps == taken.steps == [0, 1, 2]
+    assert peeked.grad_max == taken.grad_max and len(taken.grad_max) == 3
+    batch = DeviceBatch()
+    flight.put(batch, 3)
+    assert flight.result(batch.fetch(), 3) is None
+    flight.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_exact(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 1)).to(dtype)
+    flight = FlightRecorder(model, list(model.parameters()), Guard(), optimized=False)
+    flight.attach()
+    want = []
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, 6, dtype=dtype)).sum().backward()
+        want.append(_reference(model))
+        flight.end_step(step, recorded=False)
+    batch = DeviceBatch()
+    flight.put(batch, 2)
+    log = flight.result(batch.fetch(), 2)
+    np.testing.assert_array_equal(np.array(log.grad_max), np.array(want))
+    flight.close()
+
+
+def test_nonfinite_gradient_alone_is_caught_at_its_step():
+    # input and output finite, one gradient infinite at step 2: that step is replayed (its
+    # forward finds nothing: the origin is in the backward) and its row reads inf there
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    flight = FlightRecorder(model, list(model.parameters()), Guard(), optimized=False)
+    flight.attach()
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        handle = (model[2].bias.register_hook(lambda g: g * math.inf) if step == 2 else None)
+        model(torch.randn(3, 4)).sum().backward()
+        if handle is not None:
+            handle.remove()
+        flight.end_step(step, recorded=False)
+    batch = DeviceBatch()
+    flight.put(batch, 3)
+    log = flight.result(batch.fetch(), 3)
+    flight.close()
+    assert log.input_bad == log.output_bad == [False] * 4
+    assert [math.isinf(row[-1]) for row in log.grad_max] == [False, False, True, False]
+    assert log.origin == {"step": 2, "kind": "none"}
+    assert log.nonfinite()
