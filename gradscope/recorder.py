@@ -92,7 +92,7 @@ class StepRecorder:
         self.activations = (ActivationCollector(model, guard, options.nonfinite_origin)
                             if options.activations else None)
         self._data = DataCollector()
-        self._output = OutputCollector()
+        self._output = OutputCollector(guard)
         self.flight = FlightRecorder(model, layout.tensors, guard, optimized=bool(optimizers))
         # sharded (FSDP2) gradients are combined by a collective on recorded steps, so every
         # rank must record the same steps: no extra recording triggered by this rank's loss

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..guard import Guard
 from ..records import OutputStats
 from .activations import _float_leaves
 from .transfer import DeviceBatch
@@ -57,7 +58,8 @@ class OutputCollector:
         (True, True)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, guard: Guard | None = None) -> None:
+        self._guard = guard
         self._values: torch.Tensor | None = None
         self._grad: torch.Tensor | None = None
         self._meta: tuple[int, bool] | None = None  # classes, half precision
@@ -75,11 +77,12 @@ class OutputCollector:
         row_error = (values.sum(-1, dtype=torch.float32) - 1.0).abs().amax()
         self._values = torch.stack([low.float(), high.float(), row_error])
         self._meta = (int(leaf.shape[-1]), leaf.element_size() < 4)
-        self._hook = leaf.register_hook(self._on_grad)
+        # autograd calls the hook: guarded, so an error here never stops a backward
+        hook = self._guard.wrap("output", self._on_grad) if self._guard else self._on_grad
+        self._hook = leaf.register_hook(hook)
 
     def _on_grad(self, grad: torch.Tensor) -> None:
-        self._hook = None  # a tensor's hooks go with the tensor: nothing to remove
-        if self._grad is not None:
+        if self._grad is not None or self._meta is None:
             return
         g = grad.detach()
         # the largest |entry| as an inf-norm: a reduction, no |g| copy of a large output
