@@ -100,6 +100,8 @@ class ModelLayout:
             ],
             "layers": list(self.layers),
             "module_types": dict(self.module_types),
+            # how many optimizers train the model (opposing objectives when several)
+            "optimizers": int(self.derived.get("optimizers", 1)),
         }
 
 

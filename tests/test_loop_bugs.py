@@ -133,7 +133,7 @@ def test_softmax_on_a_transformer_lm_and_replay_from_the_log(tmp_path):
 
 
 # ----------------------------------------------------------------------- GAN and LBFGS
-def _gan(clear_d: bool, steps: int = 40) -> gradscope.Scope:
+def _gan(clear_d: bool, steps: int = 40, log_dir=None) -> gradscope.Scope:
     """The DCGAN example's loop on a ModuleDict root (D on real, D on fake, then G)."""
     torch.manual_seed(0)
     net_g = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
@@ -142,7 +142,8 @@ def _gan(clear_d: bool, steps: int = 40) -> gradscope.Scope:
     opt_d = torch.optim.Adam(net_d.parameters(), 2e-4, betas=(0.5, 0.999))
     bce = nn.BCELoss()
     gen = torch.Generator().manual_seed(1)
-    scope = gradscope.watch(nn.ModuleDict({"G": net_g, "D": net_d}), [opt_d, opt_g], live=False)
+    scope = gradscope.watch(nn.ModuleDict({"G": net_g, "D": net_d}), [opt_d, opt_g], live=False,
+                            log_dir=log_dir)
     for _ in range(steps):
         real = torch.randn(32, 2, generator=gen) * 0.5 + 2
         if clear_d:
@@ -162,11 +163,19 @@ def _gan(clear_d: bool, steps: int = 40) -> gradscope.Scope:
     return scope
 
 
-def test_a_gan_missing_one_zero_grad_is_caught_and_the_healthy_loop_is_not():
-    broken = _by_sign(_gan(clear_d=False))
+def test_a_gan_missing_one_zero_grad_is_caught_and_the_healthy_loop_is_not(tmp_path):
+    scope = _gan(clear_d=False, log_dir=tmp_path)
+    broken = _by_sign(scope)
     assert broken["grad-accumulating"].cause == "missing-zero-grad"
     assert broken["grad-accumulating"].first_step <= 20
     assert "grad-accumulating" not in _by_sign(_gan(clear_d=True))
+    # the replayed log knows there were two optimizers, and gives the live diagnoses
+    log = read_log(tmp_path)
+    assert log.layout.static("optimizers", lambda: 0) == 2
+    engine = RuleEngine.from_options(WatchOptions())
+    log.replay(engine, capacity=scope.options.history_size)
+    assert [(d.sign, d.cause, d.first_step) for d in engine.diagnoses()] == [
+        (d.sign, d.cause, d.first_step) for d in scope.diagnose()]
 
 
 def _lbfgs(zero_inside: bool, steps: int = 25) -> gradscope.Scope:

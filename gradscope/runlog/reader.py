@@ -127,9 +127,11 @@ def layout_from_summary(summary: dict[str, Any]) -> ModelLayout:
             layers.append(info.layer)
     index = {name: i for i, name in enumerate(layers)}
     module_types = {str(k): str(v) for k, v in (summary.get("module_types") or {}).items()}
-    return ModelLayout(params=params, tensors=[], layers=layers,
-                       param_layer=[index[p.layer] for p in params],
-                       module_names=list(module_types), module_types=module_types)
+    layout = ModelLayout(params=params, tensors=[], layers=layers,
+                         param_layer=[index[p.layer] for p in params],
+                         module_names=list(module_types), module_types=module_types)
+    layout.static("optimizers", lambda: int(summary.get("optimizers") or 1))
+    return layout
 
 
 def find_log(path: str | Path) -> Path:
