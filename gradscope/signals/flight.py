@@ -18,7 +18,7 @@ made the first NaN/Inf is named. Buffers and the RNG are restored: training is u
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from .data import first_tensor
 from .distributed import is_dtensor, local_tensor, world_size
 from .flight_rows import IN, OUT, GradPlan, StepRows
 from .grads import stack_plan
+from .output import output_logits
 from .transfer import DeviceBatch, group_by_device_dtype, on_device
 
 INPUT, OUTPUT = range(2)
@@ -85,17 +86,6 @@ def _flag(t: torch.Tensor) -> torch.Tensor:
     """
     low, high = torch.aminmax(t.detach())
     return low.to(torch.float64) + high.to(torch.float64)
-
-
-def _output_leaf(output: Any) -> torch.Tensor | None:
-    """The model output to check: `logits` of a mapping that has them (transformers), else
-    the first floating-point tensor (the later ones are usually caches or extras)."""
-    if isinstance(output, Mapping) and "logits" in output:
-        output = output["logits"]
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() and output.numel() else None
-    leaves = [t for t in _float_leaves(output) if t.numel()]
-    return leaves[0] if leaves else None
 
 
 def _any(t: torch.Tensor) -> bool:
@@ -185,7 +175,7 @@ class FlightRecorder:
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._training(module):
             return
-        leaf = _output_leaf(output)
+        leaf = output_logits(output)
         if leaf is not None:
             leaf = local_tensor(leaf) if is_dtensor(leaf) else leaf
             if self._rows is not None:
