@@ -293,6 +293,8 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     # all the time while it is still high: then a spike need not stand out from that
     # bouncing, which is the sign. A loss that came down by over 90% and jitters there has
     # converged (BatchNorm with weight decay keeps the ratio high in healthy training).
+    if len(candidates) < ctx.t["spikes"]:
+        return None  # the filters below only remove candidates
     records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
     oversized = ev.lr_too_high(ctx, records, ctx.t["high_update"]) if records else None
     if fast_median(losses[-20:]) < ctx.t["jump"] * scale or _descending(losses):

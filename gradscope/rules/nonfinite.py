@@ -66,9 +66,11 @@ def blow_up(ctx: RuleContext) -> Finding | None:
     """The loss jumped by orders of magnitude in a few steps without going NaN/Inf."""
     if ctx.memo("onset", lambda: find_onset(ctx.history)) is not None:
         return None  # the NaN/Inf rules explain it from its first bad step
-    jump = first_blowup(ctx.history) or first_blowup(ctx.history, CLIPPED_BLOWUP)
+    # a loss that never reached 10x its first value reached no 1000x either: one scan
+    jump = first_blowup(ctx.history, CLIPPED_BLOWUP)
     if jump is None:
         return None
+    jump = first_blowup(ctx.history) or jump
     step, value, start = jump
     s = collect(ctx.history)
     scores = blowup_causes(s, ctx.layout, step + 1)
