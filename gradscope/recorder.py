@@ -113,7 +113,7 @@ class StepRecorder:
         self._backward_tasks: set[tuple[int, int]] = set()  # (backward call, root) seen
         self._stale_roots: set[int] = set()  # roots whose leftover gradients were checked
         self._in_closure = False  # inside an optimizer step that evaluates a closure
-        self._closure_backwards = 0  # backward calls inside closure steps
+        self._closure_calls = 0  # evaluations of the step's closure (see _count_closure_calls)
         self._closure_checked = False
         self._activation_before_loss: str | None = None
         self._loss_requires_grad: bool | None = None
@@ -126,6 +126,7 @@ class StepRecorder:
             # each signal inside is guarded on its own: one failing never stops the others
             self._hooks.add(opt.register_step_pre_hook(
                 self.guard.wrap("optimizer", self._on_optimizer_pre)))
+            self._hooks.add(opt.register_step_pre_hook(self._count_closure_calls))
             self._hooks.add(opt.register_step_post_hook(
                 self.guard.wrap("optimizer", self._on_optimizer_post)))
         self.recording = True
@@ -215,14 +216,13 @@ class StepRecorder:
         self._backward_tasks.add((task, root))
         if new_task:
             self._backward_count += 1
-            self._closure_backwards += self._in_closure
         # The first backward through a root after an optimizer step must find that root's
         # gradients cleared. Each root on its own: a GAN clears D before D's losses and G
         # before G's, so G's gradients are still there when D's first backward runs, rightly.
         first = root not in self._stale_roots and self._prev_stepped
         # A closure optimizer (LBFGS) evaluates the closure several times in one step: each
         # evaluation must start from cleared gradients, or they add up across evaluations.
-        again = new_task and self._closure_backwards == 2 and not self._closure_checked
+        again = new_task and self._closure_calls == 2 and not self._closure_checked
         if not (first or again):
             return
         self._stale_roots.add(root)
@@ -234,6 +234,31 @@ class StepRecorder:
                    if self.layout.tensors[i].requires_grad
                    and (not held or id(self.layout.tensors[i]) in held)]
         put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
+
+    def _count_closure_calls(self, optimizer: torch.optim.Optimizer, args: Any,
+                             kwargs: Any) -> tuple[Any, Any] | None:
+        """On a recorded step, hand the optimizer a closure that counts its own calls (and
+        calls the user's with the same arguments): a closure optimizer evaluates it several
+        times per step, and each evaluation must start from cleared gradients."""
+        try:
+            if self.closed or not self.recording or self.guard.is_off("accumulation"):
+                return None
+            positional = len(args) > 1 and callable(args[1])  # args[0] is the optimizer
+            closure = args[1] if positional else kwargs.get("closure")
+            if not callable(closure):
+                return None
+
+            @functools.wraps(closure)
+            def counted(*a: Any, **k: Any) -> Any:
+                self._closure_calls += 1
+                return closure(*a, **k)
+
+            if positional:
+                return (args[0], counted, *args[2:]), kwargs
+            return args, {**kwargs, "closure": counted}
+        except Exception as err:  # gradscope must never stop training
+            self.guard.call("accumulation", _raise, err)
+            return None
 
     def _on_optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.closed:
@@ -314,7 +339,7 @@ class StepRecorder:
         self._backward_tasks = set()
         self._stale_roots = set()
         self._in_closure = False
-        self._closure_backwards = 0
+        self._closure_calls = 0
         self._closure_checked = False
         self._loss_requires_grad = None
         self._activation_before_loss = None
@@ -330,7 +355,10 @@ class StepRecorder:
     def observe_loss(self, loss: object) -> None:
         """Read the loss's graph on a recorded step (see signals.loss_graph)."""
         if self.recording and not self.closed:
-            self._activation_before_loss = activation_before_logit_loss(loss)
+            found = activation_before_logit_loss(loss)
+            read = isinstance(loss, torch.Tensor) and loss.grad_fn is not None
+            # "" = the graph was read and shows none; None = there was no graph to read
+            self._activation_before_loss = found if found is not None else ("" if read else None)
 
     def finish_step(self, loss: torch.Tensor | float | None,
                     loss_requires_grad: bool | None = None) -> StepRecord | None:
@@ -501,3 +529,8 @@ def nonfinite_origin(activations: ActivationTable) -> str | None:
              if not any(other != name and (name == "" or other.startswith(name + "."))
                         for other in found)]
     return min(inner)[1] if inner else None
+
+
+def _raise(err: Exception) -> None:
+    """Re-raise `err` under a guard (which records it and switches its piece off)."""
+    raise err

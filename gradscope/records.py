@@ -334,7 +334,8 @@ class StepRecord:
     activations: ActivationTable = field(default_factory=ActivationTable.empty)
     data: DataStats | None = None
     output: OutputStats | None = None
-    #: "softmax"/"sigmoid" when that activation's output went into a loss applying its own
+    #: "softmax"/"sigmoid" when that activation's output went into a loss applying its own;
+    #: "" when the loss's graph was read and shows neither; None when there was no graph
     activation_before_loss: str | None = None
     nonfinite_origin: str | None = None
     nonfinite_grad_params: list[str] = field(default_factory=list)

@@ -178,7 +178,7 @@ def test_a_gan_missing_one_zero_grad_is_caught_and_the_healthy_loop_is_not(tmp_p
         (d.sign, d.cause, d.first_step) for d in scope.diagnose()]
 
 
-def _lbfgs(zero_inside: bool, steps: int = 25) -> gradscope.Scope:
+def _lbfgs(zero_inside: bool, steps: int = 25, micro: int = 1, watch: bool = True):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3,
@@ -186,19 +186,25 @@ def _lbfgs(zero_inside: bool, steps: int = 25) -> gradscope.Scope:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, generator=gen)
     y = x.sum(1, keepdim=True).sin()
-    scope = gradscope.watch(model, opt, live=False)
+    scope = gradscope.watch(model, opt, live=False) if watch else None
     for _ in range(steps):
         def closure():
             if zero_inside:
                 opt.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            return loss
+            total = 0.0
+            for part in range(micro):  # micro-batches: several backward calls per evaluation
+                loss = F.mse_loss(model(x[part::micro]), y[part::micro]) / micro
+                loss.backward()
+                total = total + loss.detach()
+            return total
 
         if not zero_inside:
             opt.zero_grad()
         loss = opt.step(closure)
-        scope.step(loss)
+        if scope is not None:
+            scope.step(loss)
+    if scope is None:
+        return model
     scope.close()
     return scope
 
@@ -256,3 +262,25 @@ def test_signals_a_set_up_cannot_measure_are_named_in_the_report():
     # a model watched whole, with its optimizer, measures everything
     healthy = _classify(CNN(), (4, 1, 8, 8), 25, softmax=False)
     assert "not measured" not in healthy.report(file=io.StringIO(), width=200)
+
+
+def test_a_loss_written_for_probabilities_with_rows_summing_to_zero_is_not_flagged():
+    # a Brier score on a softmax output also sends back gradient rows that sum to zero; the
+    # loss's graph shows no softmax into a logit loss, and the graph decides
+    def brier(p, y):
+        return F.mse_loss(p, F.one_hot(y, 3).float(), reduction="sum") / p.shape[0]
+
+    scope = _classify(CNN(), (4, 1, 8, 8), 40, softmax=True, in_model=True, loss_fn=brier)
+    assert all(d.cause != "probabilities-as-logits" for d in scope.diagnose())
+    assert {r.activation_before_loss for r in scope.history.records()} == {""}
+
+
+def test_a_closure_with_several_backward_calls_is_not_taken_for_a_missing_zero_grad():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scope = _lbfgs(zero_inside=True, micro=2)
+        plain = _lbfgs(zero_inside=True, micro=2, watch=False)
+    assert not [d for d in scope.diagnose() if d.severity in ("warning", "error")]
+    # the closure handed to the optimizer only counts its calls: the same training
+    for watched, unwatched in zip(scope.model.parameters(), plain.parameters()):
+        assert torch.equal(watched, unwatched)

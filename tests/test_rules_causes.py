@@ -155,3 +155,26 @@ def test_probability_rows_need_a_loss_that_applies_its_own_softmax():
     assert not logits.probability_rows
     half = OutputStats(4, 0.0, 1.002, 4e-3, 0.01, half_precision=True)
     assert half.probability_rows and half.shift_invariant_loss
+
+
+def test_a_clipped_blow_up_stays_reported_long_after_it_happened():
+    hist = _clipped_run(jump_to=60.0, ratio=0.05, grads_grow=False, steps=700)
+    finding = _fire("blow-up", hist)
+    assert finding is not None and finding.first_step == 2
+
+
+def test_spikes_of_a_converged_loss_keep_their_causes():
+    # outlier batches (input spread far off) behind recurring spikes of a low loss: the
+    # learning-rate evidence does not apply, the other causes still do
+    layout = deep_layout()
+    rng = np.random.default_rng(0)
+    losses = list(2.0 * np.exp(-np.arange(300) / 20.0) + 0.05 * np.exp(rng.normal(0, 0.05, 300)))
+    spike_steps = list(range(120, 300, 30))
+    for s in spike_steps:
+        losses[s] = 3.0
+    recs = [record(layout, s, loss=losses[s],
+                   data=data(std=50.0 if s in spike_steps else 1.0, low=-200, high=200))
+            for s in range(0, 300, 10)]
+    finding = _fire("training-unstable", history(layout, recs, losses))
+    assert finding is not None
+    assert finding.causes and finding.causes[0].id == "outlier-batches"

@@ -366,11 +366,12 @@ def unmeasured_signals(history: History) -> list[str]:
         return []
     missing = []
     if all(not len(r.activations) for r in records):
-        missing.append("activations (dead and saturated units, where NaN/Inf began): no "
-                       "module's forward ran under gradscope's hooks (compiled code runs none)")
+        missing.append("activations (dead and saturated units, where NaN/Inf began): none "
+                       "recorded (activations=False, or compiled code, which runs no module "
+                       "hooks)")
     if all(r.data is None for r in records):
-        missing.append("input batches: no tensor reached the forward of the watched model "
-                       "(its parts were called directly?)")
+        missing.append("input batches: no tensor reached the forward of the watched model in "
+                       "training mode (its parts called directly, or trained in eval mode)")
     stepped = [r for r in records[1:] if r.stepped]
     if stepped and all(np.isnan(r.stale_grad).all() for r in stepped):
         missing.append("leftover gradients (a missing zero_grad()): no backward went through "

@@ -168,15 +168,20 @@ def vanishing(ctx: RuleContext, records: Sequence[StepRecord], ratio: float) -> 
 
 
 def zero_weights(ctx: RuleContext) -> Score:
-    """Weight matrices that were exactly zero at the first recorded step: every unit of such a
-    layer computes the same output and gets the same gradient (and behind tanh or ReLU a zero
-    one), so they cannot learn apart: a fact of the initialisation."""
+    """Weight matrices exactly zero at the first recorded step and still zero: every unit of
+    such a layer computes the same output and gets the same gradient (and behind tanh or ReLU
+    a zero one), so they cannot learn apart: a fact of the initialisation."""
     first = ctx.first[0] if ctx.first else None
-    if first is None:
+    last = ctx.records[-1] if ctx.records else None
+    if first is None or last is None:
         return ("poor-init", 0.0, "")
-    # layers' weight matrices only: tokens and position tables start at zero by design
-    zero = [p.name for p, norm in zip(ctx.layout.params, first.param_norm.tolist())
-            if len(p.shape) >= 2 and p.name.rpartition(".")[2] == "weight" and norm == 0.0]
+    # layers' weight matrices only (tokens, position tables and embeddings may start at zero
+    # by design), and only those still zero now: a matrix zeroed on purpose (LoRA's B) moves
+    types = ctx.layout.module_types
+    zero = [p.name for p, before, now in zip(ctx.layout.params, first.param_norm.tolist(),
+                                             last.param_norm.tolist())
+            if len(p.shape) >= 2 and p.name.rpartition(".")[2] == "weight" and before == 0.0
+            and now == 0.0 and types.get(p.layer) not in ("Embedding", "EmbeddingBag")]
     if not zero:
         return ("poor-init", 0.0, "")
     return ("poor-init", 3.0,

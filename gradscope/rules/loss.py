@@ -307,8 +307,9 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     if len(spikes) < ctx.t["spikes"]:
         return None
     scores = []
-    if records and oversized is not None:
-        scores.append(oversized)
+    if records:
+        if oversized is not None:
+            scores.append(oversized)
         totals = np.array([r.total_grad_norm() for r in records])
         totals = totals[np.isfinite(totals)]
         if totals.size >= 3 and np.median(totals) > 0:
@@ -348,7 +349,7 @@ def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
     if progress.count < STALL_STEPS or progress.drop > 1 - STALL_LEVEL:
         return None  # too early to tell, or it came down by over half: near its floor
     records = usable(ctx.healthy_records, ctx.t["warmup"])
-    if len(records) < 5 or in_lr_warmup(records):
+    if len(records) < 5 or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None
     oversized = ev.lr_too_high(ctx, records, HIGH_UPDATE.default)
     if oversized[1] <= 0:
@@ -389,7 +390,10 @@ def _probabilities_as_logits(ctx: RuleContext) -> Finding | None:
         return None
     kinds = {r.activation_before_loss for r in records}
     outputs = [r.output for r in records if r.output is not None]
-    by_output = (len(outputs) == len(records)
+    # the loss's graph decides where it was read (it sees the loss itself: a loss written
+    # for probabilities, like a Brier score, also sends back rows that sum to zero); the
+    # output rows only where no graph was given (a detached loss, compiled code)
+    by_output = (None in kinds and len(outputs) == len(records)
                  and all(o.probability_rows and o.shift_invariant_loss for o in outputs))
     if by_output:
         kind = "softmax"
@@ -397,7 +401,7 @@ def _probabilities_as_logits(ctx: RuleContext) -> Finding | None:
                f"[{fmt(outputs[-1].min)}, {fmt(outputs[-1].max)}], each row summing to 1) and "
                "the loss applies its own softmax to them (its gradient sums to zero along "
                "every row)")
-    elif len(kinds) == 1 and None not in kinds:
+    elif len(kinds) == 1 and not kinds & {None, ""}:
         kind = str(kinds.pop())
         how = (f"the loss's graph shows a {kind} applied to the model's output right before a "
                f"loss that applies its own {kind} ("

@@ -77,7 +77,9 @@ def blow_up(ctx: RuleContext) -> Finding | None:
     if value < BLOWUP * start:
         # a smaller jump counts only when clipping kept the gradients from growing and the
         # steps were oversized; growing gradients are judged by the full jump
-        loss_steps, loss_values = ctx.losses
+        # the whole loss history, as first_blowup read it: the jump may be older than the
+        # rules' recent loss window
+        loss_steps, loss_values = ctx.history.losses()
         settled = loss_steps.size and int(loss_steps[-1]) - step >= SETTLE_STEPS
         if growth(s, ctx.layout, step + 1) is not None or not settled:
             return None  # growing gradients, or a jump that may still be on its way up
