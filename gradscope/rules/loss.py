@@ -348,6 +348,8 @@ def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
     gradient clipping keeps from blowing up)."""
     if progress.count < STALL_STEPS or progress.drop > 1 - STALL_LEVEL:
         return None  # too early to tell, or it came down by over half: near its floor
+    if several_optimizers(ctx):
+        return None  # opposing objectives (a GAN) settle into a stalemate by design
     records = usable(ctx.healthy_records, ctx.t["warmup"])
     if len(records) < 5 or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None
