@@ -110,7 +110,7 @@ class StepRecorder:
         self._stepping: dict[int, list[int]] = {}
         self._orphans: list[int] | None = None
         self._backward_count = 0
-        self._backward_tasks: set[tuple[int, int]] = set()  # (backward call, root) seen
+        self._backward_tasks: set[int] = set()  # backward() calls seen this step
         self._stale_roots: set[int] = set()  # roots whose leftover gradients were checked
         self._in_closure = False  # inside an optimizer step that evaluates a closure
         self._closure_calls = 0  # evaluations of the step's closure (see _count_closure_calls)
@@ -210,11 +210,9 @@ class StepRecorder:
         if self.closed:
             return
         task = torch._C._current_graph_task_id()  # one id per backward() call
-        if (task, root) in self._backward_tasks:
-            return
-        new_task = not any(t == task for t, _ in self._backward_tasks)
-        self._backward_tasks.add((task, root))
+        new_task = task not in self._backward_tasks
         if new_task:
+            self._backward_tasks.add(task)
             self._backward_count += 1
         # The first backward through a root after an optimizer step must find that root's
         # gradients cleared. Each root on its own: a GAN clears D before D's losses and G
@@ -243,9 +241,8 @@ class StepRecorder:
         try:
             if self.closed or not self.recording or self.guard.is_off("accumulation"):
                 return None
-            positional = len(args) > 1 and callable(args[1])  # args[0] is the optimizer
-            closure = args[1] if positional else kwargs.get("closure")
-            if not callable(closure):
+            closure, positional = _closure(args, kwargs)
+            if closure is None:
                 return None
 
             @functools.wraps(closure)
@@ -269,8 +266,7 @@ class StepRecorder:
         indices = self._optimizer_indices(optimizer)
         # A closure optimizer (LBFGS) computes its gradients inside step(), by calling the
         # closure: they are read after the step, not before it.
-        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: optimizer
-        self._in_closure = closure is not None
+        self._in_closure = _closure(args, kwargs)[0] is not None
         if not self._in_closure:
             self.guard.call("gradients", self._read_grads, indices)
         # gradients read earlier by read_gradients() still get their update measured
@@ -529,6 +525,15 @@ def nonfinite_origin(activations: ActivationTable) -> str | None:
              if not any(other != name and (name == "" or other.startswith(name + "."))
                         for other in found)]
     return min(inner)[1] if inner else None
+
+
+def _closure(args: Any, kwargs: Any) -> tuple[Any, bool]:
+    """(the closure given to optimizer.step, whether it was positional), or (None, False);
+    torch hands step hooks the optimizer itself as args[0]."""
+    if len(args) > 1 and callable(args[1]):
+        return args[1], True
+    closure = kwargs.get("closure")
+    return (closure, False) if callable(closure) else (None, False)
 
 
 def _raise(err: Exception) -> None:

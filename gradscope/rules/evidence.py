@@ -188,3 +188,17 @@ def zero_weights(ctx: RuleContext) -> Score:
             f"{len(zero)} weight matri{'x was' if len(zero) == 1 else 'ces were'} exactly zero "
             f"at the first step (e.g. '{zero[0]}'): every unit of the layer computes the same "
             "thing and gets the same gradient, so the units cannot learn apart")
+
+
+def leftover_gradients(records: Sequence[StepRecord]) -> tuple[int, int] | None:
+    """(records whose gradients were still there when backward began, records checked), when
+    most of at least two checked records showed them; else None.
+
+    Example:
+        >>> leftover_gradients([])
+    """
+    checked = [r for r in records if np.any(~np.isnan(r.stale_grad))]
+    stale = [r for r in checked if float(np.nansum(r.stale_grad)) > 0]
+    if len(stale) < 2 or len(stale) < len(checked) // 2 + 1:
+        return None
+    return len(stale), len(checked)

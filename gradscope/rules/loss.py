@@ -360,16 +360,17 @@ def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
     # (gradients never cleared, an output layer that cannot learn, only a weight penalty
     # reaching the parameters): the same causes as a flat loss, ranked the same way
     causes = _flat_causes(ctx, records)
+    ratio = ev.update_ratio_median(ctx, records)
     return Finding(
         summary=(f"loss averaged {fmt(progress.start)} over the first steps and "
                  f"{fmt(progress.late)} over the last {RECENT_STEPS} (of {progress.count}): "
                  f"{_change_text(progress.drop)}, then no further progress (recent trend "
                  f"t = {fmt(progress.trend_t)}) while each step still moves the weights by "
-                 f"{fmt(ev.update_ratio_median(ctx, records))} of their norm"),
+                 f"{fmt(ratio)} of their norm"),
         causes=causes,
         evidence={"loss_early": progress.start, "loss_recent": progress.late,
                   "relative_change": progress.drop, "steps": progress.count,
-                  "update_ratio_median": ev.update_ratio_median(ctx, records)},
+                  "update_ratio_median": ratio},
         checks=["Lower the learning rate 3-10x: with clipping on, a rate far too high shows "
                 "as a loss that stalls early, not as a blow-up."],
         first_step=progress.first_step,
@@ -438,13 +439,12 @@ def _probabilities_as_logits(ctx: RuleContext) -> Finding | None:
 def _stale_gradients(records) -> tuple[str, float, str]:
     """Gradients never cleared: each step follows the running sum of all gradients so far,
     the cause behind a loss that does not go down (a fact, checked on every record)."""
-    checked = [r for r in records if np.any(~np.isnan(r.stale_grad))]
-    stale = [r for r in checked if float(np.nansum(r.stale_grad)) > 0]
-    if len(stale) < 2 or len(stale) < len(checked) // 2 + 1:
+    found = ev.leftover_gradients(records)
+    if found is None:
         return ("missing-zero-grad", 0.0, "")
     return ("missing-zero-grad", 3.0,
             f"the previous step's gradients were still there when backward began in "
-            f"{len(stale)} of {len(checked)} recorded steps: every update follows the sum of "
+            f"{found[0]} of {found[1]} recorded steps: every update follows the sum of "
             "all gradients so far, not this batch's")
 
 

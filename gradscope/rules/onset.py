@@ -19,6 +19,7 @@ from ..history import History, StepRecord
 from .base import Finding
 from .common import fmt, ranked
 from .data import unnormalised
+from .evidence import leftover_gradients
 
 #: Growth of the largest gradient over its start that counts as a blow-up (two orders).
 GROWTH = 100.0
@@ -209,7 +210,7 @@ def blowup_causes(s: Steps, layout: Any, before: int) -> list[tuple[str, float, 
             scores.append(("lr-too-high", 2.0, _update_text(update, lrs) + "; the gradients "
                                                "stayed bounded (clipping), the steps did not"))
         return scores  # nothing grew: the steps before were not blowing up
-    stale = _stale_records(s, before)
+    stale = leftover_gradients([r for step, r in s.records.items() if step < before])
     if stale:
         # gradients never cleared: each update follows the running sum of all gradients,
         # which grows step by step; the growth and the oversized steps are its consequences
@@ -239,17 +240,6 @@ def _unnormalised_inputs(s: Steps, before: int) -> float | None:
     if not data or not all(unnormalised(d) for d in data):
         return None
     return max(max(abs(d.min), abs(d.max)) for d in data)
-
-
-def _stale_records(s: Steps, before: int) -> tuple[int, int] | None:
-    """(records with leftover gradients at backward, records checked) before `before`, when
-    most of at least two showed them; else None."""
-    checked = [r for step, r in s.records.items()
-               if step < before and np.any(~np.isnan(r.stale_grad))]
-    stale = [r for r in checked if float(np.nansum(r.stale_grad)) > 0]
-    if len(stale) < 2 or len(stale) < len(checked) // 2 + 1:
-        return None
-    return len(stale), len(checked)
 
 
 @dataclass
