@@ -223,27 +223,84 @@ class ActivationCollector:
         leaf = self._leaf[name]
         bounds = _bounds(self._by_name[name]) if leaf else None
         relu = leaf and isinstance(self._by_name[name], RELU_FAMILY)
+        # everything a call reads, bound once: a hook runs for every module of every
+        # recorded forward, so attribute and global lookups are a good part of its cost
+        # (the containers below are cleared in place by reset(), never replaced)
+        is_compiling = _IS_COMPILING
+        grad_enabled = torch.is_grad_enabled
+        set_grad_enabled = torch._C._set_grad_enabled
+        graph_task = torch._C._current_graph_task_id
+        tensor_type = torch.Tensor
+        strided = torch.strided
+        record = self._record
+        nonfinite_count = self._nonfinite_count
+        stage_add = self._stage.add
+        calls, order, recomputed = self._calls, self._order, self._recomputed
+        numels, out_numels = self._numel, self._out_numel
+        add_moments, add_staged_counts = self._moments.extend, self._staged_counts.extend
+        recent, activation_outputs = self._recent, self._activation_outputs
+        track = self._track_nonfinite
+        activation = name in self._activation_modules
+        # a leaf that is no ReLU (whose units are watched): its common call, one small
+        # plain tensor in and one out, takes the inlined path below (what _record does)
+        simple = leaf and not relu
+        in_column, out_column = ModuleAcc.IN_NONFINITE, ModuleAcc.NONFINITE
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if compiling():
+            if is_compiling is not None and is_compiling():
                 return
             # a leaf module's forward reached the hooks (inside compiled code none does)
             self.hook_calls += leaf
-            if not module.training or not torch.is_grad_enabled():
+            if not module.training or not grad_enabled():
                 return
-            if in_backward():  # checkpoint recomputation
-                if name in self._calls and name not in self._recomputed:
+            if graph_task() != -1:  # in backward: checkpoint recomputation
+                if name in calls and name not in recomputed:
                     return
-                self._recomputed.add(name)
+                recomputed.add(name)
+            if (simple and type(output) is tensor_type and output.layout is strided
+                    and output.is_floating_point() and output.numel() <= SAMPLE
+                    and type(args) is tuple and len(args) == 1
+                    and isinstance(args[0], tensor_type)):
+                x = args[0]
+                if not track or not x.is_floating_point():
+                    x = None
+                set_grad_enabled(False)  # torch.no_grad() without its Python overhead
+                try:
+                    if activation:
+                        activation_outputs.append(output)
+                        if len(activation_outputs) > RECENT:
+                            del activation_outputs[0]
+                    calls[name] = calls.get(name, 0) + 1
+                    row = order.setdefault(name, len(order))  # first-call order = its row
+                    numel = output.numel()
+                    out_numels[name] = out_numels.get(name, 0) + numel
+                    if x is not None and x is not output:  # the input first, unless in place
+                        for tensor, version, count in recent:
+                            if tensor is x and version == x._version:
+                                add_staged_counts((row, in_column, count))
+                                break
+                        else:
+                            nonfinite_count(x, row, in_column)
+                    handle = stage_add(output, bounds)  # the whole output
+                    numels[name] = numels.get(name, 0) + numel
+                    add_moments((row, handle, numel))
+                    recent.append((output, output._version, handle))  # as _remember does
+                    if len(recent) > RECENT:
+                        del recent[0]
+                    add_staged_counts((row, out_column, handle))
+                    if x is output:
+                        nonfinite_count(x, row, in_column)
+                finally:
+                    set_grad_enabled(True)
+                return
             outputs = _float_leaves(output)
             if not outputs:
                 return
-            # torch.no_grad(), without its Python overhead (grad mode is on: checked above)
-            torch._C._set_grad_enabled(False)
+            set_grad_enabled(False)
             try:
-                self._record(name, leaf, bounds, relu, args, outputs)
+                record(name, leaf, bounds, relu, args, outputs)
             finally:
-                torch._C._set_grad_enabled(True)
+                set_grad_enabled(True)
 
         return hook
 
@@ -288,7 +345,7 @@ class ActivationCollector:
             self._bounded[row_name] = True
         if relu and x.dim() >= 1:
             self._record_units(row_name, x)
-        handle = self._stage.add(x.reshape(-1), bounds)
+        handle = self._stage.add(x, bounds)
         size = min(x.numel(), SAMPLE)
         self._numel[row_name] = self._numel.get(row_name, 0) + size
         self._moments += (row, handle, size)
@@ -330,7 +387,7 @@ class ActivationCollector:
         if count is None:
             x = t.detach()
             if x.numel() <= SAMPLE and x.layout is torch.strided:
-                count = self._stage.add(x.reshape(-1))
+                count = self._stage.add(x)
             else:
                 count = nonfinite_count(x)
             self._remember(t, count)
@@ -366,7 +423,7 @@ class ActivationCollector:
         rest = outputs
         peak = self._record_units(name, x) if relu and x.dim() >= 1 else None
         if leaf and x.layout is torch.strided:
-            handle = self._stage.add(x.reshape(-1), bounds)  # whole, or a sample if large
+            handle = self._stage.add(x, bounds)  # whole, or a sample if large
             size = min(numel, SAMPLE)
             self._numel[name] = self._numel.get(name, 0) + size
             self._moments += (row, handle, size)
@@ -522,8 +579,8 @@ class ActivationCollector:
         self._counted.clear()
         self._counted_version.clear()
         self._counted_as.clear()
-        self._recent = []
-        self._activation_outputs = []
+        self._recent.clear()  # cleared in place: the hooks hold these containers
+        self._activation_outputs.clear()
         self._numel.clear()
         self._out_numel.clear()
         self._recomputed.clear()

@@ -78,7 +78,7 @@ def spread_indices(numel: int, size: int, device: torch.device) -> torch.Tensor:
     return index
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
     """Rows of one device, dtype and length: chunks of [rows, width] buffers."""
 
@@ -87,12 +87,19 @@ class _Group:
     width: int
     key: tuple[int, torch.dtype, int]
     chunk: torch.Tensor | None = None  # [rows, width] buffer being filled
+    capacity: int = 0  # rows of the buffer
+    shaped: dict[torch.Size, torch.Tensor] = field(default_factory=dict)  # views of it
     used: int = 0  # rows written in the buffer
     rows: int = 0  # rows written in all
     done: list[torch.Tensor] = field(default_factory=list)  # statistics of rows reduced early
     # centre and 1/half-range of each row's bounds, flat (floats: no object per row)
     bounds: list[float] = field(default_factory=list)
     bounded: bool = False
+
+
+_FLOAT64 = torch.float64
+_FLOAT32 = torch.float32
+_NO_BOUNDS = (0.0, 0.0)
 
 
 class RowStage:
@@ -119,59 +126,76 @@ class RowStage:
     def __len__(self) -> int:
         return sum(g.rows for g in self._list)
 
-    def add(self, flat: torch.Tensor, bounds: tuple[float, float] | None = None) -> int:
-        """Copy the 1-D tensor `flat` into a row, or a sample of SAMPLE of its elements
-        when it is longer; return the row's handle (an int).
+    def add(self, values: torch.Tensor, bounds: tuple[float, float] | None = None) -> int:
+        """Copy the tensor `values` (any shape, read as flat) into a row, or a sample of
+        SAMPLE of its elements when it has more; return the row's handle (an int).
 
         Floating dtypes other than float64 are staged as float32 (the copy converts).
         `bounds` (low, high) of a saturating function: its row also counts saturated values.
         """
-        dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        numel = flat.numel()
-        key = (flat.get_device(), dtype, min(numel, SAMPLE))  # an int is cheaper than .device
+        dtype = _FLOAT64 if values.dtype is _FLOAT64 else _FLOAT32
+        numel = values.numel()
+        # an int is cheaper than .device
+        key = (values.get_device(), dtype, numel if numel < SAMPLE else SAMPLE)
         index_of_group = self._groups.get(key)
         if index_of_group is None:
             index_of_group = self._groups[key] = len(self._list)
-            self._list.append(_Group(flat.device, dtype, key[2], key))
+            self._list.append(_Group(values.device, dtype, key[2], key))
         group = self._list[index_of_group]
-        if group.chunk is None:
-            rows = max(self._capacity.get(key, 0), 4)
-            group.chunk = torch.empty(min(rows, max(GROUP_VALUES // group.width, 1)),
-                                      group.width, dtype=dtype, device=group.device)
-        elif group.used == group.chunk.shape[0]:
-            if group.chunk.numel() * 2 <= GROUP_VALUES:  # grow: copy the rows over
-                bigger = group.chunk.new_empty(group.chunk.shape[0] * 2, group.width)
-                bigger[: group.used].copy_(group.chunk)
-                group.chunk = bigger
-            else:  # full at its cap: reduce its rows now, then fill it again
-                first = group.rows - group.used
-                group.done.append(_row_stats(group.chunk, group.bounds[2 * first:],
-                                             group.bounded))
-                group.used = 0
-        # a view per call, dropped at once (views made ahead would be objects that live
-        # through the step, each one more for the garbage collector to walk)
-        row = group.chunk[group.used]
-        if numel <= SAMPLE:
-            row.copy_(flat)
-        else:
+        chunk = group.chunk
+        if chunk is None or group.used == group.capacity:
+            chunk = self._make_room(group)
+        if numel > SAMPLE:
+            # a view per call, dropped at once (views made ahead would be objects that
+            # live through the step, each one more for the garbage collector to walk)
+            row = chunk.select(0, group.used)
+            flat = values.reshape(-1)
             pieces = numel // PIECE
-            where = spread_indices(pieces, SAMPLE // PIECE, flat.device)
+            where = spread_indices(pieces, SAMPLE // PIECE, values.device)
             runs = flat[: pieces * PIECE].view(pieces, PIECE)
-            if flat.dtype == dtype:  # gathered straight into the row
+            if values.dtype == dtype:  # gathered straight into the row
                 torch.index_select(runs, 0, where, out=row.view(-1, PIECE))
             else:
                 row.view(-1, PIECE).copy_(runs.index_select(0, where))
+        elif numel:
+            # copied whole through a view of the buffer in the tensor's shape (one per
+            # shape and buffer): no flattened copy of the tensor and no row view to shape
+            shape = values.shape
+            shaped = group.shaped.get(shape)
+            if shaped is None:
+                shaped = group.shaped[shape] = chunk.view(group.capacity, *shape)
+            shaped.select(0, group.used).copy_(values)
         group.used += 1
         group.rows += 1
         if bounds is None:
-            group.bounds += (0.0, 0.0)
+            group.bounds += _NO_BOUNDS
         else:
             low, high = bounds
             group.bounds += ((low + high) / 2, 2.0 / (high - low))
             group.bounded = True
         self._group_of.append(index_of_group)
-        self._row_of.append(group.rows - 1)
-        return len(self._row_of) - 1
+        row_of = self._row_of
+        row_of.append(group.rows - 1)
+        return len(row_of) - 1
+
+    def _make_room(self, group: _Group) -> torch.Tensor:
+        """A buffer with a free row for `group`: a new one, a bigger copy of a full one, or
+        a full one whose rows were reduced (at its cap)."""
+        if group.chunk is None:
+            rows = max(self._capacity.get(group.key, 0), 4)
+            group.chunk = torch.empty(min(rows, max(GROUP_VALUES // group.width, 1)),
+                                      group.width, dtype=group.dtype, device=group.device)
+        elif group.chunk.numel() * 2 <= GROUP_VALUES:  # grow: copy the rows over
+            bigger = group.chunk.new_empty(group.chunk.shape[0] * 2, group.width)
+            bigger[: group.used].copy_(group.chunk)
+            group.chunk = bigger
+        else:  # full at its cap: reduce its rows now, then fill it again
+            first = group.rows - group.used
+            group.done.append(_row_stats(group.chunk, group.bounds[2 * first:], group.bounded))
+            group.used = 0
+        group.capacity = group.chunk.shape[0]
+        group.shaped = {}
+        return group.chunk
 
     @torch.no_grad()
     def put(self, batch: DeviceBatch, prefix: str) -> list[str]:
@@ -194,6 +218,7 @@ class RowStage:
         """Let go of every staging buffer (nothing staged outlives the step)."""
         for group in self._list:
             group.chunk = None
+            group.shaped = {}
             group.done = []
 
     def results(self, host: dict[str, np.ndarray]) -> StagedStats:
