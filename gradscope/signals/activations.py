@@ -307,13 +307,19 @@ class ActivationCollector:
     def _make_input_hook(self, row: str):
         """A forward pre-hook measuring a module's input when a functional activation made it."""
 
+        is_compiling = _IS_COMPILING
+        grad_enabled = torch.is_grad_enabled
+        tensor_type = torch.Tensor
+        activation_outputs = self._activation_outputs  # cleared in place by reset()
+
         def hook(module: nn.Module, args: tuple) -> None:
-            if compiling() or not module.training or not torch.is_grad_enabled():
+            if ((is_compiling is not None and is_compiling()) or not module.training
+                    or not grad_enabled()):
                 return
-            if not args or not isinstance(args[0], torch.Tensor):
+            if not args or not isinstance(args[0], tensor_type):
                 return
             x = args[0]
-            for t in self._activation_outputs:
+            for t in activation_outputs:
                 if t is x:  # an activation module's output, or another module's input, measured
                     return
             kind = _functional_activation(x)
