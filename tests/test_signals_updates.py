@@ -172,3 +172,35 @@ def test_ratio_follows_a_parameter_whose_storage_is_replaced_between_steps():
     for record, ref in zip(scope.history.records()[1:], refs):
         expected = [ref[n] for n in scope.layout.param_names]
         np.testing.assert_allclose(record.update_ratio, expected, rtol=F64_SAMPLE_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_batched_samples_and_bit_sums_match_the_per_tensor_ones(dtype):
+    # the sampled values come from one gather over a concatenation, and the whole-tensor
+    # bit sums of same-size tensors from one row sum over it: both must be what reading
+    # each tensor on its own gives, in any order of the rows asked for
+    from gradscope.signals.updates import GATHER_WHOLE, UpdateTracker, bit_sum
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300,), (5,), (20, 30), (300,), (GATHER_WHOLE + 7,), (20, 30), (300,), (1,)]
+    params = [torch.randn(*s, generator=gen).to(dtype) for s in shapes]
+    params[1][2] = float("nan")
+    params[3][0] = -0.0
+    tracker = UpdateTracker(params, 256)
+    (bucket,) = tracker._plan(range(len(params)))
+    for _ in range(2):  # a fresh concatenation, then the kept views
+        values, source = tracker._values(bucket)
+        assert source is not None
+        for row, i in enumerate(bucket.indices):
+            sample = tracker._sample[i]
+            flat = params[i].reshape(-1)
+            expected = flat if sample is None else flat[sample]
+            got = values[row, : expected.numel()]
+            torch.testing.assert_close(got, expected.to(torch.float64), rtol=0, atol=0,
+                                       equal_nan=True)
+        rows = bucket.full_check
+        for order in (rows, rows[::-1], rows[1:3], [rows[-1], rows[0]]):
+            expected = torch.stack([bit_sum(params[bucket.indices[r]]) for r in order])
+            assert torch.equal(tracker._bit_sums(bucket, order, source), expected)
+            assert torch.equal(tracker._bit_sums(bucket, order), expected)
+        params[0].add_(1)  # in place: the kept views see it

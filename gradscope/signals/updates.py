@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,8 +38,12 @@ def bit_sum(tensor: torch.Tensor) -> torch.Tensor:
         True
     """
     size = tensor.element_size()
-    bits = tensor.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+    bits = tensor.view(_BIT_VIEWS[size])
     return bits.sum(dtype=torch.int64 if size == 8 else torch.int32)
+
+
+#: Integer dtype of each element size, to read raw bits (`bit_sum`).
+_BIT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 #: Samples up to this long share one row width (padding them costs less than more kernels).
@@ -65,9 +69,14 @@ class _Bucket:
     indices: list[int]  # parameter index of each row: whole rows first, then single rows
     whole: list[int]
     single: list[int]
-    gather: torch.Tensor | None  # [len(whole), width] positions in the concatenation
+    gather: torch.Tensor | None  # [len(whole) * width] positions in the concatenation
     full_check: list[int]  # rows whose sample is not the whole tensor: need a full-tensor check
     full_check_rows: torch.Tensor  # the same, as a tensor on the device
+    # the concatenation holds the whole-row tensors in this order: those checked whole
+    # grouped by size, so that one row sum per size gives all their bit sums
+    source: list[int] = field(default_factory=list)
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # (start, tensors, numel)
+    sum_at: dict[int, int] = field(default_factory=dict)  # row -> position in the run sums
 
 
 @dataclass
@@ -126,6 +135,7 @@ class UpdateTracker:
         self._measured: list[int] = []  # parameters measured since the last results()
         self._partial = np.array([s is not None for s in self._sample], dtype=bool)
         self._flats: dict[int, torch.Tensor] = {}  # 1-D views of the parameters (see _flat)
+        self._sources: dict[int, tuple] = {}  # the same per bucket, by its id (see _source)
 
     def _flat(self, index: int) -> torch.Tensor:
         """The parameter's values as a 1-D tensor: a view kept from step to step for a
@@ -148,6 +158,7 @@ class UpdateTracker:
         if plan is None:
             if len(self._plans) >= 16:  # param groups change rarely; keep the cache small
                 self._plans.clear()
+                self._sources.clear()
             plan = self._plans[key] = self._make_plan(indices)
         return plan
 
@@ -167,43 +178,119 @@ class UpdateTracker:
             chosen = set(single)
             whole = [i for i in members if i not in chosen]
             gather = None
+            source: list[int] = []
+            runs: list[tuple[int, int, int]] = []
+            sum_at: dict[int, int] = {}
             if whole:
-                rows, offset = [], 0
-                sizes = [local_tensor(self._params[i]).numel() for i in whole]
-                total = sum(sizes)
-                for i, numel in zip(whole, sizes):
+                numels = {i: local_tensor(self._params[i]).numel() for i in whole}
+                by_size: dict[int, list[int]] = {}
+                for i in whole:
+                    if self._sample[i] is not None:
+                        by_size.setdefault(numels[i], []).append(i)
+                offsets: dict[int, int] = {}
+                offset = 0
+                for numel, same in by_size.items():
+                    runs.append((offset, len(same), numel))
+                    for i in same:
+                        offsets[i] = offset
+                        offset += numel
+                        source.append(i)
+                checked = len(source)
+                for i in whole:
+                    if i not in offsets:
+                        offsets[i] = offset
+                        offset += numels[i]
+                        source.append(i)
+                total = offset
+                row_of = {i: row for row, i in enumerate(whole)}
+                sum_at = {row_of[i]: pos for pos, i in enumerate(source[:checked])}
+                rows = []
+                for i in whole:
                     sample = self._sample[i]
-                    pos = (torch.arange(numel, device=device) if sample is None
-                           else sample.to(device)) + offset
+                    pos = (torch.arange(numels[i], device=device) if sample is None
+                           else sample.to(device)) + offsets[i]
                     pad = torch.full((width - pos.numel(),), total, dtype=torch.long,
                                      device=device)
                     rows.append(torch.cat([pos, pad]))
-                    offset += numel
-                gather = torch.stack(rows)
+                gather = torch.cat(rows)
             order = whole + single
             full_check = [row for row, i in enumerate(order) if self._sample[i] is not None]
             where = on_device(full_check, device)
-            buckets.append(_Bucket(order, whole, single, gather, full_check, where))
+            buckets.append(_Bucket(order, whole, single, gather, full_check, where, source,
+                                   runs, sum_at))
         return buckets
 
-    def _values(self, bucket: _Bucket) -> torch.Tensor:
-        """Sampled values of the bucket's parameters as a fresh float64 [rows, width] matrix."""
+    def _source(self, bucket: _Bucket) -> tuple[torch.Tensor, bool]:
+        """The bucket's whole-row tensors concatenated in `bucket.source` order, plus a
+        trailing zero (what padding points at); and whether they share one dtype, so that
+        its raw bits are each tensor's own.
+
+        The 1-D views of the tensors are kept per bucket and checked all at once (data
+        pointer, dtype and size, what `_flat` checks one by one)."""
+        params = self._params
+        kept = self._sources.get(id(bucket))
+        if kept is not None and kept[0] is bucket:
+            _, flats, pointers, dtype, numels = kept
+            tensors = [params[i] for i in bucket.source]
+            if ([t.data_ptr() for t in tensors] == pointers
+                    and all(t.dtype == dtype for t in tensors)
+                    and [t.numel() for t in tensors] == numels):
+                return torch.cat([*flats, flats[0].new_zeros(1)]), True
+        flats = [self._flat(i) for i in bucket.source]
+        dtype = flats[0].dtype
+        same = all(f.dtype == dtype for f in flats)
+        if same and all(self._flats.get(i) is f for i, f in zip(bucket.source, flats)):
+            self._sources[id(bucket)] = (bucket, flats, [f.data_ptr() for f in flats], dtype,
+                                         [f.numel() for f in flats])
+        return torch.cat([*flats, flats[0].new_zeros(1)]), same
+
+    def _values(self, bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampled values of the bucket's parameters as a fresh float64 [rows, width] matrix,
+        and the concatenation they were gathered from when its raw bits are the tensors'
+        own (see `_bit_sums`)."""
         parts = []
+        source = None
         if bucket.whole:
-            flats = [self._flat(i) for i in bucket.whole]
-            source = torch.cat([*flats, flats[0].new_zeros(1)])
-            parts.append(source[bucket.gather])
+            source, exact = self._source(bucket)
+            parts.append(source.index_select(0, _present(bucket.gather)).view(
+                len(bucket.whole), -1))
+            if not exact:
+                source = None
         if bucket.single:
             parts.append(torch.stack([self._flat(i).index_select(0, _present(self._sample[i]))
                                       for i in bucket.single]))
         values = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return values.to(torch.float64)  # a new tensor either way: indexing copies
+        return values.to(torch.float64), source  # a new tensor either way: indexing copies
 
-    def _bit_sums(self, bucket: _Bucket, rows: Sequence[int]) -> torch.Tensor | None:
+    def _bit_sums(self, bucket: _Bucket, rows: Sequence[int],
+                  source: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Bit sums (`bit_sum`) of the whole tensors of `rows`, in that order. Those of
+        whole rows are row sums over `source` (one per tensor size; integer sums wrap the
+        same in any order), the others one by one."""
         if not rows:
             return None
-        return torch.stack([bit_sum(local_tensor(self._params[bucket.indices[r]]).detach())
-                            for r in rows])
+        at = bucket.sum_at
+        listed = [r for r in rows if r in at] if source is not None else []
+        if not listed:
+            return torch.stack([bit_sum(local_tensor(self._params[bucket.indices[r]]).detach())
+                                for r in rows])
+        size = source.element_size()
+        kind = _BIT_VIEWS[size]
+        total = torch.int64 if size == 8 else torch.int32
+        sums = [source[start: start + count * numel].view(count, numel).view(kind).sum(
+            1, dtype=total) for start, count, numel in bucket.runs]
+        found = torch.cat(sums) if len(sums) > 1 else sums[0]
+        position = {r: at[r] for r in listed}
+        others = [r for r in rows if r not in position]
+        if others:
+            position.update({r: found.shape[0] + k for k, r in enumerate(others)})
+            found = torch.cat([found, torch.stack(
+                [bit_sum(local_tensor(self._params[bucket.indices[r]]).detach())
+                 for r in others])])
+        picked = [position[r] for r in rows]
+        if picked == list(range(found.shape[0])):
+            return found
+        return found.index_select(0, on_device(picked, found.device))
 
     def _versions(self, bucket: _Bucket) -> tuple[int, ...]:
         return tuple(self._params[i]._version for i in bucket.indices)
@@ -216,21 +303,22 @@ class UpdateTracker:
         for bucket in self._plan(indices):
             # fresh samples every time (a write through .data moves no version counter, and
             # a gather per bucket is cheap); bit sums are carried over when still valid
-            values = self._values(bucket)
-            checked, sums = self._before_sums(bucket, step)
+            values, source = self._values(bucket)
+            checked, sums = self._before_sums(bucket, step, source)
             snapshot = _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
                                  checked, sums)
             for row, i in enumerate(bucket.indices):
                 self._before[i] = (snapshot, row)
 
-    def _before_sums(self, bucket: _Bucket, step: int) -> tuple[list[int], torch.Tensor | None]:
+    def _before_sums(self, bucket: _Bucket, step: int, source: torch.Tensor | None = None
+                     ) -> tuple[list[int], torch.Tensor | None]:
         """The rows to check whole, and their bit sums: from the previous step's after-step
         sums when no tensor of the bucket was written to since, else computed now."""
         wanted = self._to_check(bucket)
         kept = self._kept.pop(id(bucket), None)
         if (kept is None or kept.bucket is not bucket or step - kept.step not in (0, 1)
                 or kept.versions != self._versions(bucket)):
-            return wanted, self._bit_sums(bucket, wanted)
+            return wanted, self._bit_sums(bucket, wanted, source)
         have = {row: pos for pos, row in enumerate(kept.checked)}
         present = [row for row in wanted if row in have]
         missing = [row for row in wanted if row not in have]
@@ -240,7 +328,7 @@ class UpdateTracker:
             parts.append(sums.index_select(
                 0, on_device([have[row] for row in present], sums.device)))
         if missing:
-            parts.append(_present(self._bit_sums(bucket, missing)))
+            parts.append(_present(self._bit_sums(bucket, missing, source)))
         return present + missing, (torch.cat(parts) if len(parts) > 1
                                    else (parts[0] if parts else None))
 
@@ -264,9 +352,10 @@ class UpdateTracker:
         checked rows whether the whole tensor's bit sum moved; `results()` makes the update
         ratio and the changed flag of them on the host (a few numbers per parameter)."""
         bucket = snap.bucket
-        new_values = self._values(bucket)
-        diff = torch.linalg.vector_norm(new_values - snap.values, dim=1)
-        new_sums = self._bit_sums(bucket, snap.checked)
+        new_values, source = self._values(bucket)
+        # in place: the fresh values are read for nothing else
+        diff = torch.linalg.vector_norm(new_values.sub_(snap.values), dim=1)
+        new_sums = self._bit_sums(bucket, snap.checked, source)
         if keep:
             self._kept[id(bucket)] = _KeptSums(bucket, snap.checked, new_sums, step,
                                                self._versions(bucket))
@@ -326,6 +415,7 @@ class UpdateTracker:
         self._before.clear()
         self._kept.clear()
         self._flats.clear()
+        self._sources.clear()
         self._measured = []
 
 
