@@ -374,3 +374,37 @@ def test_staged_counts_exact_at_full_sample_width():
     assert stats[full][RowStat.NONZERO] == SAMPLE and stats[full][RowStat.SATURATED] == SAMPLE
     assert stats[empty][RowStat.NONZERO] == 0 and stats[empty][RowStat.SATURATED] == 0
     assert stats[sampled][RowStat.NONZERO] == SAMPLE
+
+
+def test_hooks_are_added_after_the_users_and_removed_without_a_trace():
+    from gradscope.guard import Guard
+    from gradscope.signals.activations import ActivationCollector
+
+    calls = []
+
+    class Own(nn.Linear):  # a module with its own registration: used as it is
+        def register_forward_hook(self, hook, **kwargs):
+            calls.append("own")
+            return super().register_forward_hook(hook, **kwargs)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Own(4, 2))
+    order = []
+    model[0].register_forward_hook(lambda *a: order.append("user"))
+    before = {name: (list(m._forward_hooks), list(m._forward_pre_hooks))
+              for name, m in model.named_modules()}
+    collector = ActivationCollector(model, Guard())
+    for _ in range(2):
+        collector.attach()
+        assert collector.attached and calls
+        first = list(model[0]._forward_hooks.values())
+        assert len(first) == 2 and first[1] is not first[0]  # after the user's hook
+        model(torch.randn(2, 3))
+        assert order == ["user"]
+        collector.detach()
+        order.clear()
+        calls.clear()
+        assert not collector.attached
+        assert {name: (list(m._forward_hooks), list(m._forward_pre_hooks))
+                for name, m in model.named_modules()} == before
+    handle = model[1].register_forward_hook(lambda *a: None)  # torch's ids stay unique
+    assert handle.id not in before["0"][0]

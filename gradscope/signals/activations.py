@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
 
 from ..guard import Guard
 from ..hooks import HookSet
@@ -42,6 +43,10 @@ FUNCTIONAL_ACTIVATIONS: dict[str, tuple[bool, tuple[float, float] | None]] = {
 }
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
 CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
+
+
+_REGISTER = nn.Module.register_forward_hook
+_REGISTER_PRE = nn.Module.register_forward_pre_hook
 
 
 class ModuleAcc(IntEnum):
@@ -147,7 +152,9 @@ class ActivationCollector:
         self._model = model
         self._guard = guard
         self._track_nonfinite = track_nonfinite
-        self._hooks = HookSet()
+        self._hooks = HookSet()  # hooks registered through a module's own methods
+        self._entries: list[Any] = []  # hook dict, key, hook dict, key, ... (see attach)
+        self._hook_plan: list[tuple[nn.Module, Any, bool]] | None = None
         self.hook_calls = 0
         self._wrapped: dict[str, Any] = {}
         self._modules = list(model.named_modules())
@@ -193,29 +200,57 @@ class ActivationCollector:
 
     @property
     def attached(self) -> bool:
-        return len(self._hooks) > 0
+        return len(self._hooks) > 0 or len(self._entries) > 0
+
+    def _plan(self) -> list[tuple[nn.Module, Any, bool]]:
+        """(module, guarded hook, is a pre-hook) in registration order; hooks built once."""
+        if self._hook_plan is None:
+            plan = []
+            for name, module in self._modules:
+                if not self._leaf[name] and not self._track_nonfinite:
+                    continue
+                hook = self._wrapped.get(name)
+                if hook is None:
+                    hook = self._wrapped[name] = self._guard.wrap("activations",
+                                                                  self._make_hook(name))
+                plan.append((module, hook, False))
+            for name in self._owners:
+                row = input_row(name)
+                hook = self._wrapped.get(row)
+                if hook is None:
+                    hook = self._wrapped[row] = self._guard.wrap("activations",
+                                                                 self._make_input_hook(row))
+                plan.append((self._by_name[name], hook, True))
+            self._hook_plan = plan
+        return self._hook_plan
 
     def attach(self) -> None:
+        """Register the hooks (on each recorded step: a registered hook costs every forward).
+
+        A plain module gets them as `register_forward_hook` / `register_forward_pre_hook`
+        would add them (an entry under a fresh handle id at the end of its hook dict, which
+        is all those do) without a handle object per hook; a module that overrides those
+        methods gets them through its own."""
         if self.attached or self._guard.is_off("activations"):
             return
-        for name, module in self._modules:
-            if not self._leaf[name] and not self._track_nonfinite:
+        entries = self._entries
+        for module, hook, pre in self._plan():
+            method = type(module).register_forward_pre_hook if pre else type(
+                module).register_forward_hook
+            if method is not (_REGISTER_PRE if pre else _REGISTER):
+                self._hooks.add(method(module, hook))
                 continue
-            hook = self._wrapped.get(name)
-            if hook is None:  # built once, re-registered on each recorded step
-                hook = self._wrapped[name] = self._guard.wrap("activations",
-                                                              self._make_hook(name))
-            self._hooks.add(module.register_forward_hook(hook))
-        for name in self._owners:
-            row = input_row(name)
-            hook = self._wrapped.get(row)
-            if hook is None:
-                hook = self._wrapped[row] = self._guard.wrap("activations",
-                                                             self._make_input_hook(row))
-            self._hooks.add(self._by_name[name].register_forward_pre_hook(hook))
+            hooks = module._forward_pre_hooks if pre else module._forward_hooks
+            key = RemovableHandle.next_id
+            RemovableHandle.next_id = key + 1
+            hooks[key] = hook
+            entries += (hooks, key)
 
     def detach(self) -> None:
         """Remove the hooks and drop whatever an unfinished step staged."""
+        entries, self._entries = self._entries, []
+        for i in range(0, len(entries), 2):
+            entries[i].pop(entries[i + 1], None)
         self._hooks.remove()
         self.reset()
 
