@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from enum import IntEnum
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -296,8 +297,8 @@ class ActivationCollector:
                     and output.is_floating_point() and output.numel() <= SAMPLE
                     and type(args) is tuple and len(args) == 1
                     and isinstance(args[0], tensor_type)):
-                x = args[0]
-                if not track or not x.is_floating_point():
+                x: torch.Tensor | None = args[0]
+                if not track or not args[0].is_floating_point():
                     x = None
                 set_grad_enabled(False)  # torch.no_grad() without its Python overhead
                 try:
@@ -578,13 +579,22 @@ class ActivationCollector:
         units: dict[str, int] = {}
         for name, count in self._active:
             units[name] = units.get(name, 0) + count
-        n = np.array([max(self._numel.get(name, 0), 1) for name in names], dtype=np.float64)
-        n_out = np.array([max(self._out_numel.get(name, 0), 1) for name in names],
-                         dtype=np.float64)
-        leaf = np.array([self._leaf[name] for name in names], dtype=bool)
-        has_dead = np.array([name in units and self._unit_rows.get(name, 0) >= MIN_UNIT_ROWS
-                             for name in names], dtype=bool)
-        unit_count = np.array([max(units.get(name, 0), 1) for name in names], dtype=np.float64)
+        count = len(names)
+
+        def column(values: dict[str, int]) -> np.ndarray:
+            """values[name] (0 when missing) of each module, in row order."""
+            return np.fromiter(map(values.get, names, repeat(0)), np.int64, count)
+
+        n = np.maximum(column(self._numel), 1).astype(np.float64)
+        n_out = np.maximum(column(self._out_numel), 1).astype(np.float64)
+        leaf = np.fromiter(map(self._leaf.__getitem__, names), bool, count)
+        if units:
+            has_dead = np.array([name in units and self._unit_rows.get(name, 0) >= MIN_UNIT_ROWS
+                                 for name in names], dtype=bool)
+            unit_count = np.maximum(column(units), 1).astype(np.float64)
+        else:  # no ReLU output this step
+            has_dead = np.zeros(count, dtype=bool)
+            unit_count = np.ones(count)
         floats = np.empty((len(names), len(FLOAT_FIELDS)))
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
             mean = acc[:, ModuleAcc.SUM] / n
@@ -598,9 +608,9 @@ class ActivationCollector:
         floats[:, 5] = np.where(has_dead, acc[:, ModuleAcc.DEAD] / unit_count, np.nan)
         ints = np.empty((len(names), 3), dtype=np.int64)
         ints[:, 0] = acc[:, ModuleAcc.IN_NONFINITE]
-        ints[:, 1] = [self._calls.get(name, 0) for name in names]
+        ints[:, 1] = column(self._calls)
         ints[:, 2] = np.arange(len(names))
-        bounded = np.array([self._bounded[name] for name in names], dtype=bool)
+        bounded = np.fromiter(map(self._bounded.__getitem__, names), bool, count)
         flags = np.stack([leaf, bounded, has_dead], axis=1)
         key = tuple(names)
         index = self._index_cache.get(key)

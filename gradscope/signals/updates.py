@@ -271,7 +271,7 @@ class UpdateTracker:
             return None
         at = bucket.sum_at
         listed = [r for r in rows if r in at] if source is not None else []
-        if not listed:
+        if source is None or not listed:
             return torch.stack([bit_sum(local_tensor(self._params[bucket.indices[r]]).detach())
                                 for r in rows])
         size = source.element_size()
