@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -307,8 +308,8 @@ class UpdateTracker:
             checked, sums = self._before_sums(bucket, step, source)
             snapshot = _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
                                  checked, sums)
-            for row, i in enumerate(bucket.indices):
-                self._before[i] = (snapshot, row)
+            rows = bucket.indices
+            self._before.update(zip(rows, zip(repeat(snapshot), range(len(rows)))))
 
     def _before_sums(self, bucket: _Bucket, step: int, source: torch.Tensor | None = None
                      ) -> tuple[list[int], torch.Tensor | None]:
@@ -337,20 +338,27 @@ class UpdateTracker:
               keep: bool = False) -> None:
         """Queue the update measurements of `indices`; with `keep`, hold the after-step bit
         sums for the next `before()`."""
+        entries = list(map(self._before.pop, indices, repeat(None)))
+        first = entries[0] if entries else None
+        if (first is not None and len(entries) == len(first[0].bucket.indices)
+                and all(e is not None and e[0] is first[0] for e in entries)):
+            # the common case: every row of one snapshot (what the loop below finds then)
+            self._measure(first[0], None, batch, step, keep)
+            return
         wanted: dict[int, tuple[_Snapshot, list[tuple[int, int]]]] = {}
-        for i in indices:
-            entry = self._before.pop(i, None)
+        for i, entry in zip(indices, entries):
             if entry is not None:
                 snapshot, row = entry
                 wanted.setdefault(id(snapshot), (snapshot, []))[1].append((row, i))
         for snapshot, rows in wanted.values():
             self._measure(snapshot, rows, batch, step, keep)
 
-    def _measure(self, snap: _Snapshot, rows: list[tuple[int, int]], batch: DeviceBatch,
-                 step: int, keep: bool) -> None:
+    def _measure(self, snap: _Snapshot, rows: list[tuple[int, int]] | None,
+                 batch: DeviceBatch, step: int, keep: bool) -> None:
         """Queue ||w_after - w_before|| and ||w_before|| of the sampled values, and for the
         checked rows whether the whole tensor's bit sum moved; `results()` makes the update
-        ratio and the changed flag of them on the host (a few numbers per parameter)."""
+        ratio and the changed flag of them on the host (a few numbers per parameter).
+        `rows`: (row, parameter index) of the rows to measure; None for all of them."""
         bucket = snap.bucket
         new_values, source = self._values(bucket)
         # in place: the fresh values are read for nothing else
@@ -361,7 +369,7 @@ class UpdateTracker:
                                                self._versions(bucket))
         base = snap.base
         targets = bucket.indices
-        if len(rows) < len(bucket.indices):
+        if rows is not None and len(rows) < len(bucket.indices):
             rows = sorted(rows)
             pick = on_device([r for r, _ in rows], base.device)
             diff, base = diff.index_select(0, pick), base.index_select(0, pick)
@@ -369,7 +377,10 @@ class UpdateTracker:
         batch.put("update_diff", diff, targets)
         batch.put("update_base", base, targets)
         self._measured.extend(targets)
-        if snap.checked:
+        if snap.checked and targets is bucket.indices:  # every row: every checked one too
+            differs = torch.ne(_present(new_sums), _present(snap.sums)).to(torch.float64)
+            batch.put("update_bits_moved", differs, [targets[r] for r in snap.checked])
+        elif snap.checked:
             wanted = set(targets)
             checked = [(pos, bucket.indices[r]) for pos, r in enumerate(snap.checked)
                        if bucket.indices[r] in wanted]
