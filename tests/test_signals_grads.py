@@ -197,3 +197,31 @@ def test_layer_update_ratio_weights_parameters_by_their_norm():
     rec = record(layout, 0, update_ratio=np.array([1e-3, 10.0]), param_norm=np.array([8.0, 1e-3]))
     expected = np.sqrt((1e-3 * 8.0) ** 2 + (10.0 * 1e-3) ** 2) / np.sqrt(8.0 ** 2 + 1e-6)
     np.testing.assert_allclose(rec.layer_update_ratio(layout), [expected])
+
+
+def test_plain_gradients_fast_path_gives_what_the_general_path_gives(monkeypatch):
+    from gradscope.signals import grads as grads_module
+    from gradscope.signals.transfer import DeviceBatch
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen))
+              for s in [(4, 3), (3,), (4, 3), (70000,), (1,)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    params[2].grad[0, 1] = float("nan")
+    fields = {"grad_norm": len(params), "grad_max": len(params), "param_norm": len(params)}
+
+    def measure():
+        batch = DeviceBatch()
+        grads_module.put_grad_stats(params, list(range(len(params))), batch)
+        grads_module.put_param_norms(params, list(range(len(params))), batch, "param_norm")
+        return batch.fetch(fields)
+
+    assert grads_module._plain(params) and grads_module._plain([p.grad for p in params])
+    fast = measure()
+    monkeypatch.setattr(grads_module, "_plain", lambda tensors: False)
+    general = measure()
+    for name in fields:
+        np.testing.assert_array_equal(fast[name], general[name])
+    assert not grads_module._plain([params[0].grad, None])
+    assert not grads_module._plain([params[0], params[1].double()])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -42,6 +43,9 @@ def put_grad_stats(
         [2.0]
     """
     grads = [p.grad for p in params]
+    if grads and _plain(grads):  # the common case, without per-gradient calls
+        put_norms(batch, cast(list[torch.Tensor], grads), indices, "grad_norm", "grad_max")
+        return grads
     present = [(dense_values(g), i) for g, i in zip(grads, indices)
                if g is not None and measurable(g)]
     sharded = [(g, i) for g, i in present if is_sharded(g)]
@@ -53,6 +57,22 @@ def put_grad_stats(
         for group, group_idx in group_by_device_dtype(tensors, idx):
             put_norms(batch, group, group_idx, "grad_norm", "grad_max")
     return grads
+
+
+def _plain(tensors: Sequence[Any]) -> bool:
+    """Whether every tensor is a plain (not sharded), dense, non-empty one and all share the
+    first one's device and dtype: then they are one group of `group_by_device_dtype`, each
+    its own `dense_values` and `measurable`."""
+    first = tensors[0]
+    if first is None:
+        return False
+    dtype, device = first.dtype, first.device
+    return all(type(t) in _PLAIN_TYPES and t.layout is _STRIDED and t.numel() > 0
+               and t.dtype == dtype and t.device == device for t in tensors)
+
+
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+_STRIDED = torch.strided
 
 
 #: CPU tensors up to this many elements are measured as rows of one matrix per shape.
@@ -182,6 +202,9 @@ def put_param_norms(
     params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch, field: str
 ) -> None:
     """Queue the L2 norm of each parameter's values as `field`."""
+    if params and _plain(params):  # the common case, without per-parameter calls
+        put_norms(batch, params, indices, field)
+        return
     if any(is_sharded(p) for p in params):  # FSDP2 shards: combined in one collective
         sharded = [(p, i) for p, i in zip(params, indices) if is_sharded(p)]
         put_sharded_norms([p for p, _ in sharded], [i for _, i in sharded], batch, field)
