@@ -2,6 +2,7 @@
 bounded activations, dead ReLU units; which forwards count (train mode with grad only, each
 call of a shared module, checkpoint recomputation once)."""
 
+import numpy as np
 import pytest
 import torch
 from tolerance import mean_tol, near_threshold_frac, std_tol
@@ -408,3 +409,44 @@ def test_hooks_are_added_after_the_users_and_removed_without_a_trace():
                 for name, m in model.named_modules()} == before
     handle = model[1].register_forward_hook(lambda *a: None)  # torch's ids stay unique
     assert handle.id not in before["0"][0]
+
+
+def test_inlined_leaf_calls_give_what_the_general_path_gives(monkeypatch):
+    from gradscope.guard import Guard
+    from gradscope.signals import activations
+    from gradscope.signals.activations import ActivationCollector
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.act = nn.Sigmoid()
+
+        def forward(self, x):
+            return self.act(self.fc(self.act(x)))  # a module called twice
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(10, 8), nn.Flatten(), nn.Linear(32, 8), nn.Tanh(), nn.Identity(),
+        Twice(), nn.Linear(8, 8), nn.Dropout(0.5, inplace=True), nn.Linear(8, 300 * 64),
+        nn.Tanh(), nn.Linear(300 * 64, 8), nn.Hardtanh(-0.5, 0.5))
+    ids = torch.randint(0, 10, (3, 4))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # NaN/Inf counts too
+    tables = []
+    for inline in (True, False):
+        monkeypatch.setattr(activations, "INLINE_LEAF_CALLS", inline)
+        collector = ActivationCollector(model, Guard())
+        collector.attach()
+        torch.manual_seed(1)  # the same dropout mask
+        model(ids)
+        batch = DeviceBatch()
+        collector.put(batch)
+        tables.append(collector.results(batch.fetch()))
+        collector.detach()
+    fast, general = tables
+    assert fast._names == general._names and len(fast._names) > 12
+    np.testing.assert_array_equal(fast._floats, general._floats)
+    np.testing.assert_array_equal(fast._ints, general._ints)
+    np.testing.assert_array_equal(fast._flags, general._flags)
+    assert np.nansum(fast._floats[:, 3]) > 0  # NaN/Inf fractions were counted

@@ -42,6 +42,9 @@ FUNCTIONAL_ACTIVATIONS: dict[str, tuple[bool, tuple[float, float] | None]] = {
     "TanhBackward0": (False, (-1.0, 1.0)),
     "TanhBackward1": (False, (-1.0, 1.0)),
 }
+#: Whether a leaf module's common call takes the hook's inlined path (False: always the
+#: general `_record`, which gives the same statistics; the tests compare the two).
+INLINE_LEAF_CALLS = True
 #: Modules whose presence means 3-d activations are (batch, channels, length) maps.
 CONV1D_FAMILY: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.ConvTranspose1d)
 
@@ -279,7 +282,7 @@ class ActivationCollector:
         activation = name in self._activation_modules
         # a leaf that is no ReLU (whose units are watched): its common call, one small
         # plain tensor in and one out, takes the inlined path below (what _record does)
-        simple = leaf and not relu
+        simple = leaf and not relu and INLINE_LEAF_CALLS
         in_column, out_column = ModuleAcc.IN_NONFINITE, ModuleAcc.NONFINITE
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
