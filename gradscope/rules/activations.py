@@ -34,13 +34,22 @@ def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
     The model's output activation is left out: a confident classifier's final sigmoid sits
     at 0 and 1 by design, and a final ReLU may be zero for most targets.
     """
-    names = None
-    for r in records:
-        over = set(r.modules_over(field, limit)) - {_output_module(r)}
+    names: frozenset[str] | None = None
+    for r in reversed(records):  # the latest first: it is the one most often empty
+        over = _hidden_over(r, field, limit)
         names = over if names is None else names & over
+        if not names:
+            return []
     last = records[-1].modules_over(field, limit)
     order = {n: i for i, n in enumerate(records[-1].activations)}  # ties: in forward order
     return sorted(((n, last[n]) for n in names or ()), key=lambda x: (-x[1], order[x[0]]))
+
+
+def _hidden_over(record, field: str, limit: float) -> frozenset[str]:
+    """The modules of `record` over `limit` on `field`, the output module left out (kept
+    with the record: records do not change once stored)."""
+    return record.derived(f"hidden_over:{field}:{limit}", lambda: frozenset(
+        record.modules_over(field, limit)) - {_output_module(record)})
 
 
 FACT_WINDOW = Threshold(

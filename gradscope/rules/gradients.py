@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import evidence as ev
@@ -26,7 +28,10 @@ def grad_none(ctx: RuleContext) -> Finding | None:
     if len(records) < window:
         return None
     tail = records[-window:]
-    watched_trainable = np.array([p.requires_grad for p in ctx.layout.params], dtype=bool)
+    watched_trainable = ctx.layout.static("watched_trainable", lambda: np.array(
+        [p.requires_grad for p in ctx.layout.params], dtype=bool))
+    if not _may_lack_grads(tail[-1], watched_trainable):
+        return None  # each of the signs below must hold on the last record too
     none = np.logical_and.reduce([r.grad_none for r in tail])
     turned_off = np.logical_and.reduce([watched_trainable & ~r.requires_grad for r in tail])
     # A detached loss passed to step() is only a problem when nothing got a gradient (a loop
@@ -82,6 +87,14 @@ def grad_none(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _may_lack_grads(record, watched_trainable: np.ndarray) -> bool:
+    """Whether `record` shows a parameter without a gradient, one whose requires_grad was
+    turned off, or a detached loss with no gradient anywhere (kept with the record)."""
+    return record.derived("may_lack_grads", lambda: bool(
+        record.grad_none.any() or (watched_trainable & ~record.requires_grad).any()
+        or (record.loss_requires_grad is False and _no_grads(record))))
+
+
 def _no_grads(record) -> bool:
     trainable = record.requires_grad
     return bool(trainable.any()) and bool(record.grad_none[trainable].all())
@@ -106,6 +119,8 @@ def grad_vanishing(ctx: RuleContext) -> Finding | None:
     if len(records) < window:
         return None
     recs = records[-window:]
+    if not _may_vanish(ctx, recs[-1]):
+        return None  # the condition must hold on every record of the window, the last too
     found = [_first_last_grad(ctx, r) for r in recs]
     ends = [e for e in found if e is not None]
     if len(ends) < len(found):
@@ -152,6 +167,18 @@ def _first_last_grad(ctx: RuleContext, record) -> tuple[float, float] | None:
         return (float(grads[cols[0]]), float(grads[cols[-1]])) if cols.size >= 2 else None
 
     return record.derived("first_last_grad", compute)
+
+
+def _may_vanish(ctx: RuleContext, record) -> bool:
+    """Whether the first/last gradient-norm test of grad-vanishing can hold on `record`
+    (False only when it certainly does not)."""
+    ends = _first_last_grad(ctx, record)
+    if ends is None:
+        return False
+    first, last = ends
+    if not first < ctx.t["first_norm"]:
+        return False
+    return last == 0 or first / last < ctx.t["ratio"]
 
 
 SQUASHING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")
@@ -212,14 +239,17 @@ def _fan_in(ctx: RuleContext, layer: int) -> int:
 def grad_exploding(ctx: RuleContext) -> Finding | None:
     """Total gradient norm grows by orders of magnitude or spikes repeatedly."""
     records = [r for r in ctx.healthy_records if not r.overflow]
-    totals = np.array([_total(r) for r in records])
-    if totals.size < ctx.t["window"]:
+    listed = [_total(r) for r in records]
+    if len(listed) < ctx.t["window"]:
         return None
     first = [_total(r) for r in ctx.first if not r.overflow]
-    first = [t for t in first if np.isfinite(t) and t > 0][:3]
+    first = [t for t in first if math.isfinite(t) and t > 0][:3]
     if not first:
         return None
     early = fast_median(first)
+    if not _may_explode(listed, early, ctx.t):
+        return None
+    totals = np.array(listed)
     tail = totals[-int(ctx.t["window"]):]
     measured = np.isfinite(tail)
     # growth only: every measured norm of the window that far above the start (a window
@@ -275,6 +305,33 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _may_explode(totals: list[float], early: float, t: dict) -> bool:
+    """Whether the window of total gradient norms grew `growth` times over `early` or holds a
+    spike over the median of the finite ones: the preconditions of grad-exploding, in plain
+    floats (the window is a few values)."""
+    tail = totals[-int(t["window"]):]
+    measured = [v for v in tail if math.isfinite(v)]
+    if measured and all(v >= t["growth"] * early for v in measured):
+        return True
+    med = _median_of_finite([v for v in totals if math.isfinite(v)])
+    return med > 0 and any(v >= t["spike"] * med for v in tail)
+
+
+def _median_of_finite(values: list[float]) -> float:
+    """fast_median of finite floats, without numpy (NaN when empty).
+
+    Example:
+        >>> _median_of_finite([3.0, 1.0, 2.0, 10.0]) == fast_median([3.0, 1.0, 2.0, 10.0])
+        True
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return math.nan
+    mid = n // 2
+    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
 def _total(record) -> float:
     return record.total_grad_norm()
 
@@ -287,7 +344,9 @@ def _total(record) -> float:
       causes=("missing-zero-grad",))
 def grad_accumulating(ctx: RuleContext) -> Finding | None:
     """Gradients from the previous optimizer step were still there when backward ran again."""
-    checked = [r for r in ctx.records if not np.isnan(_stale_total(r))]
+    checked = [r for r in ctx.records if not math.isnan(_stale_total(r))]
+    if not checked or not _stale_total(checked[-1]) > 0:
+        return None  # the window ends on a record without leftover gradients
     tail = persistent(checked, ctx.t["window"], lambda r: _stale_total(r) > 0)
     if tail is None:
         return None
@@ -335,6 +394,9 @@ def layers_stalled(ctx: RuleContext) -> Finding | None:
     if len(records) < ctx.t["window"] or in_lr_warmup(records[-int(ctx.t["window"]):]):
         return None
     recs = records[-int(ctx.t["window"]):]
+    last_view = _stall_view(ctx, recs[-1], ctx.t["stall"])
+    if last_view is None or not last_view[2].any() or not last_view[1] > 1e-5:
+        return None  # a layer must be stalled, and the median healthy, in every record
     views = [_stall_view(ctx, r, ctx.t["stall"]) for r in recs]
     if any(v is None for v in views):
         return None

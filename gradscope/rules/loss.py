@@ -272,7 +272,7 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     steps, losses = ctx.losses
     keep = (steps >= ctx.t["warmup"]) & np.isfinite(losses)
     steps, losses = steps[keep][-UNSTABLE_SPAN:], losses[keep][-UNSTABLE_SPAN:]
-    if len(losses) < 40:
+    if len(losses) < 40 or not _may_spike(losses, ctx.t):
         return None
     base = _rolling_typical(losses[:-1], 20)
     ratio = np.where(base > 0, losses[20:] / np.where(base > 0, base, 1.0), 0.0)
@@ -333,6 +333,25 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
             "LayerNorm.",
         ],
     )
+
+
+def _may_spike(losses: np.ndarray, t: dict) -> bool:
+    """Whether `spikes` of the losses after the first 20 can be `spike` times their local
+    level (False only when they certainly cannot): a level, the geometric mean or median of
+    20 losses before, is at least their minimum, so a spike is at least `spike` times the
+    smallest loss (with a margin far above the level's rounding).
+
+    >>> import numpy as np
+    >>> flat = np.ones(40)
+    >>> _may_spike(flat, {"spike": 2.0, "spikes": 3}), _may_spike(flat * [1, 3] * 20, {
+    ...     "spike": 2.0, "spikes": 3})
+    (False, True)
+    """
+    spike = t["spike"]
+    low = float(losses[:-1].min())
+    if not (spike > 0 and low > 0):
+        return True
+    return int(np.count_nonzero(losses[20:] >= spike * low * (1 - 1e-9))) >= t["spikes"]
 
 
 #: Steps of loss history before a loss that stopped improving can be called stalled.
