@@ -48,8 +48,11 @@ def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
 def _hidden_over(record, field: str, limit: float) -> frozenset[str]:
     """The modules of `record` over `limit` on `field`, the output module left out (kept
     with the record: records do not change once stored)."""
-    return record.derived(f"hidden_over:{field}:{limit}", lambda: frozenset(
-        record.modules_over(field, limit)) - {_output_module(record)})
+    def compute() -> frozenset[str]:
+        over = record.modules_over(field, limit)
+        return frozenset(over) - {_output_module(record)} if over else frozenset()
+
+    return record.derived(f"hidden_over:{field}:{limit}", compute)
 
 
 FACT_WINDOW = Threshold(

@@ -16,11 +16,22 @@ from .context import RuleContext
 Score = tuple[str, float, str]
 
 
+def _window_key(name: str, records: Sequence[StepRecord]) -> str:
+    """A memo key for a value of these records in this evaluation (steps are unique)."""
+    return f"{name}:{','.join(str(r.step) for r in records)}"
+
+
 def update_ratio_median(ctx: RuleContext, records: Sequence[StepRecord]) -> float:
-    values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
-    if not values:
-        return float("nan")
-    return float(median_finite(np.vstack(values)))
+    """Median update/weight ratio of every layer over the stepped records (once per
+    evaluation for a window: several causes and rules ask for it)."""
+
+    def compute() -> float:
+        values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
+        if not values:
+            return float("nan")
+        return float(median_finite(np.vstack(values)))
+
+    return ctx.memo(_window_key("update_median", records), compute)
 
 
 def grad_total_median(records: Sequence[StepRecord]) -> float:
@@ -35,12 +46,16 @@ def fastest_update_ratio(ctx: RuleContext, records: Sequence[StepRecord]) -> flo
     If even that layer barely moves, the step size is the problem; if only some layers
     barely move, their gradients are (vanishing, blocked), not the learning rate.
     """
-    values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
-    if not values:
-        return float("nan")
-    per_layer = np.asarray(median_finite(np.vstack(values), axis=0))
-    finite = per_layer[np.isfinite(per_layer)]
-    return float(finite.max()) if finite.size else float("nan")
+
+    def compute() -> float:
+        values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
+        if not values:
+            return float("nan")
+        per_layer = np.asarray(median_finite(np.vstack(values), axis=0))
+        finite = per_layer[np.isfinite(per_layer)]
+        return float(finite.max()) if finite.size else float("nan")
+
+    return ctx.memo(_window_key("fastest_update", records), compute)
 
 
 def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
@@ -177,11 +192,14 @@ def zero_weights(ctx: RuleContext) -> Score:
         return ("poor-init", 0.0, "")
     # layers' weight matrices only (tokens, position tables and embeddings may start at zero
     # by design), and only those still zero now: a matrix zeroed on purpose (LoRA's B) moves
-    types = ctx.layout.module_types
-    zero = [p.name for p, before, now in zip(ctx.layout.params, first.param_norm.tolist(),
-                                             last.param_norm.tolist())
-            if len(p.shape) >= 2 and p.name.rpartition(".")[2] == "weight" and before == 0.0
-            and now == 0.0 and types.get(p.layer) not in ("Embedding", "EmbeddingBag")]
+    layout = ctx.layout
+    matrices = layout.static("weight_matrices", lambda: np.array([
+        i for i, p in enumerate(layout.params)
+        if len(p.shape) >= 2 and p.name.rpartition(".")[2] == "weight"
+        and layout.module_types.get(p.layer) not in ("Embedding", "EmbeddingBag")],
+        dtype=np.int64))
+    zeros = matrices[(first.param_norm[matrices] == 0.0) & (last.param_norm[matrices] == 0.0)]
+    zero = [layout.params[i].name for i in zeros.tolist()]
     if not zero:
         return ("poor-init", 0.0, "")
     return ("poor-init", 3.0,
@@ -197,8 +215,17 @@ def leftover_gradients(records: Sequence[StepRecord]) -> tuple[int, int] | None:
     Example:
         >>> leftover_gradients([])
     """
-    checked = [r for r in records if np.any(~np.isnan(r.stale_grad))]
-    stale = [r for r in checked if float(np.nansum(r.stale_grad)) > 0]
+    flags = [_leftover(r) for r in records]
+    checked = [stale for stale in flags if stale is not None]
+    stale = [s for s in checked if s]
     if len(stale) < 2 or len(stale) < len(checked) // 2 + 1:
         return None
     return len(stale), len(checked)
+
+
+def _leftover(record: StepRecord) -> bool | None:
+    """Whether gradients were left over when backward began at `record` (None when it was not
+    checked); kept with the record."""
+    return record.derived("leftover", lambda: (
+        bool(float(np.nansum(record.stale_grad)) > 0)
+        if np.any(~np.isnan(record.stale_grad)) else None))

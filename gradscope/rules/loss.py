@@ -342,9 +342,8 @@ def _may_spike(losses: np.ndarray, t: dict) -> bool:
     smallest loss (with a margin far above the level's rounding).
 
     >>> import numpy as np
-    >>> flat = np.ones(40)
-    >>> _may_spike(flat, {"spike": 2.0, "spikes": 3}), _may_spike(flat * [1, 3] * 20, {
-    ...     "spike": 2.0, "spikes": 3})
+    >>> t = {"spike": 2.0, "spikes": 3}
+    >>> _may_spike(np.ones(40), t), _may_spike(np.array([1.0, 3.0] * 20), t)
     (False, True)
     """
     spike = t["spike"]
