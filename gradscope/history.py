@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .layout import ModelLayout
 from .records import FlightLog, StepRecord
+
+T = TypeVar("T")
 
 __all__ = ["FiniteScan", "History", "Ring", "StepRecord", "history_up_to"]
 
@@ -182,6 +184,7 @@ class History:
         self.loss_scan = FiniteScan(self.loss_values)
         self.first_losses: list[float] = []  # the first losses of the run, kept for good
         self.total_recorded = 0
+        self._kept: dict[Any, Any] = {}
         #: the flight recorder's steps after the last record (read when the run is brought
         #: up to date: close(), diagnose(), report()); a new record takes them over
         self.flight_tail: FlightLog | None = None
@@ -205,6 +208,23 @@ class History:
             self.first_losses.extend(float(v) for v in list(values)[:room])
         self.loss_steps.extend(steps)
         self.loss_values.extend(values)
+
+    def kept(self, key: Any, compute: Callable[[], T]) -> T:
+        """`compute()`, worked out once and kept under `key`: for values derived from what
+        never changes once added (the first records, the first losses), with a key that
+        names how much of it they read.
+
+        Example:
+            >>> import torch
+            >>> h = History(ModelLayout.of(torch.nn.Linear(1, 1)))
+            >>> h.kept(("first", 0), lambda: 1), h.kept(("first", 0), lambda: 2)
+            (1, 1)
+        """
+        try:
+            return self._kept[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._kept[key] = compute()
+            return value
 
     def records(self) -> list[StepRecord]:
         """Recorded steps in order: the first ones kept, then the recent ring (no duplicates)."""

@@ -398,8 +398,8 @@ class StepRecord:
 
     def weights_finite(self) -> bool:
         """True when every measured parameter norm is finite."""
-        return self.derived("weights_finite", lambda: bool(
-            np.all(np.isfinite(self.param_norm[~np.isnan(self.param_norm)]))))
+        # finite where measured: no +-inf (NaN is "not measured")
+        return self.derived("weights_finite", lambda: not bool(np.isinf(self.param_norm).any()))
 
     def modules_over(self, field: str, limit: float) -> dict[str, float]:
         """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
@@ -438,9 +438,11 @@ class StepRecord:
             >>> r.derived("twice", lambda: 2 * r.loss)
             2.0
         """
-        if key not in self._derived:
-            self._derived[key] = compute()
-        return self._derived[key]  # type: ignore[no-any-return]
+        try:
+            return self._derived[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._derived[key] = compute()
+            return value
 
 
 def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:

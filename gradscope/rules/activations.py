@@ -67,14 +67,16 @@ def _persistent_worst(ctx: RuleContext, field: str, limit: float):
     A layer over the limit in every record since the first one is certain after
     `fact_window` records; one that got there later waits out warm-up and `window` records.
     """
-    records = [r for r in ctx.healthy_records if r.activations]
+    records = ctx.memo("with_activations", lambda: [
+        r for r in ctx.healthy_records if r.activations])
     first = ctx.first
     if (first and records and records[0].step == first[0].step
             and len(records) >= ctx.t["fact_window"]):
         worst = _worst(records, field, limit)
         if worst:
             return records, worst
-    records = usable(records, ctx.t["warmup"])
+    warmup = ctx.t["warmup"]
+    records = ctx.memo(f"with_activations:{warmup}", lambda: usable(records, warmup))
     tail = persistent(records, ctx.t["window"], lambda r: True)
     return (tail, _worst(tail, field, limit)) if tail is not None else (None, [])
 

@@ -73,7 +73,35 @@ def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
             f"learning layer moves about {fmt(HEALTHY_UPDATE)}")
 
 
+def _may_exceed(ctx: RuleContext, records: Sequence[StepRecord], high: float) -> bool:
+    """Whether update_ratio_median(records) can be above `high` (False only when it certainly
+    is not): a median over n finite values is above `high` only when at least (n + 1) // 2
+    of them are, counted per record (and kept with it)."""
+    if high != high:  # NaN: no early answer
+        return True
+    finite = above = 0
+    for r in records:
+        if r.stepped:
+            counts = _update_counts(ctx, r, high)
+            finite += counts[0]
+            above += counts[1]
+    return finite > 0 and above >= (finite + 1) // 2
+
+
+def _update_counts(ctx: RuleContext, record: StepRecord, high: float) -> tuple[int, int]:
+    """(finite layer update ratios, those above `high`) of a record."""
+
+    def compute() -> tuple[int, int]:
+        ratios = record.layer_update_ratio(ctx.layout)
+        finite = np.isfinite(ratios)
+        return int(finite.sum()), int(np.count_nonzero(finite & (ratios > high)))
+
+    return record.derived(f"update_counts:{high}", compute)
+
+
 def lr_too_high(ctx: RuleContext, records: Sequence[StepRecord], high: float) -> Score:
+    if not _may_exceed(ctx, records, high):
+        return ("lr-too-high", 0.0, "")
     ratio = update_ratio_median(ctx, records)
     if not np.isfinite(ratio) or ratio <= high:
         return ("lr-too-high", 0.0, "")

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, persistent, ranked, usable
+from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, persistent, ranked
 from .context import RuleContext
 from .onset import blowup_causes, collect
 from .thresholds import HIGH_UPDATE, SATURATED
@@ -114,7 +114,7 @@ def _layers_of(ctx: RuleContext, param_indices) -> list[str]:
       causes=("saturated-activations", "dead-units", "poor-init", "lr-too-high"))
 def grad_vanishing(ctx: RuleContext) -> Finding | None:
     """Early layers receive orders of magnitude less gradient than the last ones."""
-    records = usable(ctx.healthy_records, ctx.t["warmup"])
+    records = ctx.usable(ctx.t["warmup"])
     window = int(ctx.t["window"])
     if len(records) < window:
         return None
@@ -242,11 +242,12 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
     listed = [_total(r) for r in records]
     if len(listed) < ctx.t["window"]:
         return None
-    first = [_total(r) for r in ctx.first if not r.overflow]
-    first = [t for t in first if math.isfinite(t) and t > 0][:3]
+    first = ctx.history.kept(("early_grad_totals", len(ctx.first)), lambda: [
+        t for t in (_total(r) for r in ctx.first if not r.overflow)
+        if math.isfinite(t) and t > 0][:3])
     if not first:
         return None
-    early = fast_median(first)
+    early = _median_of_finite(first)  # fast_median's value: finite values
     if not _may_explode(listed, early, ctx.t):
         return None
     totals = np.array(listed)
@@ -390,7 +391,7 @@ def _stale_total(record) -> float:
               "missing-from-optimizer"))
 def layers_stalled(ctx: RuleContext) -> Finding | None:
     """A part of the model barely moves while the rest trains normally."""
-    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.stepped]
+    records = [r for r in ctx.usable(ctx.t["warmup"]) if r.stepped]
     if len(records) < ctx.t["window"] or in_lr_warmup(records[-int(ctx.t["window"]):]):
         return None
     recs = records[-int(ctx.t["window"]):]

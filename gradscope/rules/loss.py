@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked, usable
+from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked
 from .context import RuleContext
 from .onset import find_onset, onset_finding
 from .params import frozen_output_score
@@ -89,22 +89,34 @@ def _trend(steps: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     return slope, float(np.sqrt(np.dot(resid, resid) / (values.size - 2) / sxx))
 
 
+def _start_level(history, count: int) -> tuple[float, np.floating, int]:
+    """(mean, variance (ddof 1), size) of the first `count` losses the history keeps for good
+    (worked out once: they never change)."""
+
+    def compute() -> tuple[float, np.floating, int]:
+        first = np.asarray(history.first_losses, dtype=np.float64)[:count]
+        return float(first.mean()), first.var(ddof=1), first.size
+
+    return history.kept(("start_level", len(history.first_losses), count), compute)
+
+
 def _progress(ctx: RuleContext) -> Progress | None:
     """The loss's progress, judged the same live and on a replayed log: from the first losses
     the history keeps for good and the recent loss window, never from when the rules ran."""
     history = ctx.history
-    first = np.asarray(history.first_losses, dtype=np.float64)
+    held = len(history.first_losses)
     steps, tail = ctx.losses
     n = len(history.loss_values)
-    if len(first) < START_STEPS or n < START_STEPS + RECENT_STEPS:
+    if held < START_STEPS or n < START_STEPS + RECENT_STEPS:
         return None
     # the start level never reaches into the recent level's steps
-    first = first[:max(START_STEPS, min(len(first), n - RECENT_STEPS))]
+    start, start_var, start_size = _start_level(
+        history, max(START_STEPS, min(held, n - RECENT_STEPS)))
     recent = tail[-RECENT_STEPS:]
-    start, late = float(first.mean()), float(recent.mean())
+    late = float(recent.mean())
     if not (np.isfinite(start) and np.isfinite(late)) or abs(start) < 1e-12:
         return None
-    se = float(np.sqrt(first.var(ddof=1) / first.size + recent.var(ddof=1) / recent.size))
+    se = float(np.sqrt(start_var / start_size + recent.var(ddof=1) / recent.size))
     slope, slope_se = _trend(steps, tail)
     return Progress(start=start, late=late, drop=(start - late) / abs(start),
                     drop_hi=(start - late + 2 * se) / abs(start),
@@ -179,7 +191,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         return _stalled_high(ctx, progress)
     if not (drop < change and stalled):
         return None
-    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
+    records = ctx.usable(ctx.t["warmup"]) or ctx.records
     if not records or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None  # no records yet, or the learning rate is still ramping up
     causes = _flat_causes(ctx, records)
@@ -295,7 +307,7 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     # converged (BatchNorm with weight decay keeps the ratio high in healthy training).
     if len(candidates) < ctx.t["spikes"]:
         return None  # the filters below only remove candidates
-    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
+    records = ctx.usable(ctx.t["warmup"]) or ctx.records
     oversized = ev.lr_too_high(ctx, records, ctx.t["high_update"]) if records else None
     if fast_median(losses[-20:]) < ctx.t["jump"] * scale or _descending(losses):
         oversized = None
@@ -368,7 +380,7 @@ def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
         return None  # too early to tell, or it came down by over half: near its floor
     if several_optimizers(ctx):
         return None  # opposing objectives (a GAN) settle into a stalemate by design
-    records = usable(ctx.healthy_records, ctx.t["warmup"])
+    records = ctx.usable(ctx.t["warmup"])
     if len(records) < 5 or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None
     oversized = ev.lr_too_high(ctx, records, HIGH_UPDATE.default)
