@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..history import StepRecord
-from .common import HEALTHY_UPDATE, fast_median, fmt, median_finite
+from .common import HEALTHY_UPDATE, fmt, median_finite, plain_median
 from .context import RuleContext
 
 Score = tuple[str, float, str]
@@ -36,8 +36,7 @@ def update_ratio_median(ctx: RuleContext, records: Sequence[StepRecord]) -> floa
 
 def grad_total_median(records: Sequence[StepRecord]) -> float:
     totals = [r.total_grad_norm() for r in records]
-    totals = [t for t in totals if not np.isnan(t)]
-    return fast_median(totals)
+    return plain_median([t for t in totals if t == t])  # NaN: not measured
 
 
 def fastest_update_ratio(ctx: RuleContext, records: Sequence[StepRecord]) -> float:
@@ -182,6 +181,10 @@ def frozen_by_optimizer(ctx: RuleContext, records: Sequence[StepRecord]) -> Scor
 
 def detached(ctx: RuleContext, records: Sequence[StepRecord]) -> Score:
     last = records[-1]
+    return last.derived("detached_score", lambda: _detached(last))
+
+
+def _detached(last: StepRecord) -> Score:
     trainable = last.requires_grad
     nothing = bool(trainable.any()) and bool(last.grad_none[trainable].all())
     if last.loss_requires_grad is False and nothing:

@@ -8,7 +8,16 @@ import numpy as np
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, persistent, ranked
+from .common import (
+    WARMUP,
+    WINDOW,
+    fast_median,
+    fmt,
+    in_lr_warmup,
+    persistent,
+    plain_median,
+    ranked,
+)
 from .context import RuleContext
 from .onset import blowup_causes, collect
 from .thresholds import HIGH_UPDATE, SATURATED
@@ -247,7 +256,7 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
         if math.isfinite(t) and t > 0][:3])
     if not first:
         return None
-    early = _median_of_finite(first)  # fast_median's value: finite values
+    early = plain_median(first)  # fast_median's value (finite values)
     if not _may_explode(listed, early, ctx.t):
         return None
     totals = np.array(listed)
@@ -314,23 +323,8 @@ def _may_explode(totals: list[float], early: float, t: dict) -> bool:
     measured = [v for v in tail if math.isfinite(v)]
     if measured and all(v >= t["growth"] * early for v in measured):
         return True
-    med = _median_of_finite([v for v in totals if math.isfinite(v)])
+    med = plain_median([v for v in totals if math.isfinite(v)])
     return med > 0 and any(v >= t["spike"] * med for v in tail)
-
-
-def _median_of_finite(values: list[float]) -> float:
-    """fast_median of finite floats, without numpy (NaN when empty).
-
-    Example:
-        >>> _median_of_finite([3.0, 1.0, 2.0, 10.0]) == fast_median([3.0, 1.0, 2.0, 10.0])
-        True
-    """
-    ordered = sorted(values)
-    n = len(ordered)
-    if n == 0:
-        return math.nan
-    mid = n // 2
-    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 def _total(record) -> float:

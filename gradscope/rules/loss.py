@@ -84,8 +84,9 @@ def _trend(steps: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     sxx = float(np.dot(x, x))
     if values.size < 3 or sxx <= 0:
         return 0.0, math.inf
-    slope = float(np.dot(x, values - values.mean()) / sxx)
-    resid = values - values.mean() - slope * x
+    mean = values.mean()
+    slope = float(np.dot(x, values - mean) / sxx)
+    resid = values - mean - slope * x
     return slope, float(np.sqrt(np.dot(resid, resid) / (values.size - 2) / sxx))
 
 
@@ -483,14 +484,10 @@ def _penalty_only(records) -> tuple[str, float, str]:
     (an L2 term added to the loss) reaches the parameters; the data term has no gradient."""
     ratios = []
     for r in records[-5:]:
-        g, w = r.grad_norm, r.param_norm
-        ok = np.isfinite(g) & np.isfinite(w) & (w > 0) & (g > 0)
-        if ok.sum() < 2 or w[ok].max() < 1.5 * w[ok].min():
-            return ("detached-graph", 0.0, "")  # weights alike in size: proves nothing
-        ratio = g[ok] / w[ok]
-        if (ratio.max() - ratio.min()) > 1e-3 * ratio.mean():
+        ratio = r.derived("penalty_ratio", lambda r=r: _penalty_ratio(r))
+        if ratio is None:
             return ("detached-graph", 0.0, "")
-        ratios.append(float(ratio.mean()))
+        ratios.append(ratio)
     if not ratios:
         return ("detached-graph", 0.0, "")
     return ("detached-graph", 2.0,
@@ -498,6 +495,19 @@ def _penalty_only(records) -> tuple[str, float, str]:
             f"{len(ratios)} recorded steps: only a weight penalty reaches them, the data term "
             "of the loss carries no gradient (computed under torch.no_grad(), detached, or "
             "rebuilt from .item())")
+
+
+def _penalty_ratio(r) -> float | None:
+    """The gradient/weight ratio shared by every parameter of a record, None when the ratios
+    differ or the weights are alike in size (which proves nothing)."""
+    g, w = r.grad_norm, r.param_norm
+    ok = np.isfinite(g) & np.isfinite(w) & (w > 0) & (g > 0)
+    if ok.sum() < 2 or w[ok].max() < 1.5 * w[ok].min():
+        return None
+    ratio = g[ok] / w[ok]
+    if (ratio.max() - ratio.min()) > 1e-3 * ratio.mean():
+        return None
+    return float(ratio.mean())
 
 
 def _tiny_batch(records) -> tuple[str, float, str]:
