@@ -57,8 +57,37 @@ def fastest_update_ratio(ctx: RuleContext, records: Sequence[StepRecord]) -> flo
     return ctx.memo(_window_key("fastest_update", records), compute)
 
 
+def _some_layer_moves(ctx: RuleContext, records: Sequence[StepRecord], low: float) -> bool:
+    """Whether some layer's update ratio is finite and at least `low` in every stepped record
+    (then its median, and fastest_update_ratio, is at least `low`); per-record layer sets
+    are kept with the records as bit masks."""
+    common = -1
+    stepped = False
+    for r in records:
+        if r.stepped:
+            stepped = True
+            common &= _moving_layers(ctx, r, low)
+            if not common:
+                return False
+    return stepped
+
+
+def _moving_layers(ctx: RuleContext, record: StepRecord, low: float) -> int:
+    """Bit mask of the layers whose update ratio at `record` is finite and at least `low`."""
+
+    def compute() -> int:
+        ratios = record.layer_update_ratio(ctx.layout)
+        with np.errstate(invalid="ignore"):
+            moving = np.isfinite(ratios) & (ratios >= low)
+        return int.from_bytes(np.packbits(moving, bitorder="little").tobytes(), "little")
+
+    return record.derived(f"moving:{low}", compute)
+
+
 def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
                tiny_grad: float) -> Score:
+    if _some_layer_moves(ctx, records, low):
+        return ("lr-too-low", 0.0, "")  # the fastest layer's median is at least `low`
     ratio = fastest_update_ratio(ctx, records)
     grads = grad_total_median(records)
     if not np.isfinite(ratio) or ratio >= low or not grads >= tiny_grad:
