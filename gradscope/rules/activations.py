@@ -7,7 +7,7 @@ import numpy as np
 from ..records import input_owner
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fmt, persistent, ranked, usable
+from .common import WARMUP, WINDOW, fmt, ranked, usable
 from .context import RuleContext
 from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
 
@@ -77,7 +77,8 @@ def _persistent_worst(ctx: RuleContext, field: str, limit: float):
             return records, worst
     warmup = ctx.t["warmup"]
     records = ctx.memo(f"with_activations:{warmup}", lambda: usable(records, warmup))
-    tail = persistent(records, ctx.t["window"], lambda r: True)
+    window = int(ctx.t["window"])
+    tail = records[-window:] if 0 < window <= len(records) else None  # persistent(..., True)
     return (tail, _worst(tail, field, limit)) if tail is not None else (None, [])
 
 

@@ -21,8 +21,12 @@ LOSS_LOOKBACK = 256
 
 def _healthy(record: StepRecord) -> bool:
     """Whether the loss (when given) and the weights of `record` are finite (kept with it)."""
-    return record.derived("healthy", lambda: not (
-        (record.loss_given and not math.isfinite(record.loss)) or not record.weights_finite()))
+    try:
+        return record._derived["healthy"]  # type: ignore[no-any-return]
+    except KeyError:
+        return record.derived("healthy", lambda: not (
+            (record.loss_given and not math.isfinite(record.loss))
+            or not record.weights_finite()))
 
 
 class RuleContext:
@@ -80,7 +84,8 @@ class RuleContext:
         """The healthy records past `warmup` that are not AMP overflow-skipped steps
         (common.usable of healthy_records), once per evaluation."""
         return self.memo(f"usable:{warmup}", lambda: [
-            r for r in self.healthy_records if r.step >= warmup and not r.overflow])
+            r for r in self.healthy_records
+            if r.step >= warmup and not (r.skipped and r.overflow)])
 
     @property
     def last(self) -> StepRecord | None:

@@ -32,7 +32,7 @@ NONE_WINDOW = Threshold(3, "recorded steps a parameter must lack a gradient befo
       causes=("detached-graph", "requires-grad-off"))
 def grad_none(ctx: RuleContext) -> Finding | None:
     """Parameters that should train get no gradient at all."""
-    records = [r for r in ctx.records if not r.overflow]
+    records = [r for r in ctx.records if not (r.skipped and r.overflow)]
     window = int(ctx.t["window"])
     if len(records) < window:
         return None
@@ -247,8 +247,8 @@ def _fan_in(ctx: RuleContext, layer: int) -> int:
               "outlier-batches"))
 def grad_exploding(ctx: RuleContext) -> Finding | None:
     """Total gradient norm grows by orders of magnitude or spikes repeatedly."""
-    records = [r for r in ctx.healthy_records if not r.overflow]
-    listed = [_total(r) for r in records]
+    records = [r for r in ctx.healthy_records if not (r.skipped and r.overflow)]
+    listed = [r.total_grad_norm() for r in records]
     if len(listed) < ctx.t["window"]:
         return None
     first = ctx.history.kept(("early_grad_totals", len(ctx.first)), lambda: [
@@ -339,9 +339,11 @@ def _total(record) -> float:
       causes=("missing-zero-grad",))
 def grad_accumulating(ctx: RuleContext) -> Finding | None:
     """Gradients from the previous optimizer step were still there when backward ran again."""
+    last = next((total for total in map(_stale_total, reversed(ctx.records))
+                 if not math.isnan(total)), math.nan)
+    if not last > 0:
+        return None  # the last checked record had no leftover gradients (or none was checked)
     checked = [r for r in ctx.records if not math.isnan(_stale_total(r))]
-    if not checked or not _stale_total(checked[-1]) > 0:
-        return None  # the window ends on a record without leftover gradients
     tail = persistent(checked, ctx.t["window"], lambda r: _stale_total(r) > 0)
     if tail is None:
         return None
