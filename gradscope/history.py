@@ -66,7 +66,8 @@ class Ring:
         count = max(0, min(count, n))
         start = (self._count - count) % self.maxlen
         if start + count <= self.maxlen:  # one run of slots: a slice, no index array
-            return self._data[start:start + count].copy()
+            run: np.ndarray = self._data[start:start + count].copy()
+            return run
         slots = (np.arange(self._count - count, self._count)) % self.maxlen
         return self._data[slots]
 

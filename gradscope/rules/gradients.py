@@ -339,9 +339,9 @@ def _total(record) -> float:
       causes=("missing-zero-grad",))
 def grad_accumulating(ctx: RuleContext) -> Finding | None:
     """Gradients from the previous optimizer step were still there when backward ran again."""
-    last = next((total for total in map(_stale_total, reversed(ctx.records))
-                 if not math.isnan(total)), math.nan)
-    if not last > 0:
+    latest = next((total for total in map(_stale_total, reversed(ctx.records))
+                   if not math.isnan(total)), math.nan)
+    if not latest > 0:
         return None  # the last checked record had no leftover gradients (or none was checked)
     checked = [r for r in ctx.records if not math.isnan(_stale_total(r))]
     tail = persistent(checked, ctx.t["window"], lambda r: _stale_total(r) > 0)
@@ -446,7 +446,7 @@ def _stall_view(ctx: RuleContext, record, stall: float):
         finite = ratios[np.isfinite(ratios)]
         if trainable.size < 2 or finite.size == 0:
             return None
-        median = fast_median(finite)
+        median = plain_median(finite.tolist())  # fast_median's value (finite values)
         with np.errstate(invalid="ignore"):
             return trainable, median, ratios < stall * median
 
