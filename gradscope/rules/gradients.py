@@ -455,6 +455,13 @@ def _stall_view(ctx: RuleContext, record, stall: float):
 
 def _trainable_layers(ctx: RuleContext, record) -> list[int]:
     keep = record.requires_grad & ~np.isnan(record.grad_norm)
+    if keep.all():  # every parameter trains and has a gradient: the layout's answer
+        return ctx.layout.static("trainable_layers_all", lambda: _layers_training(ctx, keep))
+    return _layers_training(ctx, keep)
+
+
+def _layers_training(ctx: RuleContext, keep: np.ndarray) -> list[int]:
+    """The layers, embeddings left out, that own a parameter where `keep` holds."""
     counts = np.bincount(ctx.layout.owners[keep], minlength=len(ctx.layout.layers))
     embeddings = _embeddings(ctx)
     return [i for i in np.flatnonzero(counts).tolist() if i not in embeddings]

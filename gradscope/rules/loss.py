@@ -260,6 +260,8 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
               "data-scale"))
 def loss_nonfinite(ctx: RuleContext) -> Finding | None:
     """A loss value is NaN or Inf; explained from the first bad step and the ones before."""
+    if ctx.history.loss_scan.all_finite():
+        return None  # no held loss is NaN/Inf, the recent ones included
     steps, losses = ctx.losses
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size == 0:
