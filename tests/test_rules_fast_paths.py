@@ -23,7 +23,8 @@ def _general(monkeypatch: pytest.MonkeyPatch) -> None:
     """Switch every precondition shortcut off: each rule takes its full path."""
     for module, name, value in [
         (gradients, "_may_lack_grads", True), (gradients, "_may_vanish", True),
-        (gradients, "_may_explode", True), (loss, "_may_spike", True),
+        (gradients, "_may_explode", True), (gradients, "_may_stall", True),
+        (loss, "_may_spike", True),
         (params, "_may_be_frozen", True), (evidence, "_may_exceed", True),
         (evidence, "_some_layer_moves", False),
     ]:

@@ -391,6 +391,8 @@ def layers_stalled(ctx: RuleContext) -> Finding | None:
     if len(records) < ctx.t["window"] or in_lr_warmup(records[-int(ctx.t["window"]):]):
         return None
     recs = records[-int(ctx.t["window"]):]
+    if not _may_stall(recs[-1], ctx.t["stall"]):
+        return None
     last_view = _stall_view(ctx, recs[-1], ctx.t["stall"])
     if last_view is None or not last_view[2].any() or not last_view[1] > 1e-5:
         return None  # a layer must be stalled, and the median healthy, in every record
@@ -435,6 +437,29 @@ def layers_stalled(ctx: RuleContext) -> Finding | None:
             "Check that these layers' parameters are in the optimizer with a non-zero lr.",
         ],
     )
+
+
+def _may_stall(record, stall: float) -> bool:
+    """Whether a layer of `record` can update less than `stall` times the median layer (False
+    only when none can; kept with the record). A layer's ratio is a weighted RMS of its
+    parameters' ratios, so it lies between their smallest and largest: when the smallest
+    parameter ratio is above `stall` times the largest, with a margin far above rounding and
+    values far from under- or overflow, no layer is that far below any other."""
+
+    def compute() -> bool:
+        ratio, weight = record.update_ratio, record.param_norm
+        ok = np.isfinite(ratio) & np.isfinite(weight)
+        if not ok.any():
+            return True
+        moved, sizes = np.abs(ratio[ok]), np.abs(weight[ok])
+        sizes = sizes[sizes > 0]
+        low, high = float(moved.min()), float(moved.max())
+        if not (low >= 1e-50 and high <= 1e50 and (sizes.size == 0 or (
+                float(sizes.min()) >= 1e-50 and float(sizes.max()) <= 1e50))):
+            return True
+        return not stall * high * (1 + 1e-6) <= low * (1 - 1e-6)
+
+    return record.derived(f"may_stall:{stall}", compute)
 
 
 def _stall_view(ctx: RuleContext, record, stall: float):
