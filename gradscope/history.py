@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .layout import ModelLayout
 from .records import FlightLog, StepRecord
 
-__all__ = ["History", "Ring", "StepRecord", "history_up_to"]
+T = TypeVar("T")
+
+__all__ = ["FiniteScan", "History", "Ring", "StepRecord", "history_up_to"]
 
 
 class Ring:
@@ -52,15 +55,109 @@ class Ring:
     def __iter__(self) -> Iterator[Any]:
         return iter(self.array().tolist())
 
+    @property
+    def count(self) -> int:
+        """How many values were ever appended (the absolute index of the next one)."""
+        return self._count
+
     def tail(self, count: int) -> np.ndarray:
-        """The last `count` values, oldest first."""
+        """The last `count` values, oldest first (a copy)."""
         n = len(self)
         count = max(0, min(count, n))
+        start = (self._count - count) % self.maxlen
+        if start + count <= self.maxlen:  # one run of slots: a slice, no index array
+            run: np.ndarray = self._data[start:start + count].copy()
+            return run
         slots = (np.arange(self._count - count, self._count)) % self.maxlen
         return self._data[slots]
 
     def array(self) -> np.ndarray:
         return self.tail(len(self))
+
+
+class FiniteScan:
+    """What the rules ask of every value a float Ring holds, kept up to date from the values
+    appended since the last question instead of rescanning the ring: are they all finite,
+    which is the first finite one, and the largest finite one (a sliding-window maximum).
+
+    Example:
+        >>> r = Ring(3); scan = FiniteScan(r); r.extend([float("nan"), 2.0, 5.0, 1.0])
+        >>> scan.all_finite(), scan.first_finite(), scan.max_finite()
+        (True, (1, 2.0), 5.0)
+    """
+
+    #: Values appended at once above which the maxima are found with one vectorised pass.
+    VECTOR = 32
+
+    def __init__(self, ring: Ring) -> None:
+        self._ring = ring
+        self._seen = 0  # absolute index of the first value not looked at yet
+        self._bad: deque[int] = deque()  # absolute indices of held non-finite values, in order
+        # (absolute index, value) of the held finite values larger than every later one,
+        # values decreasing: the first is the largest held finite value
+        self._peaks: deque[tuple[int, float]] = deque()
+
+    def _refresh(self) -> int:
+        """Take in the values appended since the last call; the absolute index of the oldest
+        held value."""
+        ring = self._ring
+        count = ring.count
+        oldest = count - len(ring)
+        start = max(self._seen, oldest)
+        if start < count:
+            self._take(start, ring.tail(count - start))
+            self._seen = count
+        bad, peaks = self._bad, self._peaks
+        while bad and bad[0] < oldest:
+            bad.popleft()
+        while peaks and peaks[0][0] < oldest:
+            peaks.popleft()
+        return oldest
+
+    def _take(self, start: int, values: np.ndarray) -> None:
+        finite = np.isfinite(values)
+        if not finite.all():
+            self._bad.extend((np.flatnonzero(~finite) + start).tolist())
+        peaks = self._peaks
+        if values.size <= self.VECTOR:
+            for i, value in enumerate(values.tolist()):
+                if value == value and abs(value) != math.inf:
+                    while peaks and peaks[-1][1] <= value:
+                        peaks.pop()
+                    peaks.append((start + i, value))
+            return
+        # a value stays a peak when it is above every later one (ties: the later one stays)
+        masked = np.where(finite, values, -np.inf)
+        later = np.empty_like(masked)
+        later[-1] = -np.inf
+        later[:-1] = np.maximum.accumulate(masked[::-1])[::-1][1:]
+        keep = np.flatnonzero(finite & (masked > later))
+        if keep.size:
+            top = float(masked[keep[0]])
+            while peaks and peaks[-1][1] <= top:
+                peaks.pop()
+            peaks.extend(zip((keep + start).tolist(), masked[keep].tolist()))
+
+    def all_finite(self) -> bool:
+        """Whether every held value is finite."""
+        self._refresh()
+        return not self._bad
+
+    def first_finite(self) -> tuple[int, float] | None:
+        """(absolute index, value) of the oldest held finite value, None when there is none."""
+        index = self._refresh()
+        for bad in self._bad:
+            if bad != index:
+                break
+            index += 1
+        if index >= self._ring.count:
+            return None
+        return index, float(self._ring._data[index % self._ring.maxlen])
+
+    def max_finite(self) -> float:
+        """The largest held finite value (-inf when there is none)."""
+        self._refresh()
+        return self._peaks[0][1] if self._peaks else -math.inf
 
 
 class History:
@@ -84,8 +181,11 @@ class History:
         self._recent: deque[StepRecord] = deque(maxlen=capacity)
         self.loss_steps = Ring(loss_capacity, np.int64)
         self.loss_values = Ring(loss_capacity, np.float64)
+        #: the held losses' non-finite values, first and largest finite one, kept up to date
+        self.loss_scan = FiniteScan(self.loss_values)
         self.first_losses: list[float] = []  # the first losses of the run, kept for good
         self.total_recorded = 0
+        self._kept: dict[Any, Any] = {}
         #: the flight recorder's steps after the last record (read when the run is brought
         #: up to date: close(), diagnose(), report()); a new record takes them over
         self.flight_tail: FlightLog | None = None
@@ -109,6 +209,23 @@ class History:
             self.first_losses.extend(float(v) for v in list(values)[:room])
         self.loss_steps.extend(steps)
         self.loss_values.extend(values)
+
+    def kept(self, key: Any, compute: Callable[[], T]) -> T:
+        """`compute()`, worked out once and kept under `key`: for values derived from what
+        never changes once added (the first records, the first losses), with a key that
+        names how much of it they read.
+
+        Example:
+            >>> import torch
+            >>> h = History(ModelLayout.of(torch.nn.Linear(1, 1)))
+            >>> h.kept(("first", 0), lambda: 1), h.kept(("first", 0), lambda: 2)
+            (1, 1)
+        """
+        try:
+            return self._kept[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._kept[key] = compute()
+            return value
 
     def records(self) -> list[StepRecord]:
         """Recorded steps in order: the first ones kept, then the recent ring (no duplicates)."""

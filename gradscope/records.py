@@ -398,27 +398,34 @@ class StepRecord:
 
     def weights_finite(self) -> bool:
         """True when every measured parameter norm is finite."""
-        return self.derived("weights_finite", lambda: bool(
-            np.all(np.isfinite(self.param_norm[~np.isnan(self.param_norm)]))))
+        # finite where measured: no +-inf (NaN is "not measured")
+        return self.derived("weights_finite", lambda: not bool(np.isinf(self.param_norm).any()))
 
     def modules_over(self, field: str, limit: float) -> dict[str, float]:
         """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
 
-        positive = self.derived("positive", self._positive_activations)[field]
         if limit <= 0:
-            return positive
-        return self.derived(f"over:{field}:{limit}", lambda: {
-            name: value for name, value in positive.items() if value > limit})
+            return self.derived("positive", self._positive_activations)[field]
+        # above a positive limit: neither NaN (not measured) nor zero, read from the column
+        return self.derived(f"over:{field}:{limit}", lambda: self._activations_where(
+            field, self.activations.column(field) > limit))
+
+    def _activations_where(self, field: str, mask: np.ndarray) -> dict[str, float]:
+        """{module: its `field`} where `mask` holds, in table order."""
+        hits = np.flatnonzero(mask)
+        if not hits.size:
+            return {}
+        names = self.activations._names
+        return dict(zip([names[i] for i in hits.tolist()],
+                        self.activations.column(field)[hits].tolist()))
 
     def _positive_activations(self) -> dict[str, dict[str, float]]:
-        """Modules with a non-zero dead, saturated or non-finite fraction (one pass)."""
-        table = self.activations
-        names = table.names
+        """Modules with a non-zero dead, saturated or non-finite fraction (NaN: not measured)."""
         found = {}
         for name in ("dead_frac", "saturated_frac", "nonfinite_frac"):
-            column = table.column(name)
-            hits = np.flatnonzero(np.nan_to_num(column) != 0).tolist()
-            found[name] = {names[i]: float(column[i]) for i in hits}
+            column = self.activations.column(name)
+            with np.errstate(invalid="ignore"):
+                found[name] = self._activations_where(name, (column != 0) & (column == column))
         return found
 
     def derived(self, key: str, compute: Callable[[], T]) -> T:
@@ -431,9 +438,11 @@ class StepRecord:
             >>> r.derived("twice", lambda: 2 * r.loss)
             2.0
         """
-        if key not in self._derived:
-            self._derived[key] = compute()
-        return self._derived[key]  # type: ignore[no-any-return]
+        try:
+            return self._derived[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._derived[key] = compute()
+            return value
 
 
 def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:

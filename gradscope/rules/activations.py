@@ -7,7 +7,7 @@ import numpy as np
 from ..records import input_owner
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fmt, persistent, ranked, usable
+from .common import WARMUP, WINDOW, fmt, ranked, usable
 from .context import RuleContext
 from .thresholds import DATA_SCALE, HIGH_UPDATE, SATURATED
 
@@ -34,13 +34,25 @@ def _worst(records, field: str, limit: float) -> list[tuple[str, float]]:
     The model's output activation is left out: a confident classifier's final sigmoid sits
     at 0 and 1 by design, and a final ReLU may be zero for most targets.
     """
-    names = None
-    for r in records:
-        over = set(r.modules_over(field, limit)) - {_output_module(r)}
+    names: frozenset[str] | None = None
+    for r in reversed(records):  # the latest first: it is the one most often empty
+        over = _hidden_over(r, field, limit)
         names = over if names is None else names & over
+        if not names:
+            return []
     last = records[-1].modules_over(field, limit)
     order = {n: i for i, n in enumerate(records[-1].activations)}  # ties: in forward order
     return sorted(((n, last[n]) for n in names or ()), key=lambda x: (-x[1], order[x[0]]))
+
+
+def _hidden_over(record, field: str, limit: float) -> frozenset[str]:
+    """The modules of `record` over `limit` on `field`, the output module left out (kept
+    with the record: records do not change once stored)."""
+    def compute() -> frozenset[str]:
+        over = record.modules_over(field, limit)
+        return frozenset(over) - {_output_module(record)} if over else frozenset()
+
+    return record.derived(f"hidden_over:{field}:{limit}", compute)
 
 
 FACT_WINDOW = Threshold(
@@ -55,15 +67,18 @@ def _persistent_worst(ctx: RuleContext, field: str, limit: float):
     A layer over the limit in every record since the first one is certain after
     `fact_window` records; one that got there later waits out warm-up and `window` records.
     """
-    records = [r for r in ctx.healthy_records if r.activations]
+    records = ctx.memo("with_activations", lambda: [
+        r for r in ctx.healthy_records if r.activations])
     first = ctx.first
     if (first and records and records[0].step == first[0].step
             and len(records) >= ctx.t["fact_window"]):
         worst = _worst(records, field, limit)
         if worst:
             return records, worst
-    records = usable(records, ctx.t["warmup"])
-    tail = persistent(records, ctx.t["window"], lambda r: True)
+    warmup = ctx.t["warmup"]
+    records = ctx.memo(f"with_activations:{warmup}", lambda: usable(records, warmup))
+    window = int(ctx.t["window"])
+    tail = records[-window:] if 0 < window <= len(records) else None  # persistent(..., True)
     return (tail, _worst(tail, field, limit)) if tail is not None else (None, [])
 
 

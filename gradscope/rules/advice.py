@@ -3,6 +3,7 @@ before a rule's own general checks."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ..diagnosis import Cause
@@ -95,6 +96,8 @@ def same_advice(a: str, b: str) -> bool:
     return shared / min(len(words_a), len(words_b)) >= SAME_ADVICE
 
 
-def _words(text: str) -> set[str]:
+@functools.lru_cache(maxsize=1024)
+def _words(text: str) -> frozenset[str]:
+    """The words of a check that count for same_advice (checks repeat: kept once worked out)."""
     plain = re.sub(r"\([^()]*(\([^()]*\)[^()]*)*\)", " ", text.lower())
-    return {w for w in (t.strip(".,;:!?'\"") for t in plain.split()) if len(w) > 3}
+    return frozenset(w for w in (t.strip(".,;:!?'\"") for t in plain.split()) if len(w) > 3)

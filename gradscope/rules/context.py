@@ -19,6 +19,16 @@ LOOKBACK = 16
 LOSS_LOOKBACK = 256
 
 
+def _healthy(record: StepRecord) -> bool:
+    """Whether the loss (when given) and the weights of `record` are finite (kept with it)."""
+    try:
+        return record._derived["healthy"]  # type: ignore[no-any-return]
+    except KeyError:
+        return record.derived("healthy", lambda: not (
+            (record.loss_given and not math.isfinite(record.loss))
+            or not record.weights_finite()))
+
+
 class RuleContext:
     """What a rule reads: the recent and the first records, the losses, the layout and the
     rule's thresholds (`t`). Values derived from them (`memo`) are computed once per
@@ -62,14 +72,20 @@ class RuleContext:
         """Records before weights or the loss first went non-finite (later stats are noise)."""
 
         def compute() -> list[StepRecord]:
-            out = []
-            for r in self.records:
-                if (r.loss_given and not math.isfinite(r.loss)) or not r.weights_finite():
-                    break
-                out.append(r)
-            return out
+            records = self.records
+            for i, r in enumerate(records):
+                if not _healthy(r):
+                    return records[:i]
+            return list(records)
 
         return self.memo("healthy", compute)
+
+    def usable(self, warmup: float) -> list[StepRecord]:
+        """The healthy records past `warmup` that are not AMP overflow-skipped steps
+        (common.usable of healthy_records), once per evaluation."""
+        return self.memo(f"usable:{warmup}", lambda: [
+            r for r in self.healthy_records
+            if r.step >= warmup and not (r.skipped and r.overflow)])
 
     @property
     def last(self) -> StepRecord | None:

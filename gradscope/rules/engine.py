@@ -137,13 +137,13 @@ class RuleEngine:
     def evaluate(self, history: History) -> list[tuple[Rule, Finding]]:
         """Run every enabled rule once on `history`; a rule that raises is switched off for
         the rest of the run (the only engine state this changes)."""
-        base = RuleContext(history)
+        shared: dict[str, Any] = {}  # the values derived once per evaluation (RuleContext.memo)
         found = []
         for rule in self.rules:
             if rule.id in self._off:
                 continue
             try:
-                finding = rule(base.with_thresholds(self._values[rule.id]))
+                finding = rule(RuleContext(history, self._values[rule.id], shared))
             except Exception as err:
                 self._off.add(rule.id)
                 warnings.warn(

@@ -10,23 +10,33 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..history import StepRecord
-from .common import HEALTHY_UPDATE, fast_median, fmt, median_finite
+from .common import HEALTHY_UPDATE, fmt, median_finite, plain_median
 from .context import RuleContext
 
 Score = tuple[str, float, str]
 
 
+def _window_key(name: str, records: Sequence[StepRecord]) -> str:
+    """A memo key for a value of these records in this evaluation (steps are unique)."""
+    return f"{name}:{','.join(str(r.step) for r in records)}"
+
+
 def update_ratio_median(ctx: RuleContext, records: Sequence[StepRecord]) -> float:
-    values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
-    if not values:
-        return float("nan")
-    return float(median_finite(np.vstack(values)))
+    """Median update/weight ratio of every layer over the stepped records (once per
+    evaluation for a window: several causes and rules ask for it)."""
+
+    def compute() -> float:
+        values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
+        if not values:
+            return float("nan")
+        return float(median_finite(np.vstack(values)))
+
+    return ctx.memo(_window_key("update_median", records), compute)
 
 
 def grad_total_median(records: Sequence[StepRecord]) -> float:
     totals = [r.total_grad_norm() for r in records]
-    totals = [t for t in totals if not np.isnan(t)]
-    return fast_median(totals)
+    return plain_median([t for t in totals if t == t])  # NaN: not measured
 
 
 def fastest_update_ratio(ctx: RuleContext, records: Sequence[StepRecord]) -> float:
@@ -35,16 +45,49 @@ def fastest_update_ratio(ctx: RuleContext, records: Sequence[StepRecord]) -> flo
     If even that layer barely moves, the step size is the problem; if only some layers
     barely move, their gradients are (vanishing, blocked), not the learning rate.
     """
-    values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
-    if not values:
-        return float("nan")
-    per_layer = np.asarray(median_finite(np.vstack(values), axis=0))
-    finite = per_layer[np.isfinite(per_layer)]
-    return float(finite.max()) if finite.size else float("nan")
+
+    def compute() -> float:
+        values = [r.layer_update_ratio(ctx.layout) for r in records if r.stepped]
+        if not values:
+            return float("nan")
+        per_layer = np.asarray(median_finite(np.vstack(values), axis=0))
+        finite = per_layer[np.isfinite(per_layer)]
+        return float(finite.max()) if finite.size else float("nan")
+
+    return ctx.memo(_window_key("fastest_update", records), compute)
+
+
+def _some_layer_moves(ctx: RuleContext, records: Sequence[StepRecord], low: float) -> bool:
+    """Whether some layer's update ratio is finite and at least `low` in every stepped record
+    (then its median, and fastest_update_ratio, is at least `low`); per-record layer sets
+    are kept with the records as bit masks."""
+    common = -1
+    stepped = False
+    for r in records:
+        if r.stepped:
+            stepped = True
+            common &= _moving_layers(ctx, r, low)
+            if not common:
+                return False
+    return stepped
+
+
+def _moving_layers(ctx: RuleContext, record: StepRecord, low: float) -> int:
+    """Bit mask of the layers whose update ratio at `record` is finite and at least `low`."""
+
+    def compute() -> int:
+        ratios = record.layer_update_ratio(ctx.layout)
+        with np.errstate(invalid="ignore"):
+            moving = np.isfinite(ratios) & (ratios >= low)
+        return int.from_bytes(np.packbits(moving, bitorder="little").tobytes(), "little")
+
+    return record.derived(f"moving:{low}", compute)
 
 
 def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
                tiny_grad: float) -> Score:
+    if _some_layer_moves(ctx, records, low):
+        return ("lr-too-low", 0.0, "")  # the fastest layer's median is at least `low`
     ratio = fastest_update_ratio(ctx, records)
     grads = grad_total_median(records)
     if not np.isfinite(ratio) or ratio >= low or not grads >= tiny_grad:
@@ -58,7 +101,35 @@ def lr_too_low(ctx: RuleContext, records: Sequence[StepRecord], low: float,
             f"learning layer moves about {fmt(HEALTHY_UPDATE)}")
 
 
+def _may_exceed(ctx: RuleContext, records: Sequence[StepRecord], high: float) -> bool:
+    """Whether update_ratio_median(records) can be above `high` (False only when it certainly
+    is not): a median over n finite values is above `high` only when at least (n + 1) // 2
+    of them are, counted per record (and kept with it)."""
+    if high != high:  # NaN: no early answer
+        return True
+    finite = above = 0
+    for r in records:
+        if r.stepped:
+            counts = _update_counts(ctx, r, high)
+            finite += counts[0]
+            above += counts[1]
+    return finite > 0 and above >= (finite + 1) // 2
+
+
+def _update_counts(ctx: RuleContext, record: StepRecord, high: float) -> tuple[int, int]:
+    """(finite layer update ratios, those above `high`) of a record."""
+
+    def compute() -> tuple[int, int]:
+        ratios = record.layer_update_ratio(ctx.layout)
+        finite = np.isfinite(ratios)
+        return int(finite.sum()), int(np.count_nonzero(finite & (ratios > high)))
+
+    return record.derived(f"update_counts:{high}", compute)
+
+
 def lr_too_high(ctx: RuleContext, records: Sequence[StepRecord], high: float) -> Score:
+    if not _may_exceed(ctx, records, high):
+        return ("lr-too-high", 0.0, "")
     ratio = update_ratio_median(ctx, records)
     if not np.isfinite(ratio) or ratio <= high:
         return ("lr-too-high", 0.0, "")
@@ -139,6 +210,10 @@ def frozen_by_optimizer(ctx: RuleContext, records: Sequence[StepRecord]) -> Scor
 
 def detached(ctx: RuleContext, records: Sequence[StepRecord]) -> Score:
     last = records[-1]
+    return last.derived("detached_score", lambda: _detached(last))
+
+
+def _detached(last: StepRecord) -> Score:
     trainable = last.requires_grad
     nothing = bool(trainable.any()) and bool(last.grad_none[trainable].all())
     if last.loss_requires_grad is False and nothing:
@@ -177,11 +252,14 @@ def zero_weights(ctx: RuleContext) -> Score:
         return ("poor-init", 0.0, "")
     # layers' weight matrices only (tokens, position tables and embeddings may start at zero
     # by design), and only those still zero now: a matrix zeroed on purpose (LoRA's B) moves
-    types = ctx.layout.module_types
-    zero = [p.name for p, before, now in zip(ctx.layout.params, first.param_norm.tolist(),
-                                             last.param_norm.tolist())
-            if len(p.shape) >= 2 and p.name.rpartition(".")[2] == "weight" and before == 0.0
-            and now == 0.0 and types.get(p.layer) not in ("Embedding", "EmbeddingBag")]
+    layout = ctx.layout
+    matrices = layout.static("weight_matrices", lambda: np.array([
+        i for i, p in enumerate(layout.params)
+        if len(p.shape) >= 2 and p.name.rpartition(".")[2] == "weight"
+        and layout.module_types.get(p.layer) not in ("Embedding", "EmbeddingBag")],
+        dtype=np.int64))
+    zeros = matrices[(first.param_norm[matrices] == 0.0) & (last.param_norm[matrices] == 0.0)]
+    zero = [layout.params[i].name for i in zeros.tolist()]
     if not zero:
         return ("poor-init", 0.0, "")
     return ("poor-init", 3.0,
@@ -197,8 +275,17 @@ def leftover_gradients(records: Sequence[StepRecord]) -> tuple[int, int] | None:
     Example:
         >>> leftover_gradients([])
     """
-    checked = [r for r in records if np.any(~np.isnan(r.stale_grad))]
-    stale = [r for r in checked if float(np.nansum(r.stale_grad)) > 0]
+    flags = [_leftover(r) for r in records]
+    checked = [stale for stale in flags if stale is not None]
+    stale = [s for s in checked if s]
     if len(stale) < 2 or len(stale) < len(checked) // 2 + 1:
         return None
     return len(stale), len(checked)
+
+
+def _leftover(record: StepRecord) -> bool | None:
+    """Whether gradients were left over when backward began at `record` (None when it was not
+    checked); kept with the record."""
+    return record.derived("leftover", lambda: (
+        bool(float(np.nansum(record.stale_grad)) > 0)
+        if np.any(~np.isnan(record.stale_grad)) else None))

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, persistent, ranked, usable
+from .common import (
+    WARMUP,
+    WINDOW,
+    fast_median,
+    fmt,
+    in_lr_warmup,
+    persistent,
+    plain_median,
+    ranked,
+)
 from .context import RuleContext
 from .onset import blowup_causes, collect
 from .thresholds import HIGH_UPDATE, SATURATED
@@ -21,12 +32,15 @@ NONE_WINDOW = Threshold(3, "recorded steps a parameter must lack a gradient befo
       causes=("detached-graph", "requires-grad-off"))
 def grad_none(ctx: RuleContext) -> Finding | None:
     """Parameters that should train get no gradient at all."""
-    records = [r for r in ctx.records if not r.overflow]
+    records = [r for r in ctx.records if not (r.skipped and r.overflow)]
     window = int(ctx.t["window"])
     if len(records) < window:
         return None
     tail = records[-window:]
-    watched_trainable = np.array([p.requires_grad for p in ctx.layout.params], dtype=bool)
+    watched_trainable = ctx.layout.static("watched_trainable", lambda: np.array(
+        [p.requires_grad for p in ctx.layout.params], dtype=bool))
+    if not _may_lack_grads(tail[-1], watched_trainable):
+        return None  # each of the signs below must hold on the last record too
     none = np.logical_and.reduce([r.grad_none for r in tail])
     turned_off = np.logical_and.reduce([watched_trainable & ~r.requires_grad for r in tail])
     # A detached loss passed to step() is only a problem when nothing got a gradient (a loop
@@ -82,6 +96,14 @@ def grad_none(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _may_lack_grads(record, watched_trainable: np.ndarray) -> bool:
+    """Whether `record` shows a parameter without a gradient, one whose requires_grad was
+    turned off, or a detached loss with no gradient anywhere (kept with the record)."""
+    return record.derived("may_lack_grads", lambda: bool(
+        record.grad_none.any() or (watched_trainable & ~record.requires_grad).any()
+        or (record.loss_requires_grad is False and _no_grads(record))))
+
+
 def _no_grads(record) -> bool:
     trainable = record.requires_grad
     return bool(trainable.any()) and bool(record.grad_none[trainable].all())
@@ -101,11 +123,13 @@ def _layers_of(ctx: RuleContext, param_indices) -> list[str]:
       causes=("saturated-activations", "dead-units", "poor-init", "lr-too-high"))
 def grad_vanishing(ctx: RuleContext) -> Finding | None:
     """Early layers receive orders of magnitude less gradient than the last ones."""
-    records = usable(ctx.healthy_records, ctx.t["warmup"])
+    records = ctx.usable(ctx.t["warmup"])
     window = int(ctx.t["window"])
     if len(records) < window:
         return None
     recs = records[-window:]
+    if not _may_vanish(ctx, recs[-1]):
+        return None  # the condition must hold on every record of the window, the last too
     found = [_first_last_grad(ctx, r) for r in recs]
     ends = [e for e in found if e is not None]
     if len(ends) < len(found):
@@ -152,6 +176,18 @@ def _first_last_grad(ctx: RuleContext, record) -> tuple[float, float] | None:
         return (float(grads[cols[0]]), float(grads[cols[-1]])) if cols.size >= 2 else None
 
     return record.derived("first_last_grad", compute)
+
+
+def _may_vanish(ctx: RuleContext, record) -> bool:
+    """Whether the first/last gradient-norm test of grad-vanishing can hold on `record`
+    (False only when it certainly does not)."""
+    ends = _first_last_grad(ctx, record)
+    if ends is None:
+        return False
+    first, last = ends
+    if not first < ctx.t["first_norm"]:
+        return False
+    return last == 0 or first / last < ctx.t["ratio"]
 
 
 SQUASHING = ("Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid")
@@ -211,15 +247,19 @@ def _fan_in(ctx: RuleContext, layer: int) -> int:
               "outlier-batches"))
 def grad_exploding(ctx: RuleContext) -> Finding | None:
     """Total gradient norm grows by orders of magnitude or spikes repeatedly."""
-    records = [r for r in ctx.healthy_records if not r.overflow]
-    totals = np.array([_total(r) for r in records])
-    if totals.size < ctx.t["window"]:
+    records = [r for r in ctx.healthy_records if not (r.skipped and r.overflow)]
+    listed = [r.total_grad_norm() for r in records]
+    if len(listed) < ctx.t["window"]:
         return None
-    first = [_total(r) for r in ctx.first if not r.overflow]
-    first = [t for t in first if np.isfinite(t) and t > 0][:3]
+    first = ctx.history.kept(("early_grad_totals", len(ctx.first)), lambda: [
+        t for t in (_total(r) for r in ctx.first if not r.overflow)
+        if math.isfinite(t) and t > 0][:3])
     if not first:
         return None
-    early = fast_median(first)
+    early = plain_median(first)  # fast_median's value (finite values)
+    if not _may_explode(listed, early, ctx.t):
+        return None
+    totals = np.array(listed)
     tail = totals[-int(ctx.t["window"]):]
     measured = np.isfinite(tail)
     # growth only: every measured norm of the window that far above the start (a window
@@ -275,6 +315,18 @@ def grad_exploding(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _may_explode(totals: list[float], early: float, t: dict) -> bool:
+    """Whether the window of total gradient norms grew `growth` times over `early` or holds a
+    spike over the median of the finite ones: the preconditions of grad-exploding, in plain
+    floats (the window is a few values)."""
+    tail = totals[-int(t["window"]):]
+    measured = [v for v in tail if math.isfinite(v)]
+    if measured and all(v >= t["growth"] * early for v in measured):
+        return True
+    med = plain_median([v for v in totals if math.isfinite(v)])
+    return med > 0 and any(v >= t["spike"] * med for v in tail)
+
+
 def _total(record) -> float:
     return record.total_grad_norm()
 
@@ -287,7 +339,11 @@ def _total(record) -> float:
       causes=("missing-zero-grad",))
 def grad_accumulating(ctx: RuleContext) -> Finding | None:
     """Gradients from the previous optimizer step were still there when backward ran again."""
-    checked = [r for r in ctx.records if not np.isnan(_stale_total(r))]
+    latest = next((total for total in map(_stale_total, reversed(ctx.records))
+                   if not math.isnan(total)), math.nan)
+    if not latest > 0:
+        return None  # the last checked record had no leftover gradients (or none was checked)
+    checked = [r for r in ctx.records if not math.isnan(_stale_total(r))]
     tail = persistent(checked, ctx.t["window"], lambda r: _stale_total(r) > 0)
     if tail is None:
         return None
@@ -331,10 +387,15 @@ def _stale_total(record) -> float:
               "missing-from-optimizer"))
 def layers_stalled(ctx: RuleContext) -> Finding | None:
     """A part of the model barely moves while the rest trains normally."""
-    records = [r for r in usable(ctx.healthy_records, ctx.t["warmup"]) if r.stepped]
+    records = [r for r in ctx.usable(ctx.t["warmup"]) if r.stepped]
     if len(records) < ctx.t["window"] or in_lr_warmup(records[-int(ctx.t["window"]):]):
         return None
     recs = records[-int(ctx.t["window"]):]
+    if not _may_stall(recs[-1], ctx.t["stall"]):
+        return None
+    last_view = _stall_view(ctx, recs[-1], ctx.t["stall"])
+    if last_view is None or not last_view[2].any() or not last_view[1] > 1e-5:
+        return None  # a layer must be stalled, and the median healthy, in every record
     views = [_stall_view(ctx, r, ctx.t["stall"]) for r in recs]
     if any(v is None for v in views):
         return None
@@ -378,6 +439,29 @@ def layers_stalled(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _may_stall(record, stall: float) -> bool:
+    """Whether a layer of `record` can update less than `stall` times the median layer (False
+    only when none can; kept with the record). A layer's ratio is a weighted RMS of its
+    parameters' ratios, so it lies between their smallest and largest: when the smallest
+    parameter ratio is above `stall` times the largest, with a margin far above rounding and
+    values far from under- or overflow, no layer is that far below any other."""
+
+    def compute() -> bool:
+        ratio, weight = record.update_ratio, record.param_norm
+        ok = np.isfinite(ratio) & np.isfinite(weight)
+        if not ok.any():
+            return True
+        moved, sizes = np.abs(ratio[ok]), np.abs(weight[ok])
+        sizes = sizes[sizes > 0]
+        low, high = float(moved.min()), float(moved.max())
+        if not (low >= 1e-50 and high <= 1e50 and (sizes.size == 0 or (
+                float(sizes.min()) >= 1e-50 and float(sizes.max()) <= 1e50))):
+            return True
+        return not stall * high * (1 + 1e-6) <= low * (1 - 1e-6)
+
+    return record.derived(f"may_stall:{stall}", compute)
+
+
 def _stall_view(ctx: RuleContext, record, stall: float):
     """(trainable layer indices, their median update ratio, stalled mask), cached per record."""
 
@@ -387,7 +471,7 @@ def _stall_view(ctx: RuleContext, record, stall: float):
         finite = ratios[np.isfinite(ratios)]
         if trainable.size < 2 or finite.size == 0:
             return None
-        median = fast_median(finite)
+        median = plain_median(finite.tolist())  # fast_median's value (finite values)
         with np.errstate(invalid="ignore"):
             return trainable, median, ratios < stall * median
 
@@ -396,6 +480,13 @@ def _stall_view(ctx: RuleContext, record, stall: float):
 
 def _trainable_layers(ctx: RuleContext, record) -> list[int]:
     keep = record.requires_grad & ~np.isnan(record.grad_norm)
+    if keep.all():  # every parameter trains and has a gradient: the layout's answer
+        return ctx.layout.static("trainable_layers_all", lambda: _layers_training(ctx, keep))
+    return _layers_training(ctx, keep)
+
+
+def _layers_training(ctx: RuleContext, keep: np.ndarray) -> list[int]:
+    """The layers, embeddings left out, that own a parameter where `keep` holds."""
     counts = np.bincount(ctx.layout.owners[keep], minlength=len(ctx.layout.layers))
     embeddings = _embeddings(ctx)
     return [i for i in np.flatnonzero(counts).tolist() if i not in embeddings]

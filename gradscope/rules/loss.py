@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import evidence as ev
 from .base import Finding, Threshold, rule
-from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked, usable
+from .common import WARMUP, WINDOW, fast_median, fmt, in_lr_warmup, ranked
 from .context import RuleContext
 from .onset import find_onset, onset_finding
 from .params import frozen_output_score
@@ -78,33 +78,73 @@ class Progress:
         return change / self.pace_hi if self.pace_hi > 0 else math.inf
 
 
+def mean_of(values: np.ndarray) -> np.floating:
+    """values.mean() of a 1-D array (float64 for integers), the same sum and division
+    without the method's wrapper (this runs on every evaluation).
+
+    >>> import numpy as np
+    >>> a = np.random.default_rng(0).random(37)
+    >>> mean_of(a) == a.mean(), mean_of(np.arange(9)) == np.arange(9).mean()
+    (np.True_, np.True_)
+    """
+    dtype = np.float64 if values.dtype.kind in "biu" else None
+    mean: np.floating = np.add.reduce(values, dtype=dtype) / values.size
+    return mean
+
+
+def variance_of(values: np.ndarray) -> np.floating:
+    """values.var(ddof=1) of a 1-D float array, the same steps without the wrapper.
+
+    >>> import numpy as np
+    >>> a = np.random.default_rng(0).random(20)
+    >>> variance_of(a) == a.var(ddof=1)
+    np.True_
+    """
+    deviations = values - np.add.reduce(values, keepdims=True) / values.size
+    variance: np.floating = np.add.reduce(np.square(deviations)) / (values.size - 1)
+    return variance
+
+
 def _trend(steps: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     """Least-squares slope of `values` over `steps` and its standard error."""
-    x = steps.astype(np.float64) - steps.mean()
+    x = steps.astype(np.float64) - mean_of(steps)
     sxx = float(np.dot(x, x))
     if values.size < 3 or sxx <= 0:
         return 0.0, math.inf
-    slope = float(np.dot(x, values - values.mean()) / sxx)
-    resid = values - values.mean() - slope * x
+    mean = mean_of(values)
+    slope = float(np.dot(x, values - mean) / sxx)
+    resid = values - mean - slope * x
     return slope, float(np.sqrt(np.dot(resid, resid) / (values.size - 2) / sxx))
+
+
+def _start_level(history, count: int) -> tuple[float, np.floating, int]:
+    """(mean, variance (ddof 1), size) of the first `count` losses the history keeps for good
+    (worked out once: they never change)."""
+
+    def compute() -> tuple[float, np.floating, int]:
+        first = np.asarray(history.first_losses, dtype=np.float64)[:count]
+        return float(first.mean()), first.var(ddof=1), first.size
+
+    return history.kept(("start_level", len(history.first_losses), count), compute)
 
 
 def _progress(ctx: RuleContext) -> Progress | None:
     """The loss's progress, judged the same live and on a replayed log: from the first losses
     the history keeps for good and the recent loss window, never from when the rules ran."""
     history = ctx.history
-    first = np.asarray(history.first_losses, dtype=np.float64)
+    held = len(history.first_losses)
     steps, tail = ctx.losses
     n = len(history.loss_values)
-    if len(first) < START_STEPS or n < START_STEPS + RECENT_STEPS:
+    if held < START_STEPS or n < START_STEPS + RECENT_STEPS:
         return None
     # the start level never reaches into the recent level's steps
-    first = first[:max(START_STEPS, min(len(first), n - RECENT_STEPS))]
+    start, start_var, start_size = _start_level(
+        history, max(START_STEPS, min(held, n - RECENT_STEPS)))
     recent = tail[-RECENT_STEPS:]
-    start, late = float(first.mean()), float(recent.mean())
+    late = float(mean_of(recent))
     if not (np.isfinite(start) and np.isfinite(late)) or abs(start) < 1e-12:
         return None
-    se = float(np.sqrt(first.var(ddof=1) / first.size + recent.var(ddof=1) / recent.size))
+    se = float(np.sqrt(start_var / start_size + variance_of(recent) / recent.size))
     slope, slope_se = _trend(steps, tail)
     return Progress(start=start, late=late, drop=(start - late) / abs(start),
                     drop_hi=(start - late + 2 * se) / abs(start),
@@ -179,7 +219,7 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
         return _stalled_high(ctx, progress)
     if not (drop < change and stalled):
         return None
-    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
+    records = ctx.usable(ctx.t["warmup"]) or ctx.records
     if not records or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None  # no records yet, or the learning rate is still ramping up
     causes = _flat_causes(ctx, records)
@@ -220,6 +260,8 @@ def loss_flat(ctx: RuleContext) -> Finding | None:
               "data-scale"))
 def loss_nonfinite(ctx: RuleContext) -> Finding | None:
     """A loss value is NaN or Inf; explained from the first bad step and the ones before."""
+    if ctx.history.loss_scan.all_finite():
+        return None  # no held loss is NaN/Inf, the recent ones included
     steps, losses = ctx.losses
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size == 0:
@@ -272,7 +314,7 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     steps, losses = ctx.losses
     keep = (steps >= ctx.t["warmup"]) & np.isfinite(losses)
     steps, losses = steps[keep][-UNSTABLE_SPAN:], losses[keep][-UNSTABLE_SPAN:]
-    if len(losses) < 40:
+    if len(losses) < 40 or not _may_spike(losses, ctx.t):
         return None
     base = _rolling_typical(losses[:-1], 20)
     ratio = np.where(base > 0, losses[20:] / np.where(base > 0, base, 1.0), 0.0)
@@ -295,7 +337,7 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     # converged (BatchNorm with weight decay keeps the ratio high in healthy training).
     if len(candidates) < ctx.t["spikes"]:
         return None  # the filters below only remove candidates
-    records = usable(ctx.healthy_records, ctx.t["warmup"]) or ctx.records
+    records = ctx.usable(ctx.t["warmup"]) or ctx.records
     oversized = ev.lr_too_high(ctx, records, ctx.t["high_update"]) if records else None
     if fast_median(losses[-20:]) < ctx.t["jump"] * scale or _descending(losses):
         oversized = None
@@ -335,6 +377,24 @@ def training_unstable(ctx: RuleContext) -> Finding | None:
     )
 
 
+def _may_spike(losses: np.ndarray, t: dict) -> bool:
+    """Whether `spikes` of the losses after the first 20 can be `spike` times their local
+    level (False only when they certainly cannot): a level, the geometric mean or median of
+    20 losses before, is at least their minimum, so a spike is at least `spike` times the
+    smallest loss (with a margin far above the level's rounding).
+
+    >>> import numpy as np
+    >>> t = {"spike": 2.0, "spikes": 3}
+    >>> _may_spike(np.ones(40), t), _may_spike(np.array([1.0, 3.0] * 20), t)
+    (False, True)
+    """
+    spike = t["spike"]
+    low = float(losses[:-1].min())
+    if not (spike > 0 and low > 0):
+        return True
+    return int(np.count_nonzero(losses[20:] >= spike * low * (1 - 1e-9))) >= t["spikes"]
+
+
 #: Steps of loss history before a loss that stopped improving can be called stalled.
 STALL_STEPS = 100
 #: A loss still above this fraction of its start level has not converged.
@@ -350,7 +410,7 @@ def _stalled_high(ctx: RuleContext, progress: Progress) -> Finding | None:
         return None  # too early to tell, or it came down by over half: near its floor
     if several_optimizers(ctx):
         return None  # opposing objectives (a GAN) settle into a stalemate by design
-    records = usable(ctx.healthy_records, ctx.t["warmup"])
+    records = ctx.usable(ctx.t["warmup"])
     if len(records) < 5 or in_lr_warmup(ctx.records[-int(WINDOW.default):]):
         return None
     oversized = ev.lr_too_high(ctx, records, HIGH_UPDATE.default)
@@ -453,14 +513,10 @@ def _penalty_only(records) -> tuple[str, float, str]:
     (an L2 term added to the loss) reaches the parameters; the data term has no gradient."""
     ratios = []
     for r in records[-5:]:
-        g, w = r.grad_norm, r.param_norm
-        ok = np.isfinite(g) & np.isfinite(w) & (w > 0) & (g > 0)
-        if ok.sum() < 2 or w[ok].max() < 1.5 * w[ok].min():
-            return ("detached-graph", 0.0, "")  # weights alike in size: proves nothing
-        ratio = g[ok] / w[ok]
-        if (ratio.max() - ratio.min()) > 1e-3 * ratio.mean():
+        ratio = r.derived("penalty_ratio", lambda r=r: _penalty_ratio(r))
+        if ratio is None:
             return ("detached-graph", 0.0, "")
-        ratios.append(float(ratio.mean()))
+        ratios.append(ratio)
     if not ratios:
         return ("detached-graph", 0.0, "")
     return ("detached-graph", 2.0,
@@ -468,6 +524,19 @@ def _penalty_only(records) -> tuple[str, float, str]:
             f"{len(ratios)} recorded steps: only a weight penalty reaches them, the data term "
             "of the loss carries no gradient (computed under torch.no_grad(), detached, or "
             "rebuilt from .item())")
+
+
+def _penalty_ratio(r) -> float | None:
+    """The gradient/weight ratio shared by every parameter of a record, None when the ratios
+    differ or the weights are alike in size (which proves nothing)."""
+    g, w = r.grad_norm, r.param_norm
+    ok = np.isfinite(g) & np.isfinite(w) & (w > 0) & (g > 0)
+    if ok.sum() < 2 or w[ok].max() < 1.5 * w[ok].min():
+        return None
+    ratio = g[ok] / w[ok]
+    if (ratio.max() - ratio.min()) > 1e-3 * ratio.mean():
+        return None
+    return float(ratio.mean())
 
 
 def _tiny_batch(records) -> tuple[str, float, str]:

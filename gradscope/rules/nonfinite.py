@@ -37,7 +37,7 @@ def values_nonfinite(ctx: RuleContext) -> Finding | None:
     records = ctx.records
     overflow_run = 0
     for r in reversed(records):
-        if not r.overflow:
+        if not (r.skipped and r.overflow):
             break
         overflow_run += 1
     onset = ctx.memo("onset", lambda: find_onset(ctx.history))

@@ -268,9 +268,8 @@ _CLEAN: weakref.WeakKeyDictionary[History, int] = weakref.WeakKeyDictionary()
 
 def _clean(history: History) -> bool:
     """Whether nothing in `history` is NaN/Inf (records already seen clean are skipped)."""
-    _, losses = history.losses()
     tail = history.flight_tail
-    if not np.all(np.isfinite(losses)) or (tail is not None and tail.nonfinite()):
+    if not history.loss_scan.all_finite() or (tail is not None and tail.nonfinite()):
         return False
     seen = _CLEAN.get(history, 0)
     new = history.total_recorded - seen
@@ -386,6 +385,10 @@ CHECKS = (
 
 def first_blowup(history: History, factor: float = BLOWUP) -> tuple[int, float, float] | None:
     """(step, loss there, loss at the start) of the first loss `factor` times the first one."""
+    scan = history.loss_scan
+    first = scan.first_finite()
+    if first is None or not first[1] > 0 or not scan.max_finite() >= factor * first[1]:
+        return None  # no loss reached it: known without reading the whole loss history
     steps, values = history.losses()
     finite = np.isfinite(values)
     if not finite.any():

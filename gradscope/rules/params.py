@@ -27,7 +27,7 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
     if len(stepped) < window:
         return _frozen_on_purpose(ctx)
     tail = stepped[-window:]
-    if in_lr_warmup(tail):
+    if in_lr_warmup(tail) or not _may_be_frozen(tail[-1]):
         return _frozen_on_purpose(ctx)
     has_grad = np.logical_and.reduce([(r.grad_norm > 0) & np.isfinite(r.grad_norm)
                                       for r in tail])
@@ -82,6 +82,14 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
             "Check the learning rate of each param group, including schedulers that decay to 0.",
         ],
     )
+
+
+def _may_be_frozen(record) -> bool:
+    """Whether some trainable parameter of `record` got a gradient and did not change (every
+    record of the window must show it for that parameter; kept with the record)."""
+    return record.derived("may_be_frozen", lambda: bool(np.any(
+        (record.changed == 0) & (record.grad_norm > 0) & np.isfinite(record.grad_norm)
+        & record.requires_grad)))
 
 
 def _output_layer(ctx: RuleContext) -> str | None:

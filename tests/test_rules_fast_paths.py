@@ -1,0 +1,164 @@
+"""The rules' shortcuts (early answers from cheap preconditions, values kept across
+evaluations) give what the general path gives: the same diagnoses on real runs, and the same
+numbers as a plain recomputation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scenarios as S
+import torch
+
+from gradscope.history import FiniteScan, History, Ring
+from gradscope.layout import ModelLayout
+from gradscope.rules import activations, evidence, gradients, loss, params
+from gradscope.rules.common import fast_median, median_finite, plain_median
+from gradscope.rules.engine import RuleEngine, builtin_rules
+from gradscope.rules.onset import first_blowup
+
+
+def _general(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switch every precondition shortcut off: each rule takes its full path."""
+    for module, name, value in [
+        (gradients, "_may_lack_grads", True), (gradients, "_may_vanish", True),
+        (gradients, "_may_explode", True), (gradients, "_may_stall", True),
+        (loss, "_may_spike", True),
+        (params, "_may_be_frozen", True), (evidence, "_may_exceed", True),
+        (evidence, "_some_layer_moves", False),
+    ]:
+        monkeypatch.setattr(module, name, lambda *args, _v=value, **kwargs: _v)
+    monkeypatch.setattr(FiniteScan, "all_finite", lambda self: bool(
+        np.all(np.isfinite(self._ring.array()))))
+    monkeypatch.setattr(FiniteScan, "max_finite", lambda self: math.inf)
+    monkeypatch.setattr(activations, "_hidden_over", lambda record, field, limit: frozenset(
+        record.modules_over(field, limit)) - {activations._output_module(record)})
+
+
+def _replay(history: History) -> list:
+    """Every evaluation's new or changed diagnoses over a fresh copy of `history`, fed one
+    record at a time with its losses (records' kept values cleared first)."""
+    records = history.records()
+    steps, values = history.losses()
+    steps, values = steps.tolist(), values.tolist()
+    for r in records:
+        r._derived.clear()
+    copy = History(history.layout)
+    engine = RuleEngine(builtin_rules())
+    out, j = [], 0
+    for r in records:
+        k = j
+        while k < len(steps) and steps[k] <= r.step:
+            k += 1
+        copy.add_losses(steps[j:k], values[j:k])
+        j = k
+        copy.append(r)
+        out.append([(d.sign, d.severity, d.first_step, d.last_step, d.summary,
+                     [(c.id, c.likelihood, c.evidence) for c in d.causes], list(d.layers),
+                     repr(d.evidence), list(d.checks)) for d in engine.update(copy)])
+    return out
+
+
+SCENARIOS = ["flat_lr_too_low", "flat_saturated", "none_detached", "stalled_dead_layer",
+             "unstable_lr_too_high", "vanishing_tiny_init", "exploding_lr",
+             "accumulating_no_zero_grad", "frozen_missing_from_optimizer", "dead_relu_bias",
+             "saturated_raw_inputs", "nonfinite_exploding", "healthy_mlp"]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_shortcuts_give_the_general_paths_diagnoses(name: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    history = getattr(S, name)().history
+    fast = _replay(history)
+    assert any(fast) or name.startswith("healthy")
+    with monkeypatch.context() as patched:
+        _general(patched)
+        general = _replay(history)
+    assert fast == general
+
+
+def test_finite_scan_matches_a_rescan_of_the_ring() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        ring = Ring(int(rng.integers(1, 60)))
+        scan = FiniteScan(ring)
+        for _ in range(20):
+            values = rng.normal(size=int(rng.integers(0, 90))) * 10
+            for share, bad in ((0.2, np.nan), (0.05, np.inf), (0.05, -np.inf), (0.2, 3.0)):
+                values[rng.random(values.size) < share] = bad
+            ring.extend(values.tolist())
+            if rng.random() < 0.3:
+                continue  # several batches between two questions
+            held = ring.array()
+            finite = np.isfinite(held)
+            assert scan.all_finite() == bool(finite.all())
+            if not finite.any():
+                assert scan.first_finite() is None and scan.max_finite() == -math.inf
+                continue
+            at = int(np.argmax(finite))
+            assert scan.first_finite() == (ring.count - len(ring) + at, float(held[at]))
+            assert scan.max_finite() == held[finite].max()
+
+
+def test_first_blowup_shortcut_matches_the_full_scan() -> None:
+    rng = np.random.default_rng(2)
+    layout = ModelLayout.of(torch.nn.Linear(1, 1))
+    for _ in range(200):
+        history = History(layout, loss_capacity=int(rng.integers(5, 80)))
+        for step in range(0, int(rng.integers(1, 150)), 3):
+            values = np.abs(rng.normal(size=3)) * 10.0 ** rng.integers(-1, 4, size=3)
+            values[rng.random(3) < 0.1] = np.nan
+            history.add_losses([step, step + 1, step + 2], values.tolist())
+            for factor in (10.0, 1e3):
+                steps, held = history.losses()
+                finite = np.isfinite(held)
+                expected = None
+                if finite.any() and held[finite][0] > 0:
+                    start = float(held[finite][0])
+                    over = np.flatnonzero(finite & (held >= factor * start))
+                    if over.size:
+                        expected = (int(steps[over[0]]), float(held[over[0]]), start)
+                assert first_blowup(history, factor) == expected
+
+
+def _median_finite_reference(values: np.ndarray, axis: int | None = None):
+    """The general sort-and-take implementation, for any axis."""
+    array = np.where(np.isfinite(values), values, np.nan)
+    if axis is None:
+        array, axis = array.reshape(-1), 0
+    if array.size == 0:
+        return np.nan
+    ordered = np.sort(array, axis=axis)
+    count = np.sum(~np.isnan(array), axis=axis, keepdims=True)
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=axis)
+    high = np.take_along_axis(ordered, np.minimum(count // 2, ordered.shape[axis] - 1),
+                              axis=axis)
+    median = np.where(count > 0, 0.5 * (low + high), np.nan).squeeze(axis)
+    return float(median) if median.ndim == 0 else median
+
+
+def test_median_finite_matches_the_general_implementation() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        rows, cols = int(rng.integers(0, 18)), int(rng.integers(1, 12))
+        a = rng.lognormal(size=(rows, cols)) * 10.0 ** rng.integers(-8, 3)
+        mask = rng.random((rows, cols))
+        a[mask < 0.15] = np.nan
+        a[(mask > 0.15) & (mask < 0.2)] = np.inf
+        a[(mask > 0.2) & (mask < 0.22)] = -np.inf
+        if rng.random() < 0.2:
+            a = a.astype(np.float32)
+        for axis in (None, 0):
+            got, want = median_finite(a, axis=axis), _median_finite_reference(a, axis=axis)
+            assert np.array_equal(np.asarray(got), np.asarray(want), equal_nan=True)
+            assert np.asarray(got).dtype == np.asarray(want).dtype or axis is None
+
+
+def test_plain_median_is_fast_median_without_nan() -> None:
+    rng = np.random.default_rng(4)
+    for n in range(0, 20):
+        values = (rng.normal(size=n) * 10.0 ** rng.integers(-5, 5, size=n)).tolist()
+        if n > 2:
+            values[0] = math.inf
+        assert np.array_equal(plain_median(values), fast_median(values), equal_nan=True)
