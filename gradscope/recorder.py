@@ -373,9 +373,12 @@ class StepRecorder:
         self._tensor_hooks.remove()  # this step's output-gradient hooks have done their job
         self._prev_stepped = self._stepped or not self.optimizers
         self._stepped = False
-        self._reset_step_state()
-        self.step += 1
         was_recording = self.recording
+        if was_recording:
+            self._reset_step_state()
+        else:  # an unrecorded step leaves the rest as the last reset left it
+            self._loss_requires_grad = None
+        self.step += 1
         self.recording = self.will_record(self.step)
         self._force_record = False
         if self.recording and not was_recording:

@@ -146,7 +146,8 @@ class Scope:
                 "to watch a new run (diagnose(), report() and plot() still work on this one)."
             )
         value, requires_grad = scalar_loss(loss)
-        self._guard.call("loss graph", self.recorder.observe_loss, loss)
+        if self.recorder.recording:  # the loss graph is read on recorded steps only
+            self._guard.call("loss graph", self.recorder.observe_loss, loss)
         record = self._guard.call("step", self.recorder.finish_step, value, requires_grad)
         if record is not None:
             self._guard.call("record", self._publish, record)

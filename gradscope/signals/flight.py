@@ -184,23 +184,32 @@ class FlightRecorder:
                 self._add(OUTPUT, _flag(leaf))
 
     # ------------------------------------------------------------------ per step
-    @torch.no_grad()
     def capture(self, step: int, recorded: bool) -> None:
         """Read the step's gradients (before the optimizer step): the maxima of unrecorded
         steps are kept; on CPU a non-finite step is replayed once."""
         if self._captured:
             return
         self._captured = True
-        grads = [p.grad for p in self._params]
-        if self._rows is not None:
-            self._capture_row(grads, step, recorded)
-            return
-        if recorded:
+        if not self._cpu and recorded:
             return  # a recorded step measures its own gradient maxima
-        row = self._maxima_row(grads)
-        if row is not None:
-            self._maxima.append(row)
-            self._norm_steps.append(step)
+        # no autograd graph for what is read (torch.no_grad() without its per-call objects)
+        grad_mode = torch.is_grad_enabled()
+        if grad_mode:
+            torch._C._set_grad_enabled(False)
+        try:
+            grads = [p.grad for p in self._params]
+            if self._rows is not None:
+                self._capture_row(grads, step, recorded)
+                return
+            if recorded:
+                return
+            row = self._maxima_row(grads)
+            if row is not None:
+                self._maxima.append(row)
+                self._norm_steps.append(step)
+        finally:
+            if grad_mode:
+                torch._C._set_grad_enabled(True)
 
     def _maxima_row(self, grads: list[torch.Tensor | None]) -> torch.Tensor | None:
         # a sharded (DTensor) gradient: this rank's shard (a detector, no collective);

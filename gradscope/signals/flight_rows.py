@@ -15,7 +15,8 @@ largest |gradient| is exactly what one pass per tensor gives.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ IN, OUT, PAIRS, PEAKS, FULL, SKIP = range(6)
 
 #: One segment: its kind and either a count of values or the parameter indices it covers.
 Segment = tuple[int, "int | Sequence[int]"]
+
+#: Row dtypes whose finiteness is read with one dot product (see StepRows.finite).
+_DOT_DTYPES = (torch.float32, torch.float64)
 
 
 class GradPlan:
@@ -48,6 +52,14 @@ class GradPlan:
         self.pairs = pairs
         self.groups = groups
         self.sharded = sharded  # some gradient is a DTensor: read elsewhere
+        # made once per plan, used on every step: each group's gradients picked at C speed,
+        # and the row segments of the values read (kept, or read for the check alone)
+        self.getters: list[Callable[[Sequence], tuple]] = [
+            operator.itemgetter(*members) for members in groups]
+        self.kept: list[Segment] = ([(PAIRS, pairs)] if pairs else []) + [
+            (PEAKS, members) for members in groups]
+        self.skipped: list[Segment] = ([(SKIP, 2 * len(pairs))] if pairs else []) + [
+            (SKIP, len(members)) for members in groups]
 
     @classmethod
     def of(cls, grads: Sequence[torch.Tensor | None]) -> GradPlan:
@@ -106,36 +118,37 @@ class StepRows:
         the gradient maxima, kept when `keep`), as one 1-d tensor; None when there are none.
         `full` is a float64 row over every parameter made elsewhere (sharded gradients);
         `plan` the plan of `grads` when the caller has it."""
+        limits = self._limits
         scalars: list[torch.Tensor] = []
         segments: list[Segment] = []
-        for slot, kind in ((0, IN), (1, OUT)):
-            values = self._limits[slot]
-            if values:
-                scalars += values
-                segments.append((kind, len(values)))
-                self._limits[slot] = []
+        if limits[0]:
+            scalars, limits[0] = limits[0], []
+            segments.append((IN, len(scalars)))
+        if limits[1]:
+            values, limits[1] = limits[1], []
+            scalars = scalars + values if scalars else values
+            segments.append((OUT, len(values)))
         vectors: list[torch.Tensor] = []
         if grads is not None:
             try:
                 plan = plan or self.plan(grads)
-                parts = self._read(grads, plan)
+                pair_values, vectors = self._read(grads, plan)
             except RuntimeError:  # a gradient changed shape, dtype or layout: read afresh
                 plan = self.plan(grads, cached=False)
-                parts = self._read(grads, plan)
-            pair_values, peaks = parts
-            if plan.pairs:
-                scalars += pair_values
-                segments.append((PAIRS, plan.pairs) if keep else (SKIP, 2 * len(plan.pairs)))
-            for members, peak in zip(plan.groups, peaks):
-                vectors.append(peak)
-                segments.append((PEAKS, members) if keep else (SKIP, len(members)))
+                pair_values, vectors = self._read(grads, plan)
+            if pair_values:
+                scalars = scalars + pair_values if scalars else pair_values
+            segments += plan.kept if keep else plan.skipped
         if full is not None:
             vectors.append(full)
             segments.append((FULL, self._params) if keep else (SKIP, self._params))
-        if not scalars and not vectors:
+        if scalars:
+            piece = torch.cat([torch.stack(scalars), *vectors]) if vectors else torch.stack(
+                scalars)
+        elif vectors:
+            piece = torch.cat(vectors) if len(vectors) > 1 else vectors[0]
+        else:
             return None
-        parts_ = ([torch.stack(scalars)] if scalars else []) + vectors
-        piece = torch.cat(parts_) if len(parts_) > 1 else parts_[0]
         self._pieces.append(piece)
         self._segments += segments
         return piece
@@ -157,21 +170,30 @@ class StepRows:
         for i in plan.pairs:
             pairs.extend(torch.aminmax(grads[i]))  # type: ignore[arg-type]
         peaks = []
-        for members in plan.groups:
-            rows = torch.stack([grads[i] for i in members])  # type: ignore[misc]
+        for members, getter in zip(plan.groups, plan.getters):
+            rows = torch.stack(getter(grads))
             # |x| in place on the stacked copy, then one max per row (NaN stays NaN)
             peaks.append(rows.abs_().view(len(members), -1).amax(1))
         return pairs, peaks
 
     def finite(self, piece: torch.Tensor) -> bool:
-        """Whether every value of `piece` is finite (x * 0 is 0 exactly for finite x), read
-        on the host without a transfer method (a CPU tensor)."""
+        """Whether every value of `piece` is finite (x * 0 is 0 exactly for finite x and NaN
+        for NaN/Inf), read on the host without a transfer method (a CPU tensor).
+
+        Example:
+            >>> rows = StepRows(1)
+            >>> rows.finite(torch.tensor([1.0, -0.0])), rows.finite(torch.tensor([1.0, -math.inf]))
+            (True, False)
+        """
         key = (piece.numel(), piece.dtype)
         zeros = self._zeros.get(key)
         if zeros is None:
             if len(self._zeros) > 8:
                 self._zeros.clear()
             zeros = self._zeros[key] = torch.zeros(key[0], dtype=key[1])
+        if key[1] in _DOT_DTYPES:
+            # one kernel: the sum of x * 0 is +-0 when all are finite, NaN otherwise
+            return not torch.is_nonzero(torch.dot(piece, zeros))
         return torch.equal(piece * 0, zeros)
 
     def end(self, step: int) -> None:
