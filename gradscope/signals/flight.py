@@ -27,7 +27,7 @@ from torch import nn
 
 from ..hooks import Guard, HookSet
 from ..records import FlightLog
-from .activations import _float_leaves, compiling, in_backward
+from .activations import _float_leaves, compiling
 from .data import first_tensor
 from .distributed import is_dtensor, local_tensor, world_size
 from .flight_rows import IN, OUT, GradPlan, StepRows
@@ -36,6 +36,9 @@ from .output import output_logits
 from .transfer import DeviceBatch, group_by_device_dtype, on_device
 
 INPUT, OUTPUT = range(2)
+
+_graph_task = torch._C._current_graph_task_id  # -1 outside a backward pass (see in_backward)
+_rng_state = torch.default_generator.get_state  # what torch.get_rng_state() returns
 
 
 def peaks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -150,9 +153,10 @@ class FlightRecorder:
             self._rows.reset_step()
 
     def _training(self, module: nn.Module) -> bool:
-        # under torch.compile tracing the hooks do nothing (compiled code runs no hooks)
-        return (not compiling() and not self._replaying and module.training
-                and torch.is_grad_enabled() and not in_backward())
+        # under torch.compile tracing the hooks do nothing (compiled code runs no hooks);
+        # the cheapest tests first (these hooks run on every step)
+        return (module.training and not self._replaying and torch.is_grad_enabled()
+                and _graph_task() == -1 and not compiling())
 
     def _add(self, slot: int, total: torch.Tensor) -> None:
         held = self._sums[slot]
@@ -163,19 +167,22 @@ class FlightRecorder:
             return
         if self._cpu and not self._latched:
             self._last_input = (args, kwargs)
-            self._rng = torch.get_rng_state()
-        x = first_tensor(args, kwargs)
+            self._rng = _rng_state()
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else first_tensor(args, kwargs)
         if x is not None and x.is_floating_point() and x.numel():
             x = local_tensor(x) if is_dtensor(x) else x
             if self._rows is not None:
-                self._rows.limits(IN, torch.aminmax(x.detach()))
+                self._rows.limits(IN, torch.aminmax(x.detach() if x.requires_grad else x))
             else:
                 self._add(INPUT, _flag(x))
 
     def _on_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._training(module):
             return
-        leaf = output_logits(output)
+        if type(output) is torch.Tensor:  # output_logits() of a plain tensor, inline
+            leaf = output if output.is_floating_point() and output.numel() else None
+        else:
+            leaf = output_logits(output)
         if leaf is not None:
             leaf = local_tensor(leaf) if is_dtensor(leaf) else leaf
             if self._rows is not None:

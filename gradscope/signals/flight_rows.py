@@ -33,6 +33,10 @@ IN, OUT, PAIRS, PEAKS, FULL, SKIP = range(6)
 #: One segment: its kind and either a count of values or the parameter indices it covers.
 Segment = tuple[int, "int | Sequence[int]"]
 
+#: Segment kinds that make a row worth keeping, and those that hold gradient maxima.
+_KEPT = frozenset({IN, OUT, PAIRS, PEAKS, FULL})
+_GRADS = frozenset({PAIRS, PEAKS, FULL})
+
 #: Row dtypes whose finiteness is read with one dot product (see StepRows.finite).
 _DOT_DTYPES = (torch.float32, torch.float64)
 
@@ -56,6 +60,7 @@ class GradPlan:
         # and the row segments of the values read (kept, or read for the check alone)
         self.getters: list[Callable[[Sequence], tuple]] = [
             operator.itemgetter(*members) for members in groups]
+        self.dims: list[tuple[int, ...]] = []  # per group, the dims of a stack to reduce
         self.kept: list[Segment] = ([(PAIRS, pairs)] if pairs else []) + [
             (PEAKS, members) for members in groups]
         self.skipped: list[Segment] = ([(SKIP, 2 * len(pairs))] if pairs else []) + [
@@ -75,7 +80,9 @@ class GradPlan:
             shapes.setdefault(key, []).append(i)
         pairs = [m[0] for m in shapes.values() if len(m) == 1]
         groups = [m for m in shapes.values() if len(m) > 1]
-        return cls(sorted(pairs), groups)
+        plan = cls(sorted(pairs), groups)
+        plan.dims = [tuple(range(1, grads[m[0]].dim() + 1)) for m in groups]  # type: ignore[union-attr]
+        return plan
 
 
 class StepRows:
@@ -170,10 +177,12 @@ class StepRows:
         for i in plan.pairs:
             pairs.extend(torch.aminmax(grads[i]))  # type: ignore[arg-type]
         peaks = []
-        for members, getter in zip(plan.groups, plan.getters):
-            rows = torch.stack(getter(grads))
-            # |x| in place on the stacked copy, then one max per row (NaN stays NaN)
-            peaks.append(rows.abs_().view(len(members), -1).amax(1))
+        for getter, dims in zip(plan.getters, plan.dims):
+            # |x| in place on the stacked copy, then one max per gradient (NaN stays NaN)
+            rows = torch.stack(getter(grads)).abs_()
+            if rows.dim() != len(dims) + 1:
+                raise RuntimeError("gradient shapes changed")  # read afresh (see piece())
+            peaks.append(rows.amax(dims) if dims else rows)
         return pairs, peaks
 
     def finite(self, piece: torch.Tensor) -> bool:
@@ -198,17 +207,21 @@ class StepRows:
 
     def end(self, step: int) -> None:
         """Close the step: keep its row (input/output limits come late with a closure)."""
-        self.piece(None, keep=False)
-        if self._pieces:
-            row = torch.cat(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
-            kinds = {kind for kind, _ in self._segments}
-            if kinds & {IN, OUT, PAIRS, PEAKS, FULL}:
-                self.rows.append(row)
-                self.layouts.append(tuple(self._segments))
-                if kinds & {IN, OUT}:
-                    self.steps.append(step)
-                if kinds & {PAIRS, PEAKS, FULL}:
-                    self.norm_steps.append(step)
+        if self._limits[0] or self._limits[1]:
+            self.piece(None, keep=False)
+        pieces = self._pieces
+        if not pieces:
+            return
+        row = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        segments = self._segments
+        kinds = {kind for kind, _ in segments}
+        if not kinds.isdisjoint(_KEPT):
+            self.rows.append(row)
+            self.layouts.append(tuple(segments))
+            if IN in kinds or OUT in kinds:
+                self.steps.append(step)
+            if not kinds.isdisjoint(_GRADS):
+                self.norm_steps.append(step)
         self._pieces = []
         self._segments = []
 
