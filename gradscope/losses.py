@@ -38,7 +38,8 @@ def scalar_loss(loss: Any) -> tuple[torch.Tensor | float | None, bool | None]:
                 f"{tuple(loss.shape)}; reduce it first (e.g. loss.mean()) or pass the value "
                 "you called backward() on."
             )
-        return loss.detach().reshape(()), loss.requires_grad
+        value = loss.detach()
+        return (value.reshape(()) if value.dim() else value), loss.requires_grad
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss), None
     raise GradscopeError(

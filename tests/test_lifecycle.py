@@ -140,3 +140,31 @@ def test_an_unclosed_scope_lives_as_long_as_the_hooks_on_its_model():
     assert ref() is not None and ref().recorder.owner is ref()
     ref().close()
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_unrecorded_step_leaves_the_step_state_as_a_reset_does():
+    # finish_step() resets the per-step state only after recorded steps: an unrecorded step
+    # must not change any of it (it would leak into the next recorded step otherwise)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, opt, every=3)
+    recorder = scope.recorder
+    names = ("_read", "_read_early", "_held_grads", "_stepping", "_orphans", "_backward_count",
+             "_backward_tasks", "_stale_roots", "_in_closure", "_closure_calls",
+             "_closure_checked", "_loss_requires_grad", "_activation_before_loss")
+
+    def state():
+        out = {name: getattr(recorder, name) for name in names}
+        out["_grad_none"] = recorder._grad_none.tolist()
+        return out
+
+    for step in range(7):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        scope.step(loss)
+        after = state()
+        recorder._reset_step_state()
+        assert after == state(), step
+    scope.close()

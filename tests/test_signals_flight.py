@@ -161,3 +161,61 @@ def test_nonfinite_gradient_alone_is_caught_at_its_step():
     assert [math.isinf(row[-1]) for row in log.grad_max] == [False, False, True, False]
     assert log.origin == {"step": 2, "kind": "none"}
     assert log.nonfinite()
+
+
+class Scalars(nn.Module):
+    """Two 0-d parameters (stacked together: a row of values, nothing to reduce) and a
+    layer whose weight changes shape mid-run (its stacked group is read afresh)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.shift = nn.Parameter(torch.tensor(-0.5))
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.scale + self.shift
+
+
+def test_scalar_parameters_and_changed_shapes_exact():
+    torch.manual_seed(0)
+    model = Scalars()
+    flight = FlightRecorder(model, list(model.parameters()), Guard(), optimized=False)
+    flight.attach()
+    want = []
+    for step in range(5):
+        if step in (2, 3):  # both weights of one stacked group take a new shape
+            shape = (8, 2) if step == 2 else (16,)  # then a new number of dims too
+            with torch.no_grad():
+                model.a.weight.data = model.a.weight.data.reshape(shape).contiguous()
+                model.b.weight.data = model.b.weight.data.reshape(shape).contiguous()
+            model.a.forward = lambda x, m=model.a: x @ m.weight.reshape(4, 4).t() + m.bias
+            model.b.forward = lambda x, m=model.b: x @ m.weight.reshape(4, 4).t() + m.bias
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(3, 4) * 10.0 ** step).pow(2).sum().backward()
+        want.append(_reference(model))
+        flight.end_step(step, recorded=False)
+    batch = DeviceBatch()
+    flight.put(batch, 4)
+    log = flight.result(batch.fetch(), 4)
+    flight.close()
+    assert log.norm_steps == list(range(5))
+    np.testing.assert_array_equal(np.array(log.grad_max), np.array(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finite_check_matches_elementwise_reference(dtype):
+    from gradscope.signals.flight_rows import StepRows
+
+    rows = StepRows(1)
+    gen = torch.Generator().manual_seed(0)
+    big = torch.finfo(dtype).max
+    for n in (1, 2, 7, 16, 33, 1000, 4099):
+        for value in (None, math.nan, math.inf, -math.inf, big, -big, -0.0):
+            for pos in {0, n // 2, n - 1}:
+                piece = (torch.randn(n, generator=gen) * 1e30).to(dtype)
+                if value is not None:
+                    piece[pos] = value
+                want = bool(torch.isfinite(piece).all())
+                assert rows.finite(piece) == want, (n, value, pos)
