@@ -61,10 +61,10 @@ class GradPlan:
         self.getters: list[Callable[[Sequence], tuple]] = [
             operator.itemgetter(*members) for members in groups]
         self.dims: list[tuple[int, ...]] = []  # per group, the dims of a stack to reduce
-        self.kept: list[Segment] = ([(PAIRS, pairs)] if pairs else []) + [
-            (PEAKS, members) for members in groups]
-        self.skipped: list[Segment] = ([(SKIP, 2 * len(pairs))] if pairs else []) + [
-            (SKIP, len(members)) for members in groups]
+        self.kept: list[Segment] = [(PAIRS, pairs)] if pairs else []
+        self.kept += [(PEAKS, members) for members in groups]
+        self.skipped: list[Segment] = [(SKIP, 2 * len(pairs))] if pairs else []
+        self.skipped += [(SKIP, len(members)) for members in groups]
 
     @classmethod
     def of(cls, grads: Sequence[torch.Tensor | None]) -> GradPlan:
