@@ -153,10 +153,10 @@ class FlightRecorder:
             self._rows.reset_step()
 
     def _training(self, module: nn.Module) -> bool:
-        # under torch.compile tracing the hooks do nothing (compiled code runs no hooks);
-        # the cheapest tests first (these hooks run on every step)
-        return (module.training and not self._replaying and torch.is_grad_enabled()
-                and _graph_task() == -1 and not compiling())
+        # under torch.compile tracing the hooks do nothing (compiled code runs no hooks), and
+        # nothing after that first test is traced
+        return (not compiling() and module.training and not self._replaying
+                and torch.is_grad_enabled() and _graph_task() == -1)
 
     def _add(self, slot: int, total: torch.Tensor) -> None:
         held = self._sums[slot]
