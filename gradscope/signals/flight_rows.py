@@ -4,8 +4,9 @@ On a CPU model the fixed cost of a kernel (a few microseconds of dispatch) outwe
 arithmetic on small tensors, so a step's numbers are gathered with as few kernels as
 possible: one `aminmax` on the model's input and one on its output (their minimum and
 maximum: non-finite exactly when the tensor holds NaN/Inf), one `aminmax` per large or
-lone-shaped gradient, one stack, in-place abs and row max per shape of small gradients, one
-concatenation into the step's row and one comparison that tells whether it is all finite.
+lone-shaped gradient, one stack, in-place abs and max per shape of small gradients, one
+concatenation into the step's row and one dot product with zeros that tells whether it is
+all finite (float32/float64 rows; others take a multiply and a comparison).
 What each value of a row is (a segment list, shared between steps that look the same) is
 kept on the host; the rows travel with the next recorded step's single transfer and are
 sorted out there. Minimum, maximum and |x| are exact in any dtype and keep NaN, so the
