@@ -8,7 +8,8 @@ each row; a loss written for probabilities (the negative log of the right entry)
 
 On recorded steps, for the first training forward of the step: the output's min and max, the
 largest |row sum - 1|, and from the gradient reaching the output, the largest |row sum| over
-the largest |entry|. Five numbers, queued for the step's single transfer.
+the largest |entry|. Eight numbers (extremes whose largest magnitudes are taken on the
+host), queued for the step's single transfer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from ..guard import Guard
 from ..records import OutputStats
 from .activations import _float_leaves
 from .transfer import DeviceBatch
+
+
+def _largest_abs(low: np.floating, high: np.floating) -> np.floating:
+    """max(|low|, |high|), NaN when either is NaN (as a reduction over the values would be).
+
+    Example:
+        >>> float(_largest_abs(np.float32(-3.0), np.float32(2.0)))
+        3.0
+    """
+    return np.maximum(np.abs(low), np.abs(high))
 
 
 def output_logits(output: Any) -> torch.Tensor | None:
@@ -64,6 +75,8 @@ class OutputCollector:
         self._grad: torch.Tensor | None = None
         self._meta: tuple[int, bool] | None = None  # classes, half precision
         self._hook: Any = None
+        # autograd calls the hook: guarded, so an error here never stops a backward
+        self._grad_hook = guard.wrap("output", self._on_grad) if guard else self._on_grad
 
     def observe(self, output: Any) -> None:
         """Measure the first training output of the step (later ones are left alone)."""
@@ -74,20 +87,21 @@ class OutputCollector:
             return
         values = leaf.detach()
         low, high = torch.aminmax(values)
-        row_error = (values.sum(-1, dtype=torch.float32) - 1.0).abs().amax()
-        self._values = torch.stack([low.float(), high.float(), row_error])
+        # the extremes of the row sums: the largest |row sum - 1| is at one of them
+        sums = torch.aminmax(values.sum(-1, dtype=torch.float32))
+        self._values = torch.stack([low.float(), high.float(), sums.min, sums.max])
         self._meta = (int(leaf.shape[-1]), leaf.element_size() < 4)
-        # autograd calls the hook: guarded, so an error here never stops a backward
-        hook = self._guard.wrap("output", self._on_grad) if self._guard else self._on_grad
-        self._hook = leaf.register_hook(hook)
+        self._hook = leaf.register_hook(self._grad_hook)
 
     def _on_grad(self, grad: torch.Tensor) -> None:
         if self._grad is not None or self._meta is None:
             return
         g = grad.detach()
-        # the largest |entry| as an inf-norm: a reduction, no |g| copy of a large output
-        self._grad = torch.stack([g.sum(-1, dtype=torch.float32).abs().amax(),
-                                  torch.linalg.vector_norm(g, float("inf")).float()])
+        # the extremes of the row sums and of the entries (one pass each, no |g| copy of
+        # a large output); the largest |.| of each is taken on the host
+        sums = torch.aminmax(g.sum(-1, dtype=torch.float32))
+        low, high = torch.aminmax(g)
+        self._grad = torch.stack([sums.min, sums.max, low.float(), high.float()])
 
     def put(self, batch: DeviceBatch) -> bool:
         if self._values is None:
@@ -104,10 +118,15 @@ class OutputCollector:
             return None
         classes, half = meta
         grad_row = math.nan
-        if grad is not None and float(grad[1]) > 0:
-            grad_row = float(grad[0]) / float(grad[1])
+        if grad is not None:
+            row_sum, entry = _largest_abs(grad[0], grad[1]), _largest_abs(grad[2], grad[3])
+            if float(entry) > 0:
+                grad_row = float(row_sum) / float(entry)
+        # |row sum - 1| in float32, as the row sums are
+        one = np.float32(1.0)
+        row_error = _largest_abs(np.float32(values[2]) - one, np.float32(values[3]) - one)
         return OutputStats(classes=classes, min=float(values[0]), max=float(values[1]),
-                           row_sum_error=float(values[2]), grad_row_sum=grad_row,
+                           row_sum_error=float(row_error), grad_row_sum=grad_row,
                            half_precision=half)
 
     def reset(self) -> None:

@@ -27,7 +27,9 @@ class DeviceBatch:
 
     def put(self, field: str, tensor: torch.Tensor, indices: Sequence[int] | None = None) -> None:
         """Queue `tensor` (flattened) as `field`, optionally scattered to `indices`."""
-        self._items.append((field, indices, tensor.detach().reshape(-1)))
+        if tensor.dim() != 1 or tensor.requires_grad:  # most callers queue plain 1-D results
+            tensor = tensor.detach().reshape(-1)
+        self._items.append((field, indices, tensor))
 
     def fetch(self, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
         """Transfer everything (one copy per device) and assemble the fields.
@@ -35,43 +37,72 @@ class DeviceBatch:
         Fields with indices become arrays of length `sizes[field]` (missing entries NaN);
         fields without indices are the concatenation of what was put.
         """
-        sizes = sizes or {}
+        items = self._items
+        device = items[0][2].device if items else None
+        if any(t.device != device for _, _, t in items):
+            host = self._transfer_by_device()
+        else:
+            host = self._transfer(range(len(items)), device)
+        out = self._assemble(host, sizes or {})
+        self._items.clear()
+        return out
+
+    def _transfer(self, positions: Sequence[int],
+                  device: torch.device | None) -> list[np.ndarray | None]:
+        """The values of the items at `positions` (all on `device`) as float64 host arrays
+        (float32 from MPS), one copy to the host; None at the other positions."""
+        host: list[np.ndarray | None] = [None] * len(self._items)
+        if device is None:
+            return host
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        # same-dtype parts are concatenated first: one cast per dtype, not one per part
+        groups: dict[torch.dtype, list[int]] = {}
+        for p in positions:
+            groups.setdefault(self._items[p][2].dtype, []).append(p)
+        casts = []
+        for parts in groups.values():
+            tensors = [self._items[p][2] for p in parts]
+            joined = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+            casts.append(joined if joined.dtype == dtype else joined.to(dtype))
+        flat = torch.cat(casts) if len(casts) > 1 else casts[0]
+        values = flat.to("cpu").numpy() if device.type != "cpu" else flat.numpy()
+        offset = 0
+        for parts in groups.values():
+            for p in parts:
+                size = self._items[p][2].numel()
+                host[p] = values[offset : offset + size]
+                offset += size
+        return host
+
+    def _transfer_by_device(self) -> list[np.ndarray | None]:
+        """As `_transfer`, for items on several devices: one copy per device."""
         by_device: dict[torch.device, list[int]] = defaultdict(list)
         for position, (_, _, tensor) in enumerate(self._items):
             by_device[tensor.device].append(position)
         host: list[np.ndarray | None] = [None] * len(self._items)
         for device, positions in by_device.items():
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            # same-dtype parts are concatenated first: one cast per dtype, not one per part
-            positions = sorted(positions, key=lambda p: str(self._items[p][2].dtype))
-            groups: dict[torch.dtype, list[torch.Tensor]] = {}
-            for p in positions:
-                tensor = self._items[p][2]
-                groups.setdefault(tensor.dtype, []).append(tensor)
-            casts = [(torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype)
-                     for parts in groups.values()]
-            flat = torch.cat(casts) if len(casts) > 1 else casts[0]
-            values = flat.to("cpu").numpy() if device.type != "cpu" else flat.numpy()
-            offset = 0
-            for p in positions:
-                size = self._items[p][2].numel()
-                host[p] = values[offset : offset + size]
-                offset += size
+            for p, values in enumerate(self._transfer(positions, device)):
+                if values is not None:
+                    host[p] = values
+        return host
+
+    def _assemble(self, host: list[np.ndarray | None],
+                  sizes: dict[str, int]) -> dict[str, np.ndarray]:
+        """The fields from the items' host values, in the order they were put."""
         out: dict[str, np.ndarray] = {}
-        pieces: dict[str, list[np.ndarray]] = defaultdict(list)
-        for (field, indices, _), fetched in zip(self._items, host):
-            if fetched is None:
+        pieces: dict[str, list[np.ndarray]] = {}
+        for (field, indices, _), values in zip(self._items, host):
+            if values is None:
                 continue
-            values = fetched
             if indices is None:
-                pieces[field].append(values)
+                pieces.setdefault(field, []).append(values)
                 continue
-            if field not in out:
-                out[field] = np.full(sizes.get(field, 0), np.nan)
-            out[field][np.asarray(indices, dtype=np.int64)] = values
+            target = out.get(field)
+            if target is None:
+                target = out[field] = np.full(sizes.get(field, 0), np.nan)
+            target[np.asarray(indices, dtype=np.int64)] = values
         for field, chunks in pieces.items():
-            out[field] = np.concatenate(chunks)
-        self._items.clear()
+            out[field] = np.concatenate(chunks)  # a copy: no field is a view of another
         return out
 
 
