@@ -410,8 +410,9 @@ class StepRecorder:
 
     def _record_step(self) -> StepRecord:
         n = len(self.layout.params)
-        remaining = [i for i in range(n) if i not in self._read]
-        self.guard.call("gradients", self._read_grads, remaining)
+        if len(self._read) < n:  # gradients that no optimizer hook read
+            remaining = [i for i in range(n) if i not in self._read]
+            self.guard.call("gradients", self._read_grads, remaining)
         if self._orphans:
             self.guard.call("updates", self._updates.after, self._orphans, self._batch,
                             self.step, self._next_is_recorded())
@@ -423,7 +424,7 @@ class StepRecorder:
         self.guard.call("output", self._output.put, self._batch)
         self.guard.call("flight", self.flight.put, self._batch, self.step)
         self._check_forward_seen()
-        host = self._batch.fetch({name: n for name in PARAM_FIELDS})
+        host = self._batch.fetch(_param_sizes(n))
         losses = self.losses.take(host)
         if any_nonfinite(losses):
             self._force_record = True
@@ -442,13 +443,16 @@ class StepRecorder:
 
     def _build_record(self, host: dict[str, np.ndarray], loss: float) -> StepRecord:
         n = len(self.layout.params)
-        nan = np.full(n, np.nan)
         update_ratio, changed = (self.guard.call("updates", self._updates.results, host, n)
-                                 or (nan.copy(), nan.copy()))
-        held = self.optimizer_param_ids()
-        not_in_optimizer = np.array(
-            [bool(self.optimizers) and p.requires_grad and id(p) not in held
-             for p in self.layout.tensors], dtype=bool)
+                                 or (np.full(n, np.nan), np.full(n, np.nan)))
+        tensors = self.layout.tensors
+        requires_grad = np.fromiter((p.requires_grad for p in tensors), dtype=bool, count=n)
+        if self.optimizers:
+            held = self.optimizer_param_ids()
+            not_in_optimizer = requires_grad & ~np.fromiter(
+                (id(p) in held for p in tensors), dtype=bool, count=n)
+        else:
+            not_in_optimizer = np.zeros(n, dtype=bool)
         lrs = [float(g["lr"]) if isinstance(g.get("lr"), (int, float)) else math.nan
                for opt in self.optimizers for g in opt.param_groups]
         return StepRecord(
@@ -457,21 +461,24 @@ class StepRecorder:
             stepped=self._stepped,
             skipped=bool(self.optimizers) and not self._stepped,
             lrs=lrs,
-            grad_norm=host.get("grad_norm", nan.copy()),
-            grad_max=host.get("grad_max", nan.copy()),
+            grad_norm=_field(host, "grad_norm", n),
+            grad_max=_field(host, "grad_max", n),
             grad_nonfinite=np.zeros(n),
             grad_none=self._grad_none.copy(),
-            param_norm=host.get("param_norm", nan.copy()),
+            param_norm=_field(host, "param_norm", n),
             update_ratio=update_ratio,
             changed=changed,
-            stale_grad=host.get("stale_grad", nan.copy()),
+            stale_grad=_field(host, "stale_grad", n),
             not_in_optimizer=not_in_optimizer,
-            requires_grad=np.array([p.requires_grad for p in self.layout.tensors], dtype=bool),
+            requires_grad=requires_grad,
             backward_count=self._backward_count,
             loss_requires_grad=self._loss_requires_grad,
         )
 
     def _count_nonfinite_grads(self, record: StepRecord) -> None:
+        finite = np.isfinite(record.grad_norm)
+        if finite.all():  # the common case: every gradient measured and finite
+            return
         bad = np.flatnonzero(np.isinf(record.grad_norm)).tolist()
         # a held gradient that went into the norm kernels but came back NaN holds NaN itself
         bad += [i for i in np.flatnonzero(np.isnan(record.grad_norm)).tolist()
@@ -522,12 +529,26 @@ def nonfinite_origin(activations: ActivationTable) -> str | None:
     """
     hit = np.flatnonzero((activations.column("nonfinite_frac") > 0)
                          & (activations.input_nonfinite == 0)).tolist()
+    if not hit:
+        return None
     names = activations.names
     found = {names[i]: int(activations.orders[i]) for i in hit}
     inner = [(order, name) for name, order in found.items()
              if not any(other != name and (name == "" or other.startswith(name + "."))
                         for other in found)]
     return min(inner)[1] if inner else None
+
+
+@functools.cache
+def _param_sizes(count: int) -> dict[str, int]:
+    """The transfer's array length of every per-parameter field (shared: never changed)."""
+    return {name: count for name in PARAM_FIELDS}
+
+
+def _field(host: dict[str, np.ndarray], name: str, count: int) -> np.ndarray:
+    """The per-parameter field `name` from the host values (all NaN when none came)."""
+    found = host.get(name)
+    return found if found is not None else np.full(count, np.nan)
 
 
 def _closure(args: Any, kwargs: Any) -> tuple[Any, bool]:
