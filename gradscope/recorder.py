@@ -428,11 +428,13 @@ class StepRecorder:
         losses = self.losses.take(host)
         if any_nonfinite(losses):
             self._force_record = True
-        record = self._build_record(host, losses.get(self.step, math.nan))
+        table = None
         if act_names and self.activations is not None:
-            record.activations = (self.guard.call("activations", self.activations.results, host)
-                                  or ActivationTable.empty())
-            record.nonfinite_origin = nonfinite_origin(record.activations)
+            table = (self.guard.call("activations", self.activations.results, host)
+                     or ActivationTable.empty())
+        record = self._build_record(host, losses.get(self.step, math.nan), table)
+        if table is not None:
+            record.nonfinite_origin = nonfinite_origin(table)
         record.data = self.guard.call("data", self._data.result, host)
         record.output = self.guard.call("output", self._output.result, host)
         record.activation_before_loss = self._activation_before_loss
@@ -441,7 +443,8 @@ class StepRecorder:
         self._held_grads = {}
         return record
 
-    def _build_record(self, host: dict[str, np.ndarray], loss: float) -> StepRecord:
+    def _build_record(self, host: dict[str, np.ndarray], loss: float,
+                      activations: ActivationTable | None = None) -> StepRecord:
         n = len(self.layout.params)
         update_ratio, changed = (self.guard.call("updates", self._updates.results, host, n)
                                  or (np.full(n, np.nan), np.full(n, np.nan)))
@@ -473,6 +476,7 @@ class StepRecorder:
             requires_grad=requires_grad,
             backward_count=self._backward_count,
             loss_requires_grad=self._loss_requires_grad,
+            activations=activations if activations is not None else ActivationTable.empty(),
         )
 
     def _count_nonfinite_grads(self, record: StepRecord) -> None:

@@ -99,11 +99,25 @@ class DeviceBatch:
                 continue
             target = out.get(field)
             if target is None:
-                target = out[field] = np.full(sizes.get(field, 0), np.nan)
+                target = out[field] = _nans(sizes.get(field, 0))
             target[np.asarray(indices, dtype=np.int64)] = values
         for field, chunks in pieces.items():
-            out[field] = np.concatenate(chunks)  # a copy: no field is a view of another
+            # a copy either way: no field is a view of another
+            out[field] = np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
         return out
+
+
+_nan_rows: dict[int, np.ndarray] = {}
+
+
+def _nans(size: int) -> np.ndarray:
+    """A new float64 array of `size` NaNs (copied from one kept per size)."""
+    row = _nan_rows.get(size)
+    if row is None:
+        if len(_nan_rows) > 64:
+            _nan_rows.clear()
+        row = _nan_rows[size] = np.full(size, np.nan)
+    return row.copy()
 
 
 def on_device(values: list | torch.Tensor, device: torch.device,
