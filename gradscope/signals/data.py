@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 from typing import Any
 
@@ -114,9 +115,8 @@ class DataCollector:
         self._meta: tuple[str, tuple[int, ...], bool] | None = None
         self._squared = True  # whether the SUMSQ column holds squares (else an L2 norm)
 
-    @torch.no_grad()
     def observe(self, batch_input: torch.Tensor) -> None:
-        x = batch_input.detach()
+        x = batch_input.detach()  # nothing below records a graph: no no_grad() needed
         if x.numel() == 0 or x.is_complex():
             return
         is_float = x.is_floating_point()
@@ -177,19 +177,18 @@ class DataCollector:
         if self._meta is None or "data" not in host:
             self.reset()
             return None
-        acc = host["data"]
-        squares = acc[InputStat.SUMSQ]
+        # Python floats: the same float64 arithmetic as numpy scalars, without their overhead
+        count, low, high, total, squares, nonfinite = host["data"].tolist()
         if not self._squared:
             squares = squares * squares  # float64, as torch's square() (x * x)
-        finite_count = max(acc[InputStat.COUNT] - acc[InputStat.NONFINITE], 1.0)
-        mean = acc[InputStat.SUM] / finite_count
+        finite_count = max(count - nonfinite, 1.0)
+        mean = total / finite_count
         var = max(squares / finite_count - mean * mean, 0.0)
         dtype, shape, is_float = self._meta
         self.reset()
         return DataStats(
-            dtype=dtype, shape=shape, min=float(acc[InputStat.MIN]), max=float(acc[InputStat.MAX]),
-            mean=float(mean), std=float(np.sqrt(var)), nonfinite=int(acc[InputStat.NONFINITE]),
-            is_float=is_float,
+            dtype=dtype, shape=shape, min=low, max=high, mean=mean, std=math.sqrt(var),
+            nonfinite=int(nonfinite), is_float=is_float,
         )
 
     def reset(self) -> None:

@@ -27,14 +27,16 @@ from .activations import _float_leaves
 from .transfer import DeviceBatch
 
 
-def _largest_abs(low: np.floating, high: np.floating) -> np.floating:
+def _largest_abs(low: float, high: float) -> float:
     """max(|low|, |high|), NaN when either is NaN (as a reduction over the values would be).
 
     Example:
-        >>> float(_largest_abs(np.float32(-3.0), np.float32(2.0)))
-        3.0
+        >>> _largest_abs(-3.0, 2.0), _largest_abs(1.0, math.nan)
+        (3.0, nan)
     """
-    return np.maximum(np.abs(low), np.abs(high))
+    if math.isnan(low) or math.isnan(high):
+        return math.nan
+    return max(abs(low), abs(high))
 
 
 def output_logits(output: Any) -> torch.Tensor | None:
@@ -89,7 +91,9 @@ class OutputCollector:
         low, high = torch.aminmax(values)
         # the extremes of the row sums: the largest |row sum - 1| is at one of them
         sums = torch.aminmax(values.sum(-1, dtype=torch.float32))
-        self._values = torch.stack([low.float(), high.float(), sums.min, sums.max])
+        if low.dtype != torch.float32:  # the transfer's float64 would keep float64 digits
+            low, high = low.float(), high.float()
+        self._values = torch.stack([low, high, sums.min, sums.max])
         self._meta = (int(leaf.shape[-1]), leaf.element_size() < 4)
         self._hook = leaf.register_hook(self._grad_hook)
 
@@ -101,7 +105,9 @@ class OutputCollector:
         # a large output); the largest |.| of each is taken on the host
         sums = torch.aminmax(g.sum(-1, dtype=torch.float32))
         low, high = torch.aminmax(g)
-        self._grad = torch.stack([sums.min, sums.max, low.float(), high.float()])
+        if low.dtype != torch.float32:  # the transfer's float64 would keep float64 digits
+            low, high = low.float(), high.float()
+        self._grad = torch.stack([sums.min, sums.max, low, high])
 
     def put(self, batch: DeviceBatch) -> bool:
         if self._values is None:
@@ -119,15 +125,17 @@ class OutputCollector:
         classes, half = meta
         grad_row = math.nan
         if grad is not None:
-            row_sum, entry = _largest_abs(grad[0], grad[1]), _largest_abs(grad[2], grad[3])
-            if float(entry) > 0:
-                grad_row = float(row_sum) / float(entry)
-        # |row sum - 1| in float32, as the row sums are
+            sum_low, sum_high, low, high = grad.tolist()
+            entry = _largest_abs(low, high)
+            if entry > 0:
+                grad_row = _largest_abs(sum_low, sum_high) / entry
+        low, high, sum_low, sum_high = values.tolist()
+        # |row sum - 1| in float32, as the row sums are (exact there: they are float32)
         one = np.float32(1.0)
-        row_error = _largest_abs(np.float32(values[2]) - one, np.float32(values[3]) - one)
-        return OutputStats(classes=classes, min=float(values[0]), max=float(values[1]),
-                           row_sum_error=float(row_error), grad_row_sum=grad_row,
-                           half_precision=half)
+        row_error = _largest_abs(float(np.float32(sum_low) - one),
+                                 float(np.float32(sum_high) - one))
+        return OutputStats(classes=classes, min=low, max=high, row_sum_error=row_error,
+                           grad_row_sum=grad_row, half_precision=half)
 
     def reset(self) -> None:
         if self._hook is not None:
