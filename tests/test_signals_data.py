@@ -118,3 +118,36 @@ def test_eval_forward_leaves_no_data_and_unrecorded_steps_none():
     scope.step(0.0)
     scope.close()
     assert scope.history.last.data is None
+
+
+def _pooled(xs, fast):
+    from gradscope.signals import data as data_module
+    from gradscope.signals.transfer import DeviceBatch
+
+    collector = data_module.DataCollector()
+    original = data_module._small_cpu_stats
+    data_module._small_cpu_stats = original if fast else (lambda x: None)
+    try:
+        for x in xs:
+            collector.observe(x)
+    finally:
+        data_module._small_cpu_stats = original
+    batch = DeviceBatch()
+    collector.put(batch)
+    return collector.result(batch.fetch())
+
+
+@pytest.mark.parametrize("poison", [[], [0], [1]], ids=["finite", "first-nan", "second-nan"])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_small_batch_fast_path_is_bit_for_bit_the_general_path(poison, count):
+    # the fast path keeps the L2 norm and squares it on the host; pooled with other
+    # forwards (fast or general) it is squared first: every field identical to the general
+    # path's, which squares on the device
+    gen = torch.Generator().manual_seed(count)
+    xs = [torch.randn(16, 7, generator=gen) * 1e3 + 5 for _ in range(count)]
+    for i in poison:
+        if i < count:
+            xs[i][1, 2] = float("nan")
+    fast, general = _pooled(xs, fast=True), _pooled(xs, fast=False)
+    assert fast == general
+    assert fast.std == pytest.approx(_reference(xs)["std"], rel=1e-12)
