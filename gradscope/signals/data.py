@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -83,28 +83,36 @@ def _constant(value: float) -> torch.Tensor:
     return found
 
 
-def _small_cpu_stats(x: torch.Tensor) -> torch.Tensor | None:
-    """The statistics vector of a small contiguous float CPU batch that holds no NaN/Inf,
-    in 6 kernels instead of 16 (the same values: on a finite batch the cleaned copy is the
-    batch itself), with the L2 norm in place of the sum of squares (squared in float64 on
-    the host, as `square()` would); None when its sum is not finite (then the general path
-    counts NaN/Inf). Whether the float64 sum is finite is read on the host without a
-    transfer (CPU).
+class SmallStats(NamedTuple):
+    """The statistics of a small finite CPU batch, kept as the kernels gave them."""
+
+    extremes: torch.Tensor  #: [min, max] in the batch's dtype
+    moments: torch.Tensor  #: [sum, L2 norm] in float64 (squared on the host, as square() would)
+    numel: float
+
+
+def _small_cpu_stats(x: torch.Tensor) -> SmallStats | None:
+    """The statistics of a small contiguous float CPU batch that holds no NaN/Inf, in 6
+    kernels instead of 16 (the same values: on a finite batch the cleaned copy is the batch
+    itself); None when its sum is not finite (then the general path counts NaN/Inf).
+    Whether the float64 sum is finite is read on the host without a transfer (CPU). Min
+    and max are stacked apart from the float64 sums: a stack of mixed dtypes is slower.
     """
     total = x.sum(dtype=torch.float64)
     if not torch.equal(total * 0, _constant(0.0)):  # x * 0 is 0 exactly for finite x
         return None
     norm = torch.linalg.vector_norm(x, dtype=torch.float64)
     low, high = torch.aminmax(x)
-    # stacking widens min and max to float64 (exact)
-    return torch.stack([_constant(float(x.numel())), low, high, total, norm,
-                        _constant(0.0)])
+    return SmallStats(torch.stack([low, high]), torch.stack([total, norm]),
+                      float(x.numel()))
 
 
-def _squared(vector: torch.Tensor) -> torch.Tensor:
-    """`vector` with the L2 norm in its SUMSQ column replaced by its square."""
-    return torch.cat([vector[:InputStat.SUMSQ], vector[InputStat.SUMSQ:InputStat.NONFINITE]
-                      .square(), vector[InputStat.NONFINITE:]])
+def _vector(stats: SmallStats) -> torch.Tensor:
+    """The general path's statistics vector of `stats` (to pool it with another forward)."""
+    f64 = torch.float64
+    moments = stats.moments
+    return torch.cat([_constant(stats.numel).reshape(1), stats.extremes.to(f64),
+                      moments[:1], moments[1:].square(), _constant(0.0).reshape(1)])
 
 
 class DataCollector:
@@ -112,8 +120,8 @@ class DataCollector:
 
     def __init__(self) -> None:
         self._acc: torch.Tensor | None = None
+        self._small: SmallStats | None = None  # the step's only batch, when small and finite
         self._meta: tuple[str, tuple[int, ...], bool] | None = None
-        self._squared = True  # whether the SUMSQ column holds squares (else an L2 norm)
 
     def observe(self, batch_input: torch.Tensor) -> None:
         x = batch_input.detach()  # nothing below records a graph: no no_grad() needed
@@ -126,9 +134,13 @@ class DataCollector:
             self._add(x, _large_cpu_stats(x), is_float)
             return
         if is_float and x.device.type == "cpu" and x.is_contiguous():
-            vector = _small_cpu_stats(x)
-            if vector is not None:
-                self._add(x, vector, is_float, squared=False)
+            small = _small_cpu_stats(x)
+            if small is not None:
+                if self._meta is None:  # the first forward of the step: kept as it is
+                    self._small = small
+                    self._meta = _meta(x, is_float)
+                else:
+                    self._add(x, _vector(small), is_float)
                 return
         if is_float:  # min/max are exact in the input's dtype; only the sums need float64
             inf = float("inf")
@@ -148,16 +160,14 @@ class DataCollector:
         ])
         self._add(x, vector, is_float)
 
-    def _add(self, x: torch.Tensor, vector: torch.Tensor, is_float: bool,
-             squared: bool = True) -> None:
+    def _add(self, x: torch.Tensor, vector: torch.Tensor, is_float: bool) -> None:
+        if self._small is not None:  # pooled with a later forward: on the device
+            self._acc, self._small = _vector(self._small), None
         if self._acc is None:
             self._acc = vector
-            self._squared = squared
-            self._meta = (str(x.dtype).replace("torch.", ""), tuple(x.shape), is_float)
+            self._meta = _meta(x, is_float)
         else:
-            acc = self._acc if self._squared else _squared(self._acc)
-            vector = vector if squared else _squared(vector)
-            self._squared = True
+            acc = self._acc
             self._acc = torch.stack([
                 acc[InputStat.COUNT] + vector[InputStat.COUNT],
                 torch.minimum(acc[InputStat.MIN], vector[InputStat.MIN]),
@@ -168,24 +178,35 @@ class DataCollector:
             ])
 
     def put(self, batch: DeviceBatch) -> bool:
+        if self._small is not None:
+            batch.put("data:extremes", self._small.extremes)
+            batch.put("data:moments", self._small.moments)
+            return True
         if self._acc is None:
             return False
         batch.put("data", self._acc)
         return True
 
     def result(self, host: dict[str, np.ndarray]) -> DataStats | None:
-        if self._meta is None or "data" not in host:
-            self.reset()
-            return None
         # Python floats: the same float64 arithmetic as numpy scalars, without their overhead
-        count, low, high, total, squares, nonfinite = host["data"].tolist()
-        if not self._squared:
-            squares = squares * squares  # float64, as torch's square() (x * x)
+        small, meta = self._small, self._meta
+        self.reset()
+        if meta is None:
+            return None
+        if small is not None:
+            if "data:extremes" not in host or "data:moments" not in host:
+                return None
+            low, high = host["data:extremes"].tolist()
+            total, norm = host["data:moments"].tolist()
+            count, squares, nonfinite = small.numel, norm * norm, 0.0  # as square(): x * x
+        elif "data" in host:
+            count, low, high, total, squares, nonfinite = host["data"].tolist()
+        else:
+            return None
         finite_count = max(count - nonfinite, 1.0)
         mean = total / finite_count
         var = max(squares / finite_count - mean * mean, 0.0)
-        dtype, shape, is_float = self._meta
-        self.reset()
+        dtype, shape, is_float = meta
         return DataStats(
             dtype=dtype, shape=shape, min=low, max=high, mean=mean, std=math.sqrt(var),
             nonfinite=int(nonfinite), is_float=is_float,
@@ -193,5 +214,10 @@ class DataCollector:
 
     def reset(self) -> None:
         self._acc = None
+        self._small = None
         self._meta = None
-        self._squared = True
+
+
+def _meta(x: torch.Tensor, is_float: bool) -> tuple[str, tuple[int, ...], bool]:
+    """(dtype name, shape, is float) of a batch: what DataStats reports of the first one."""
+    return str(x.dtype).replace("torch.", ""), tuple(x.shape), is_float
