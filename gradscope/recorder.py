@@ -480,8 +480,7 @@ class StepRecorder:
         )
 
     def _count_nonfinite_grads(self, record: StepRecord) -> None:
-        finite = np.isfinite(record.grad_norm)
-        if finite.all():  # the common case: every gradient measured and finite
+        if np.isfinite(record.grad_norm).all():  # the common case: all measured and finite
             return
         bad = np.flatnonzero(np.isinf(record.grad_norm)).tolist()
         # a held gradient that went into the norm kernels but came back NaN holds NaN itself

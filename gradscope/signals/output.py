@@ -91,7 +91,7 @@ class OutputCollector:
         low, high = torch.aminmax(values)
         # the extremes of the row sums: the largest |row sum - 1| is at one of them
         sums = torch.aminmax(values.sum(-1, dtype=torch.float32))
-        if low.dtype != torch.float32:  # the transfer's float64 would keep float64 digits
+        if low.dtype != torch.float32:  # float32 like the row sums: one dtype to stack
             low, high = low.float(), high.float()
         self._values = torch.stack([low, high, sums.min, sums.max])
         self._meta = (int(leaf.shape[-1]), leaf.element_size() < 4)
@@ -105,7 +105,7 @@ class OutputCollector:
         # a large output); the largest |.| of each is taken on the host
         sums = torch.aminmax(g.sum(-1, dtype=torch.float32))
         low, high = torch.aminmax(g)
-        if low.dtype != torch.float32:  # the transfer's float64 would keep float64 digits
+        if low.dtype != torch.float32:  # float32 like the row sums: one dtype to stack
             low, high = low.float(), high.float()
         self._grad = torch.stack([sums.min, sums.max, low, high])
 
