@@ -55,23 +55,28 @@ class DeviceBatch:
         if device is None:
             return host
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        # same-dtype parts are concatenated first: one cast per dtype, not one per part
+        # parts of another dtype are concatenated first (one cast per dtype, not one per
+        # part); parts already of the transfer's dtype go into the final concatenation as
+        # they are
         groups: dict[torch.dtype, list[int]] = {}
         for p in positions:
             groups.setdefault(self._items[p][2].dtype, []).append(p)
-        casts = []
-        for parts in groups.values():
-            tensors = [self._items[p][2] for p in parts]
-            joined = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-            casts.append(joined if joined.dtype == dtype else joined.to(dtype))
-        flat = torch.cat(casts) if len(casts) > 1 else casts[0]
+        parts: list[torch.Tensor] = []
+        order: list[int] = []
+        for kind, members in groups.items():
+            tensors = [self._items[p][2] for p in members]
+            if kind == dtype:
+                parts.extend(tensors)
+            else:
+                parts.append((torch.cat(tensors) if len(tensors) > 1 else tensors[0]).to(dtype))
+            order.extend(members)
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
         values = flat.to("cpu").numpy() if device.type != "cpu" else flat.numpy()
         offset = 0
-        for parts in groups.values():
-            for p in parts:
-                size = self._items[p][2].numel()
-                host[p] = values[offset : offset + size]
-                offset += size
+        for p in order:
+            size = self._items[p][2].numel()
+            host[p] = values[offset : offset + size]
+            offset += size
         return host
 
     def _transfer_by_device(self) -> list[np.ndarray | None]:
