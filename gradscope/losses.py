@@ -83,15 +83,31 @@ class LossBuffer:
 
     def put(self, batch: DeviceBatch) -> None:
         """Queue the pending tensor losses on `batch` (one stacked tensor per device)."""
+        tensors = [value for _, value in self._pending if isinstance(value, torch.Tensor)]
+        if not tensors:
+            return
+        device = tensors[0].device
+        if all(t.device == device for t in tensors):  # one device: the usual case
+            batch.put("loss", torch.stack(tensors))
+            return
         by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, value in self._pending:
-            if isinstance(value, torch.Tensor):
-                by_device.setdefault(value.device, []).append(value)
+        for value in tensors:
+            by_device.setdefault(value.device, []).append(value)
         for group in by_device.values():
             batch.put("loss", torch.stack(group))
 
     def take(self, host: dict[str, np.ndarray]) -> dict[int, float]:
         """Store the pending losses (tensor values from `host`) in the history; {step: loss}."""
+        pending = self._pending
+        moved = host.get("loss")
+        if moved is not None and len(moved) == len(pending) and all(
+                isinstance(v, torch.Tensor) for _, v in pending):
+            # every loss a tensor, on one device (put() stacked them as one): in step order
+            steps = [step for step, _ in pending]
+            values: list[float] = moved.tolist()
+            pending.clear()
+            self.history.add_losses(steps, values)
+            return dict(zip(steps, values))
         tensor_values = iter(host.get("loss", np.array([])).tolist())
         # put() grouped the tensors by device: rebuild the values in step order
         by_device: dict[torch.device, list[int]] = {}

@@ -219,3 +219,65 @@ def test_finite_check_matches_elementwise_reference(dtype):
                     piece[pos] = value
                 want = bool(torch.isfinite(piece).all())
                 assert rows.finite(piece) == want, (n, value, pos)
+
+
+def _read_row_by_row(values, layouts, params):
+    """Reference reading of rows: one row at a time, segment by segment."""
+    from gradscope.signals.flight_rows import FULL, IN, OUT, PAIRS, SKIP
+
+    input_bad, output_bad, maxima, offset = [], [], [], 0
+    for layout in layouts:
+        bad, flags, row = [False, False], False, None
+        for kind, what in layout:
+            size = (what if isinstance(what, int) else len(what)) * (2 if kind == PAIRS else 1)
+            part = values[offset:offset + size]
+            offset += size
+            if kind in (IN, OUT):
+                flags = True
+                bad[kind] = bad[kind] or not np.isfinite(part).all()
+            elif kind != SKIP:
+                row = np.full(params, -1.0) if row is None else row
+                for j, i in enumerate(range(what) if kind == FULL else what):
+                    row[i] = (max(abs(part[2 * j]), abs(part[2 * j + 1]))
+                              if not np.isnan(part[2 * j:2 * j + 2]).any()
+                              else math.nan) if kind == PAIRS else part[j]
+        if flags:
+            input_bad.append(bad[IN])
+            output_bad.append(bad[OUT])
+        if row is not None:
+            maxima.append([math.nan if v < 0 else math.inf if math.isnan(v) else float(v)
+                           for v in row])
+    return input_bad, output_bad, maxima
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_read_as_blocks_match_row_by_row(dtype):
+    from gradscope.signals.flight_rows import FULL, IN, OUT, PAIRS, PEAKS, SKIP, StepRows
+
+    params = 5
+    pairs, peaks_a, peaks_b = [1, 4], [0, 2], [3]
+    layouts = [
+        ((IN, 2), (OUT, 2), (PAIRS, pairs), (PEAKS, peaks_a), (PEAKS, peaks_b)),
+        ((IN, 2), (OUT, 2), (PAIRS, pairs), (PEAKS, peaks_a), (PEAKS, peaks_b)),
+        ((IN, 4), (PAIRS, pairs), (PEAKS, peaks_a)),  # parameter 3 not measured
+        ((OUT, 2), (SKIP, 4), (SKIP, 2), (SKIP, 1)),  # a recorded step: flags alone
+        ((IN, 2), (OUT, 2), (FULL, params)),
+        ((PEAKS, [0, 1, 2, 3, 4]),),  # every parameter in order, no flags
+        ((PEAKS, [0, 1, 2, 3, 4]),),
+        ((IN, 2), (OUT, 2), (PAIRS, pairs), (PEAKS, peaks_a), (PEAKS, peaks_b)),
+    ]
+    sizes = [sum((w if isinstance(w, int) else len(w)) * (2 if k == PAIRS else 1)
+                 for k, w in layout) for layout in layouts]
+    gen = np.random.default_rng(0)
+    for trial in range(20):
+        values = (gen.standard_normal(sum(sizes)) * 1e3).astype(dtype)
+        for _ in range(trial % 4):
+            values[gen.integers(values.size)] = gen.choice([math.nan, math.inf, -math.inf])
+        rows = StepRows(params)
+        rows.layouts = list(layouts)
+        rows.steps = [0, 1]
+        rows.norm_steps = [0, 1]
+        _, input_bad, output_bad, _, grad_max = rows.read({"flight:rows": values})
+        want_in, want_out, want_max = _read_row_by_row(values, layouts, params)
+        assert input_bad == want_in and output_bad == want_out
+        np.testing.assert_array_equal(np.array(grad_max), np.array(want_max))

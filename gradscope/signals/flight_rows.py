@@ -109,6 +109,7 @@ class StepRows:
         self._segments: list[Segment] = []
         self._plans: dict[tuple[int, ...], GradPlan] = {}
         self._zeros: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._readers: list[RowReader] = []  # the layouts read lately, worked out
         self.rows: list[torch.Tensor] = []  # kept rows since the last record
         self.layouts: list[tuple[Segment, ...]] = []
         self.steps: list[int] = []  # steps with input/output values
@@ -236,50 +237,49 @@ class StepRows:
     def read(self, host: dict[str, np.ndarray]
              ) -> tuple[list[int], list[bool], list[bool], list[int], list[list[float]]]:
         """(steps, input_bad, output_bad, norm_steps, grad_max) of the rows put: grad_max
-        is inf where a gradient held NaN/Inf, NaN where it was not measured."""
+        is inf where a gradient held NaN/Inf, NaN where it was not measured.
+
+        Consecutive rows of one layout (usually all of them) are read as one block: a few
+        array operations per record instead of a few per row (see RowReader)."""
         values = host.get("flight:rows")
         if values is None:
             return [], [], [], [], []
         input_bad: list[bool] = []
         output_bad: list[bool] = []
         maxima: list[np.ndarray] = []
+        layouts = self.layouts
         offset = 0
-        for layout in self.layouts:
-            bad = [False, False]
-            flags = False
-            row: np.ndarray | None = None
-            for kind, what in layout:
-                size = what if isinstance(what, int) else len(what)
-                if kind == PAIRS:
-                    size *= 2
-                part = values[offset:offset + size]
-                offset += size
-                if kind in (IN, OUT):
-                    flags = True
-                    bad[kind] = bad[kind] or not bool(np.isfinite(part).all())
-                    continue
-                if kind == SKIP:
-                    continue
-                if row is None:
-                    row = np.full(self._params, -1.0)
-                if isinstance(what, int):  # FULL: a row over every parameter
-                    row[:] = part
-                elif kind == PAIRS:
-                    row[list(what)] = np.maximum(np.abs(part[0::2]), np.abs(part[1::2]))
-                else:
-                    row[list(what)] = part
-            if flags:
-                input_bad.append(bad[IN])
-                output_bad.append(bad[OUT])
-            if row is not None:
-                maxima.append(row)
+        start = 0
+        while start < len(layouts):
+            layout = layouts[start]
+            end = start + 1
+            while end < len(layouts) and layouts[end] == layout:
+                end += 1
+            reader = self._reader(layout)
+            size = (end - start) * reader.width
+            block = values[offset:offset + size].reshape(end - start, reader.width)
+            offset += size
+            reader.read(block, input_bad, output_bad, maxima)
+            start = end
         grad_max: list[list[float]] = []
         if maxima:
-            rows = np.stack(maxima)
+            rows = np.concatenate(maxima) if len(maxima) > 1 else maxima[0]
             # non-finite peaks read inf, unmeasured ones (-1) NaN
             rows = np.where(rows < 0, math.nan, np.where(np.isnan(rows), math.inf, rows))
             grad_max = rows.tolist()
         return list(self.steps), input_bad, output_bad, list(self.norm_steps), grad_max
+
+    def _reader(self, layout: tuple[Segment, ...]) -> RowReader:
+        """The RowReader of `layout`, kept for the next records (a layout compares by value:
+        its index lists are shared between steps, so this is mostly identity checks)."""
+        for reader in self._readers:
+            if reader.layout == layout:
+                return reader
+        if len(self._readers) > 8:
+            self._readers.clear()
+        reader = RowReader(layout, self._params)
+        self._readers.append(reader)
+        return reader
 
     def clear(self) -> None:
         """Drop the kept rows (they were read)."""
@@ -292,4 +292,83 @@ class StepRows:
         self._segments = []
 
 
-__all__ = ["FULL", "IN", "OUT", "PAIRS", "PEAKS", "SKIP", "GradPlan", "StepRows"]
+class RowReader:
+    """How the rows of one layout are read on the host, worked out once: the columns of the
+    input and output limits, and for every parameter the column(s) its maximum comes from.
+    A block of rows of that layout is then read with a few array operations in all.
+
+    Example:
+        >>> reader = RowReader(((IN, 2), (PAIRS, [1]), (PEAKS, [0, 2])), 3)
+        >>> block = np.array([[1.0, np.inf, -5.0, 2.0, 3.0, 4.0]])
+        >>> flags_in, flags_out, maxima = [], [], []
+        >>> reader.read(block, flags_in, flags_out, maxima)
+        >>> flags_in, flags_out, maxima[0].tolist()
+        ([True], [False], [[3.0, 5.0, 4.0]])
+    """
+
+    def __init__(self, layout: tuple[Segment, ...], params: int) -> None:
+        self.layout = layout
+        limits: list[list[int]] = [[], []]  # IN, OUT columns
+        sources: dict[int, tuple[int, ...]] = {}  # parameter -> its column(s), last wins
+        grads = flags = False
+        offset = 0
+        for kind, what in layout:
+            size = what if isinstance(what, int) else len(what)
+            if kind == PAIRS:
+                size *= 2
+            if kind in (IN, OUT):
+                flags = True
+                limits[kind] += range(offset, offset + size)
+            elif kind != SKIP:
+                grads = True
+                if isinstance(what, int):  # FULL: a row over every parameter
+                    sources.update((i, (offset + i,)) for i in range(what))
+                elif kind == PAIRS:
+                    sources.update((i, (offset + 2 * j, offset + 2 * j + 1))
+                                   for j, i in enumerate(what))
+                else:
+                    sources.update((i, (offset + j,)) for j, i in enumerate(what))
+            offset += size
+        self.width = offset
+        self.params = params
+        self.flags = flags
+        self.grads = grads
+        self.input_cols = np.array(limits[IN], dtype=np.intp) if limits[IN] else None
+        self.output_cols = np.array(limits[OUT], dtype=np.intp) if limits[OUT] else None
+        copies = sorted((i, c[0]) for i, c in sources.items() if len(c) == 1)
+        pairs = sorted((i, c) for i, c in sources.items() if len(c) == 2)
+        self.copy_dest = np.array([i for i, _ in copies], dtype=np.intp)
+        self.copy_src = np.array([c for _, c in copies], dtype=np.intp)
+        self.pair_dest = np.array([i for i, _ in pairs], dtype=np.intp)
+        self.pair_lo = np.array([c[0] for _, c in pairs], dtype=np.intp)
+        self.pair_hi = np.array([c[1] for _, c in pairs], dtype=np.intp)
+        # every parameter copied from its column, in order: the block's columns are the rows
+        self.whole = not pairs and len(copies) == params
+
+    def read(self, block: np.ndarray, input_bad: list[bool], output_bad: list[bool],
+             maxima: list[np.ndarray]) -> None:
+        """Append the flags (when the layout has limits) and the float64 maxima rows (-1:
+        not measured, when it has gradients) of `block`, one row of this layout each."""
+        count = block.shape[0]
+        if self.flags:
+            for cols, out in ((self.input_cols, input_bad), (self.output_cols, output_bad)):
+                if cols is None:
+                    out += [False] * count
+                else:
+                    out += (~np.isfinite(block[:, cols]).all(axis=1)).tolist()
+        if not self.grads:
+            return
+        if self.whole:
+            maxima.append(block[:, self.copy_src].astype(np.float64))
+            return
+        rows = np.full((count, self.params), -1.0)
+        if self.copy_dest.size:
+            rows[:, self.copy_dest] = block[:, self.copy_src]
+        if self.pair_dest.size:
+            rows[:, self.pair_dest] = np.maximum(np.abs(block[:, self.pair_lo]),
+                                                 np.abs(block[:, self.pair_hi]))
+        maxima.append(rows)
+
+
+__all__ = ["FULL", "IN", "OUT", "PAIRS", "PEAKS", "SKIP", "GradPlan", "RowReader",
+           "StepRows"]
