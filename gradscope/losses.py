@@ -100,14 +100,13 @@ class LossBuffer:
         """Store the pending losses (tensor values from `host`) in the history; {step: loss}."""
         pending = self._pending
         moved = host.get("loss")
-        if moved is not None and len(moved) == len(pending) and all(
-                isinstance(v, torch.Tensor) for _, v in pending):
-            # every loss a tensor, on one device (put() stacked them as one): in step order
+        if pending and moved is not None and len(moved) == len(pending) and _one_device(pending):
+            # every loss a tensor on one device (put() stacked them as one): in step order
             steps = [step for step, _ in pending]
-            values: list[float] = moved.tolist()
+            stacked: list[float] = moved.tolist()
             pending.clear()
-            self.history.add_losses(steps, values)
-            return dict(zip(steps, values))
+            self.history.add_losses(steps, stacked)
+            return dict(zip(steps, stacked))
         tensor_values = iter(host.get("loss", np.array([])).tolist())
         # put() grouped the tensors by device: rebuild the values in step order
         by_device: dict[torch.device, list[int]] = {}
@@ -131,6 +130,15 @@ class LossBuffer:
         batch = DeviceBatch()
         self.put(batch)
         return self.take(batch.fetch())
+
+
+def _one_device(pending: list[tuple[int, torch.Tensor | float]]) -> bool:
+    """Whether every pending loss is a tensor, all on one device."""
+    first = pending[0][1]
+    if not isinstance(first, torch.Tensor):
+        return False
+    device = first.device
+    return all(isinstance(v, torch.Tensor) and v.device == device for _, v in pending)
 
 
 def any_nonfinite(losses: dict[int, float]) -> bool:
