@@ -412,11 +412,15 @@ class UpdateTracker:
         if bits is not None:
             checked = ~np.isnan(bits)
             changed[checked] = (moved[checked] | (bits[checked] > 0)).astype(np.float64)
-        measured = np.zeros(count, dtype=bool)
-        measured[np.asarray(self._measured, dtype=np.int64)] = True
+        indices = self._measured
         self._measured = []
         # a tensor whose sample moved skips the whole-tensor check next time (a NaN
         # difference does not count: such a tensor keeps being checked whole)
+        if len(indices) == count and len(set(indices)) == count:  # every one (usual case)
+            self._moving = set(np.flatnonzero(diff > 0).tolist())
+            return ratio, changed
+        measured = np.zeros(count, dtype=bool)
+        measured[np.asarray(indices, dtype=np.int64)] = True
         self._moving = set(np.flatnonzero(measured & (diff > 0)).tolist())
         ratio[~measured] = np.nan
         changed[~measured] = np.nan
