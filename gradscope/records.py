@@ -445,8 +445,17 @@ class StepRecord:
             return value
 
 
+#: Per-parameter arrays of at most this many values are worked on in plain Python floats
+#: (per-layer sums: float64 arrays only, the same additions in the same order, so the same
+#: bits; tests: the same comparisons): numpy's per-call cost dominates at that size. 0 sends
+#: every array through numpy.
+SMALL_ARRAY = 64
+
+
 def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:
     """Combine per-parameter L2 norms into per-layer L2 norms (NaN when none was measured)."""
+    if per_param.size <= SMALL_ARRAY and per_param.dtype == np.float64:
+        return _per_layer_small(layout.param_layer, per_param.tolist(), len(layout.layers))
     owners = layout.owners
     measured = ~np.isnan(per_param)
     squares = np.bincount(owners[measured], weights=per_param[measured] ** 2,
@@ -454,3 +463,21 @@ def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:
     counts = np.bincount(owners[measured], minlength=len(layout.layers))
     with np.errstate(invalid="ignore"):
         return np.where(counts > 0, np.sqrt(squares), np.nan)
+
+
+def _per_layer_small(owners: list[int], per_param: list[float], layers: int) -> np.ndarray:
+    """_per_layer on Python floats: np.bincount adds each weight to its bin in parameter
+    order starting from 0.0, and squares and square roots round the same in both.
+
+    Example:
+        >>> _per_layer_small([0, 0, 2], [3.0, 4.0, float("nan")], 3).tolist()
+        [5.0, nan, nan]
+    """
+    squares = [0.0] * layers
+    counts = [0] * layers
+    for owner, value in zip(owners, per_param):
+        if value == value:  # measured (not NaN)
+            squares[owner] += value * value
+            counts[owner] += 1
+    return np.array([math.sqrt(s) if c else math.nan for s, c in zip(squares, counts)],
+                    dtype=np.float64)
