@@ -61,6 +61,12 @@ class ActivationStats:
     leaf: bool
 
 
+#: Per-parameter and per-module arrays of at most this many values are worked on in plain
+#: Python floats (float64 only where a sum or a comparison with a limit rounds: the same
+#: additions in the same order, the same comparisons, so the same bits): numpy's per-call
+#: cost dominates at that size. 0 sends every array through numpy.
+SMALL_ARRAY = 64
+
 #: The float fields of ActivationStats, in ActivationTable's column order.
 FLOAT_FIELDS = ("mean", "std", "zero_frac", "nonfinite_frac", "saturated_frac", "dead_frac")
 
@@ -399,7 +405,13 @@ class StepRecord:
     def weights_finite(self) -> bool:
         """True when every measured parameter norm is finite."""
         # finite where measured: no +-inf (NaN is "not measured")
-        return self.derived("weights_finite", lambda: not bool(np.isinf(self.param_norm).any()))
+        def compute() -> bool:
+            norms = self.param_norm
+            if norms.size <= SMALL_ARRAY:  # the same test on Python floats
+                return math.inf not in [abs(v) for v in norms.tolist()]
+            return not bool(np.isinf(norms).any())
+
+        return self.derived("weights_finite", compute)
 
     def modules_over(self, field: str, limit: float) -> dict[str, float]:
         """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
@@ -407,8 +419,15 @@ class StepRecord:
         if limit <= 0:
             return self.derived("positive", self._positive_activations)[field]
         # above a positive limit: neither NaN (not measured) nor zero, read from the column
-        return self.derived(f"over:{field}:{limit}", lambda: self._activations_where(
-            field, self.activations.column(field) > limit))
+
+        def compute() -> dict[str, float]:
+            column = self.activations.column(field)
+            if column.size <= SMALL_ARRAY and column.dtype == np.float64:  # the same test
+                names = self.activations._names
+                return {names[i]: v for i, v in enumerate(column.tolist()) if v > limit}
+            return self._activations_where(field, column > limit)
+
+        return self.derived(f"over:{field}:{limit}", compute)
 
     def _activations_where(self, field: str, mask: np.ndarray) -> dict[str, float]:
         """{module: its `field`} where `mask` holds, in table order."""
@@ -424,6 +443,11 @@ class StepRecord:
         found = {}
         for name in ("dead_frac", "saturated_frac", "nonfinite_frac"):
             column = self.activations.column(name)
+            if column.size <= SMALL_ARRAY and column.dtype == np.float64:  # the same test
+                names = self.activations._names
+                found[name] = {names[i]: v for i, v in enumerate(column.tolist())
+                               if v != 0 and v == v}
+                continue
             with np.errstate(invalid="ignore"):
                 found[name] = self._activations_where(name, (column != 0) & (column == column))
         return found
@@ -443,13 +467,6 @@ class StepRecord:
         except KeyError:
             value = self._derived[key] = compute()
             return value
-
-
-#: Per-parameter arrays of at most this many values are worked on in plain Python floats
-#: (per-layer sums: float64 arrays only, the same additions in the same order, so the same
-#: bits; tests: the same comparisons): numpy's per-call cost dominates at that size. 0 sends
-#: every array through numpy.
-SMALL_ARRAY = 64
 
 
 def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:

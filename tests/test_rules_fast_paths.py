@@ -208,3 +208,66 @@ def test_small_array_paths_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
         assert answers[0] == answers[1]
         outcomes.add(answers[0][1:])
     assert outcomes == {(a, b) for a in (False, True) for b in (False, True)}
+
+
+def test_small_activation_tables_give_numpy_modules_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modules over a limit (positive, and zero: any non-zero measured value) on Python floats
+    are numpy's, values and order."""
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        floats = rng.random((n, 6))
+        mask = rng.random((n, 6))
+        floats[mask < 0.2] = np.nan
+        floats[(mask > 0.2) & (mask < 0.5)] = 0.0
+        floats[(mask > 0.5) & (mask < 0.55)] = 0.3  # on a limit
+        table = records.ActivationTable([f"m{i}" for i in range(n)], floats,
+                                        np.zeros((n, 3), np.int64), np.ones((n, 3), bool))
+        answers = []
+        for small in (64, 0):
+            monkeypatch.setattr(records, "SMALL_ARRAY", small)
+            record = type("Record", (), {"activations": table, "_derived": {}})()
+            record.derived = lambda key, compute, r=record: records.StepRecord.derived(
+                r, key, compute)
+            record._activations_where = lambda field, m, r=record: (
+                records.StepRecord._activations_where(r, field, m))
+            record._positive_activations = lambda r=record: (
+                records.StepRecord._positive_activations(r))
+            answers.append([list(records.StepRecord.modules_over(record, field, limit).items())
+                            for field in ("dead_frac", "saturated_frac", "nonfinite_frac")
+                            for limit in (0.0, 0.3, 0.9)])
+        assert answers[0] == answers[1]
+
+
+def test_small_nonfinite_checks_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cadence's non-finite activation check and weights_finite on Python floats give
+    numpy's answers (float32 and float64 values, NaN, +-inf)."""
+    from gradscope.rules import engine
+
+    rng = np.random.default_rng(7)
+    seen = set()
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        values = rng.random(n) * (rng.random(n) < 0.3)
+        mask = rng.random(n)
+        values[mask < 0.1] = np.nan
+        values[(mask > 0.1) & (mask < 0.13)] = -np.inf if rng.random() < 0.5 else np.inf
+        if rng.random() < 0.3:
+            values = values.astype(np.float32)
+        floats = np.zeros((n, 6))
+        floats[:, records.FLOAT_FIELDS.index("nonfinite_frac")] = values
+        table = records.ActivationTable([f"m{i}" for i in range(n)], floats,
+                                        np.zeros((n, 3), np.int64), np.ones((n, 3), bool))
+        answers = []
+        for small in (64, 0):
+            monkeypatch.setattr(records, "SMALL_ARRAY", small)
+            record = type("Record", (), {"activations": table, "param_norm": values,
+                                         "_derived": {}})()
+            record.derived = lambda key, compute, r=record: records.StepRecord.derived(
+                r, key, compute)
+            answers.append((engine._any_nonfinite_activation(record),
+                            records.StepRecord.weights_finite(record)))
+        assert answers[0] == answers[1]
+        seen.add(answers[0])
+    assert seen == {(a, b) for a in (False, True) for b in (False, True)}
