@@ -61,6 +61,12 @@ class ActivationStats:
     leaf: bool
 
 
+#: Per-parameter and per-module arrays of at most this many values are worked on in plain
+#: Python floats (float64 only where a sum or a comparison with a limit rounds: the same
+#: additions in the same order, the same comparisons, so the same bits): numpy's per-call
+#: cost dominates at that size. 0 sends every array through numpy.
+SMALL_ARRAY = 64
+
 #: The float fields of ActivationStats, in ActivationTable's column order.
 FLOAT_FIELDS = ("mean", "std", "zero_frac", "nonfinite_frac", "saturated_frac", "dead_frac")
 
@@ -399,7 +405,13 @@ class StepRecord:
     def weights_finite(self) -> bool:
         """True when every measured parameter norm is finite."""
         # finite where measured: no +-inf (NaN is "not measured")
-        return self.derived("weights_finite", lambda: not bool(np.isinf(self.param_norm).any()))
+        def compute() -> bool:
+            norms = self.param_norm
+            if norms.size <= SMALL_ARRAY:  # the same test on Python floats
+                return math.inf not in [abs(v) for v in norms.tolist()]
+            return not bool(np.isinf(norms).any())
+
+        return self.derived("weights_finite", compute)
 
     def modules_over(self, field: str, limit: float) -> dict[str, float]:
         """Modules whose activation statistic `field` (e.g. "dead_frac") exceeds `limit`."""
@@ -407,8 +419,15 @@ class StepRecord:
         if limit <= 0:
             return self.derived("positive", self._positive_activations)[field]
         # above a positive limit: neither NaN (not measured) nor zero, read from the column
-        return self.derived(f"over:{field}:{limit}", lambda: self._activations_where(
-            field, self.activations.column(field) > limit))
+
+        def compute() -> dict[str, float]:
+            column = self.activations.column(field)
+            if column.size <= SMALL_ARRAY and column.dtype == np.float64:  # the same test
+                names = self.activations._names
+                return {names[i]: v for i, v in enumerate(column.tolist()) if v > limit}
+            return self._activations_where(field, column > limit)
+
+        return self.derived(f"over:{field}:{limit}", compute)
 
     def _activations_where(self, field: str, mask: np.ndarray) -> dict[str, float]:
         """{module: its `field`} where `mask` holds, in table order."""
@@ -424,6 +443,11 @@ class StepRecord:
         found = {}
         for name in ("dead_frac", "saturated_frac", "nonfinite_frac"):
             column = self.activations.column(name)
+            if column.size <= SMALL_ARRAY and column.dtype == np.float64:  # the same test
+                names = self.activations._names
+                found[name] = {names[i]: v for i, v in enumerate(column.tolist())
+                               if v != 0 and v == v}
+                continue
             with np.errstate(invalid="ignore"):
                 found[name] = self._activations_where(name, (column != 0) & (column == column))
         return found
@@ -447,6 +471,8 @@ class StepRecord:
 
 def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:
     """Combine per-parameter L2 norms into per-layer L2 norms (NaN when none was measured)."""
+    if per_param.size <= SMALL_ARRAY and per_param.dtype == np.float64:
+        return _per_layer_small(layout.param_layer, per_param.tolist(), len(layout.layers))
     owners = layout.owners
     measured = ~np.isnan(per_param)
     squares = np.bincount(owners[measured], weights=per_param[measured] ** 2,
@@ -454,3 +480,21 @@ def _per_layer(layout: ModelLayout, per_param: np.ndarray) -> np.ndarray:
     counts = np.bincount(owners[measured], minlength=len(layout.layers))
     with np.errstate(invalid="ignore"):
         return np.where(counts > 0, np.sqrt(squares), np.nan)
+
+
+def _per_layer_small(owners: list[int], per_param: list[float], layers: int) -> np.ndarray:
+    """_per_layer on Python floats: np.bincount adds each weight to its bin in parameter
+    order starting from 0.0, and squares and square roots round the same in both.
+
+    Example:
+        >>> _per_layer_small([0, 0, 2], [3.0, 4.0, float("nan")], 3).tolist()
+        [5.0, nan, nan]
+    """
+    squares = [0.0] * layers
+    counts = [0] * layers
+    for owner, value in zip(owners, per_param):
+        if value == value:  # measured (not NaN)
+            squares[owner] += value * value
+            counts[owner] += 1
+    return np.array([math.sqrt(s) if c else math.nan for s, c in zip(squares, counts)],
+                    dtype=np.float64)

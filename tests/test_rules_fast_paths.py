@@ -11,6 +11,7 @@ import pytest
 import scenarios as S
 import torch
 
+from gradscope import records
 from gradscope.history import FiniteScan, History, Ring
 from gradscope.layout import ModelLayout
 from gradscope.rules import activations, evidence, gradients, loss, params
@@ -32,6 +33,7 @@ def _general(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FiniteScan, "all_finite", lambda self: bool(
         np.all(np.isfinite(self._ring.array()))))
     monkeypatch.setattr(FiniteScan, "max_finite", lambda self: math.inf)
+    monkeypatch.setattr(records, "SMALL_ARRAY", 0)  # no plain-Python path for small arrays
     monkeypatch.setattr(activations, "_hidden_over", lambda record, field, limit: frozenset(
         record.modules_over(field, limit)) - {activations._output_module(record)})
 
@@ -162,3 +164,110 @@ def test_plain_median_is_fast_median_without_nan() -> None:
         if n > 2:
             values[0] = math.inf
         assert np.array_equal(plain_median(values), fast_median(values), equal_nan=True)
+
+
+def _small_arrays(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n values over a wide range of magnitudes (some beyond float64's squares), with NaN, +-inf
+    and zeros among them."""
+    values = rng.random(n) * 10.0 ** rng.integers(-200, 200, size=n)
+    mask = rng.random(n)
+    values[mask < 0.15] = np.nan
+    values[(mask > 0.15) & (mask < 0.2)] = np.inf
+    values[(mask > 0.2) & (mask < 0.25)] = 0.0
+    return values
+
+
+def test_small_array_paths_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-layer norms, the stall precondition and the frozen precondition on Python floats
+    give numpy's answers bit for bit (float64) on small arrays."""
+    rng = np.random.default_rng(5)
+    outcomes = set()
+    for _ in range(400):
+        layers, n = int(rng.integers(1, 8)), int(rng.integers(1, 40))
+        owners = rng.integers(0, layers, size=n).tolist()
+        layout = type("Layout", (), {"param_layer": owners, "owners": np.asarray(owners),
+                                     "layers": [None] * layers})()
+        ratio, norm, grad = (_small_arrays(rng, n) for _ in range(3))
+        if rng.random() < 0.5:  # ratios close together: the stall test can answer False
+            ratio = np.where(np.isfinite(ratio), 1e-3 * (1 + 0.1 * rng.random(n)), ratio)
+            norm = np.where(np.isfinite(norm), rng.random(n), norm)
+        changed = rng.integers(0, 2, size=n).astype(np.float64)
+        trainable = rng.random(n) < 0.8
+        record = type("Record", (), {})()
+        record.update_ratio, record.param_norm, record.grad_norm = ratio, norm, grad
+        record.changed, record.requires_grad = changed, trainable
+        record.derived = lambda key, compute: compute()
+        stall = float(rng.choice([0.01, 0.5, 0.999]))
+        answers = []
+        for small in (64, 0):
+            monkeypatch.setattr(records, "SMALL_ARRAY", small)
+            with np.errstate(all="ignore"):
+                answers.append((records._per_layer(layout, grad).tobytes(),
+                                gradients._may_stall(record, stall),
+                                params._may_be_frozen(record)))
+        assert answers[0] == answers[1]
+        outcomes.add(answers[0][1:])
+    assert outcomes == {(a, b) for a in (False, True) for b in (False, True)}
+
+
+def test_small_activation_tables_give_numpy_modules_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modules over a limit (positive, and zero: any non-zero measured value) on Python floats
+    are numpy's, values and order."""
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        floats = rng.random((n, 6))
+        mask = rng.random((n, 6))
+        floats[mask < 0.2] = np.nan
+        floats[(mask > 0.2) & (mask < 0.5)] = 0.0
+        floats[(mask > 0.5) & (mask < 0.55)] = 0.3  # on a limit
+        table = records.ActivationTable([f"m{i}" for i in range(n)], floats,
+                                        np.zeros((n, 3), np.int64), np.ones((n, 3), bool))
+        answers = []
+        for small in (64, 0):
+            monkeypatch.setattr(records, "SMALL_ARRAY", small)
+            record = type("Record", (), {"activations": table, "_derived": {}})()
+            record.derived = lambda key, compute, r=record: records.StepRecord.derived(
+                r, key, compute)
+            record._activations_where = lambda field, m, r=record: (
+                records.StepRecord._activations_where(r, field, m))
+            record._positive_activations = lambda r=record: (
+                records.StepRecord._positive_activations(r))
+            answers.append([list(records.StepRecord.modules_over(record, field, limit).items())
+                            for field in ("dead_frac", "saturated_frac", "nonfinite_frac")
+                            for limit in (0.0, 0.3, 0.9)])
+        assert answers[0] == answers[1]
+
+
+def test_small_nonfinite_checks_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cadence's non-finite activation check and weights_finite on Python floats give
+    numpy's answers (float32 and float64 values, NaN, +-inf)."""
+    from gradscope.rules import engine
+
+    rng = np.random.default_rng(7)
+    seen = set()
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        values = rng.random(n) * (rng.random(n) < 0.3)
+        mask = rng.random(n)
+        values[mask < 0.1] = np.nan
+        values[(mask > 0.1) & (mask < 0.13)] = -np.inf if rng.random() < 0.5 else np.inf
+        if rng.random() < 0.3:
+            values = values.astype(np.float32)
+        floats = np.zeros((n, 6))
+        floats[:, records.FLOAT_FIELDS.index("nonfinite_frac")] = values
+        table = records.ActivationTable([f"m{i}" for i in range(n)], floats,
+                                        np.zeros((n, 3), np.int64), np.ones((n, 3), bool))
+        answers = []
+        for small in (64, 0):
+            monkeypatch.setattr(records, "SMALL_ARRAY", small)
+            record = type("Record", (), {"activations": table, "param_norm": values,
+                                         "_derived": {}})()
+            record.derived = lambda key, compute, r=record: records.StepRecord.derived(
+                r, key, compute)
+            answers.append((engine._any_nonfinite_activation(record),
+                            records.StepRecord.weights_finite(record)))
+        assert answers[0] == answers[1]
+        seen.add(answers[0])
+    assert seen == {(a, b) for a in (False, True) for b in (False, True)}

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import records as record_views
 from ..diagnosis import SEVERITY_RANK, Diagnosis, by_severity
 from ..errors import GradscopeError, GradscopeWarning
 from ..history import History, StepRecord, history_up_to
@@ -75,8 +76,11 @@ def _any_nonfinite_activation(record: StepRecord) -> bool:
     rules then do not evaluate: no per-module dict is built for them)."""
     if not record.activations:
         return False
+    column = record.activations.column("nonfinite_frac")
+    if column.size <= record_views.SMALL_ARRAY:  # the same test on Python floats
+        return any(v > 0.0 for v in column.tolist())
     with np.errstate(invalid="ignore"):
-        return bool(np.any(record.activations.column("nonfinite_frac") > 0.0))
+        return bool(np.any(column > 0.0))
 
 
 class RuleEngine:

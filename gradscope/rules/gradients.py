@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .. import records as record_views
 from . import evidence as ev
 from .base import Finding, Threshold, rule
 from .common import (
@@ -171,9 +172,8 @@ def _first_last_grad(ctx: RuleContext, record) -> tuple[float, float] | None:
     """Gradient norm of the first and of the last layer that has one (cached per record)."""
 
     def compute():
-        grads = record.layer_grad_norm(ctx.layout)
-        cols = np.flatnonzero(~np.isnan(grads))
-        return (float(grads[cols[0]]), float(grads[cols[-1]])) if cols.size >= 2 else None
+        measured = [g for g in record.layer_grad_norm(ctx.layout).tolist() if g == g]
+        return (measured[0], measured[-1]) if len(measured) >= 2 else None
 
     return record.derived("first_last_grad", compute)
 
@@ -448,6 +448,8 @@ def _may_stall(record, stall: float) -> bool:
 
     def compute() -> bool:
         ratio, weight = record.update_ratio, record.param_norm
+        if ratio.size <= record_views.SMALL_ARRAY:
+            return _may_stall_small(ratio.tolist(), weight.tolist(), stall)
         ok = np.isfinite(ratio) & np.isfinite(weight)
         if not ok.any():
             return True
@@ -460,6 +462,21 @@ def _may_stall(record, stall: float) -> bool:
         return not stall * high * (1 + 1e-6) <= low * (1 - 1e-6)
 
     return record.derived(f"may_stall:{stall}", compute)
+
+
+def _may_stall_small(ratio: list[float], weight: list[float], stall: float) -> bool:
+    """_may_stall's test on Python floats (the same comparisons; no arithmetic on the values
+    but the final one, which is written the same)."""
+    moved = [abs(r) for r, w in zip(ratio, weight) if math.isfinite(r) and math.isfinite(w)]
+    if not moved:
+        return True
+    sizes = [abs(w) for r, w in zip(ratio, weight)
+             if math.isfinite(r) and math.isfinite(w) and abs(w) > 0]
+    low, high = min(moved), max(moved)
+    if not (low >= 1e-50 and high <= 1e50 and (not sizes or (
+            min(sizes) >= 1e-50 and max(sizes) <= 1e50))):
+        return True
+    return not stall * high * (1 + 1e-6) <= low * (1 - 1e-6)
 
 
 def _stall_view(ctx: RuleContext, record, stall: float):

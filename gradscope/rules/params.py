@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from .. import records as record_views
 from .base import Finding, Threshold, rule
 from .common import fmt, in_lr_warmup, ranked
 from .context import RuleContext
@@ -87,9 +90,15 @@ def params_frozen(ctx: RuleContext) -> Finding | None:
 def _may_be_frozen(record) -> bool:
     """Whether some trainable parameter of `record` got a gradient and did not change (every
     record of the window must show it for that parameter; kept with the record)."""
-    return record.derived("may_be_frozen", lambda: bool(np.any(
-        (record.changed == 0) & (record.grad_norm > 0) & np.isfinite(record.grad_norm)
-        & record.requires_grad)))
+    def compute() -> bool:
+        if record.grad_norm.size <= record_views.SMALL_ARRAY:  # the same tests per value
+            return any(c == 0 and 0 < g < math.inf and t for c, g, t in zip(
+                record.changed.tolist(), record.grad_norm.tolist(),
+                record.requires_grad.tolist()))
+        return bool(np.any((record.changed == 0) & (record.grad_norm > 0)
+                           & np.isfinite(record.grad_norm) & record.requires_grad))
+
+    return record.derived("may_be_frozen", compute)
 
 
 def _output_layer(ctx: RuleContext) -> str | None:
