@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from enum import IntEnum
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -135,6 +135,19 @@ class _Counts:
         self.slots: list[int] = []
 
 
+class _Plan(NamedTuple):
+    """Index arrays of one step layout (see ActivationCollector._accumulation_plan):
+    (field, offset, sign) per device count field, (positions, sizes) of the staged moments,
+    positions of the staged NaN/Inf counts, the flat (row, column) cell of every value in
+    the order they are concatenated, and the accumulator's size."""
+
+    counts: list[tuple[str, np.ndarray, np.ndarray]]
+    moments: tuple[np.ndarray, np.ndarray] | None
+    staged: np.ndarray | None
+    flat: np.ndarray | None
+    size: int
+
+
 class ActivationCollector:
     """Forward hooks on every module, attached only for the steps that are recorded.
 
@@ -184,6 +197,7 @@ class ActivationCollector:
         self._channels_first_3d = any(isinstance(m, CONV1D_FAMILY) for m in model.modules())
         self._stage = RowStage()
         self._index_cache: dict[tuple[str, ...], dict[str, int]] = {}
+        self._plans: dict[tuple, _Plan] = {}
         # flat int lists (few Python objects): (row, staged handle, values) per staged output,
         # (row, column, staged handle) per NaN/Inf count read from a staged row
         self._moments: list[int] = []
@@ -532,48 +546,71 @@ class ActivationCollector:
         self._stage.put(batch, "act:stage")
         return list(self._order)
 
-    def _accumulate(self, host: dict[str, np.ndarray]) -> np.ndarray:
+    def _accumulation_plan(self) -> _Plan:
+        """Where each fetched value goes (cached: the same modules stage and count the
+        same rows step after step, so the index arrays are built once per layout)."""
+        counts = tuple((device, tuple(self._counts[device].slots)) for device, _ in self._fields)
+        key = (tuple(self._moments), tuple(self._staged_counts), self._stage.layout(), counts,
+               len(self._order))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        if len(self._plans) > 16:
+            self._plans.clear()
+        width = ModuleAcc.DEAD + 1
         rows: list[np.ndarray] = []
         cols: list[np.ndarray] = []
-        values: list[np.ndarray] = []
-        for device, field in self._fields:
-            slots = np.asarray(self._counts[device].slots, dtype=np.int64).reshape(-1, 4)
+        count_slots = []
+        for (_, field), (_, slots_list) in zip(self._fields, counts):
+            slots = np.asarray(slots_list, dtype=np.int64).reshape(-1, 4)
             rows.append(slots[:, 0])
             cols.append(slots[:, 1])
-            values.append(slots[:, 3] + slots[:, 2] * host[field])
-        staged = self._stage.results(host)
+            count_slots.append((field, slots[:, 3], slots[:, 2]))
+        moments = None
         if self._moments:
             where, handles, sizes = np.array(self._moments, dtype=np.int64).reshape(-1, 3).T
-            stats = staged.gather(handles)
+            moments = (self._stage.positions(handles), sizes)
+            for column in (ModuleAcc.SUM, ModuleAcc.SUMSQ, ModuleAcc.ZEROS, ModuleAcc.SATURATED):
+                rows.append(where)
+                cols.append(np.full(len(where), column, dtype=np.int64))
+        staged = None
+        if self._staged_counts:
+            where, columns, handles = np.array(self._staged_counts,
+                                               dtype=np.int64).reshape(-1, 3).T
+            staged = self._stage.positions(handles)
+            rows.append(where)
+            cols.append(columns)
+        flat = np.concatenate(rows) * width + np.concatenate(cols) if rows else None
+        plan = self._plans[key] = _Plan(count_slots, moments, staged, flat,
+                                        len(self._order) * width)
+        return plan
+
+    def _accumulate(self, host: dict[str, np.ndarray]) -> np.ndarray:
+        plan = self._accumulation_plan()
+        width = ModuleAcc.DEAD + 1
+        if plan.flat is None:
+            return np.zeros((len(self._order), width))
+        values: list[np.ndarray] = [offset + sign * host[field]
+                                    for field, offset, sign in plan.counts]
+        staged = self._stage.columns(host)  # [STATS, rows]
+        if plan.moments is not None:
+            positions, sizes = plan.moments
+            stats = staged[:, positions]
             # each row's variance from its centred sums (no cancellation when the values sit
             # far from zero), then n (var + mean^2) as its sum of squares in float64: for a
             # single call the mean^2 cancels exactly again in results()
             with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                mean = stats[:, RowStat.SUM] / sizes
-                offset = stats[:, RowStat.CENTRED] / sizes
-                var = np.maximum(stats[:, RowStat.NORM] ** 2 / sizes - offset * offset, 0.0)
+                mean = stats[RowStat.SUM] / sizes
+                offset = stats[RowStat.CENTRED] / sizes
+                var = np.maximum(stats[RowStat.NORM] ** 2 / sizes - offset * offset, 0.0)
                 squares = sizes * (var + mean * mean)
-            for column, value in ((ModuleAcc.SUM, stats[:, RowStat.SUM]),
-                                  (ModuleAcc.SUMSQ, squares),
-                                  (ModuleAcc.ZEROS, sizes - stats[:, RowStat.NONZERO]),
-                                  (ModuleAcc.SATURATED, stats[:, RowStat.SATURATED])):
-                rows.append(where)
-                cols.append(np.full(len(where), column, dtype=np.int64))
-                values.append(value)
-        if self._staged_counts:
-            where, columns, handles = np.array(self._staged_counts,
-                                               dtype=np.int64).reshape(-1, 3).T
-            rows.append(where)
-            cols.append(columns)
-            values.append(staged.gather(handles)[:, RowStat.NONFINITE])
-        width = ModuleAcc.DEAD + 1
-        size = len(self._order) * width
-        if not rows:
-            return np.zeros((len(self._order), width))
+            values += (stats[RowStat.SUM], squares, sizes - stats[RowStat.NONZERO],
+                       stats[RowStat.SATURATED])
+        if plan.staged is not None:
+            values.append(staged[RowStat.NONFINITE, plan.staged])
         # bincount sums the values of each (row, column) cell (much faster than np.add.at)
-        flat = np.concatenate(rows) * width + np.concatenate(cols)
-        return np.bincount(flat, weights=np.concatenate(values),
-                           minlength=size).reshape(-1, width)
+        return np.bincount(plan.flat, weights=np.concatenate(values),
+                           minlength=plan.size).reshape(-1, width)
 
     def results(self, host: dict[str, np.ndarray]) -> ActivationTable:
         """Turn fetched statistics into per-module statistics, and reset for the next step."""

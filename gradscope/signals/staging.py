@@ -8,7 +8,6 @@ device, dtype and length) is reduced once per recorded step: a few kernels in al
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -231,6 +230,33 @@ class RowStage:
         return StagedStats([host[name].reshape(STATS, -1).T for name in self._fields],
                            self._group_of, self._row_of)
 
+    def layout(self) -> tuple[int, ...]:
+        """The group of each handle, in handle order: with the same layout two steps place
+        every handle at the same position (see `positions`)."""
+        return tuple(self._group_of)
+
+    def positions(self, handles: Sequence[int]) -> np.ndarray:
+        """Where the rows of `handles` sit along the second axis of `columns(host)`.
+
+        Example:
+            >>> stage = RowStage(); a = stage.add(torch.ones(2)); b = stage.add(torch.ones(3))
+            >>> stage.positions([b, a]).tolist()
+            [1, 0]
+        """
+        offsets = np.cumsum([0] + [g.rows for g in self._list[:-1]], dtype=np.int64)
+        group_of = np.asarray(self._group_of, dtype=np.int64)
+        where = offsets[group_of] + np.asarray(self._row_of, dtype=np.int64) if len(
+            group_of) else np.zeros(0, dtype=np.int64)
+        return where[np.asarray(handles, dtype=np.int64)]
+
+    def columns(self, host: dict[str, np.ndarray]) -> np.ndarray:
+        """The fetched statistics of every row as one [STATS, rows] array (groups one after
+        another, statistic by statistic): `columns(host)[stat, positions(handles)]`."""
+        arrays = [host[name].reshape(STATS, -1) for name in self._fields]
+        if len(arrays) == 1:
+            return arrays[0]
+        return np.concatenate(arrays, axis=1) if arrays else np.zeros((STATS, 0))
+
     def reset(self) -> None:
         self.drop()
         self._groups.clear()
@@ -320,9 +346,9 @@ def _column_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> tor
     s_nonzero.copy_(_count_rows(rows.bool()))
     if rows.device.type == "cpu":
         # count only when some row's sum is not finite (then only in those rows: selecting
-        # them by value is a host operation on CPU tensors, not a device transfer); the sum
-        # of the row sums is finite when every row sum is
-        if count and not math.isfinite(total.sum().item()):
+        # them by value is a host operation on CPU tensors, not a device transfer); x * 0
+        # is 0 exactly for finite x, and the NaN/Inf column is still all zeros here
+        if not torch.equal(total * 0, s_nonfinite):
             bad = torch.nonzero(~torch.isfinite(total)).reshape(-1)
             if bad.numel():
                 picked = rows.index_select(0, bad)
