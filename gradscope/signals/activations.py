@@ -148,6 +148,22 @@ class _Plan(NamedTuple):
     size: int
 
 
+class _TablePlan(NamedTuple):
+    """Per-module arrays of one step layout (see ActivationCollector._table_plan): value
+    counts (at least 1), output element counts, rows of containers (no mean, std or zero
+    fraction), unit counts, rows without a dead fraction (None: no row has one), and the
+    table's ints (calls and order filled in), flags and name index."""
+
+    n: np.ndarray
+    n_out: np.ndarray
+    containers: np.ndarray
+    unit_count: np.ndarray
+    no_dead: np.ndarray | None
+    ints: np.ndarray
+    flags: np.ndarray
+    index: dict[str, int]
+
+
 class ActivationCollector:
     """Forward hooks on every module, attached only for the steps that are recorded.
 
@@ -198,6 +214,8 @@ class ActivationCollector:
         self._stage = RowStage()
         self._index_cache: dict[tuple[str, ...], dict[str, int]] = {}
         self._plans: dict[tuple, _Plan] = {}
+        self._table_plans: dict[tuple, _TablePlan] = {}
+        self._bounded_changes = 0  # times a row's bounded flag turned True
         # flat int lists (few Python objects): (row, staged handle, values) per staged output,
         # (row, column, staged handle) per NaN/Inf count read from a staged row
         self._moments: list[int] = []
@@ -400,8 +418,9 @@ class ActivationCollector:
         activation's output, read where the next parameterised module receives it."""
         self._calls[row_name] = self._calls.get(row_name, 0) + 1
         row = self._order.setdefault(row_name, len(self._order))
-        if bounds is not None:
+        if bounds is not None and not self._bounded[row_name]:
             self._bounded[row_name] = True
+            self._bounded_changes += 1
         if relu and x.dim() >= 1:
             self._record_units(row_name, x)
         handle = self._stage.add(x, bounds)
@@ -612,9 +631,18 @@ class ActivationCollector:
         return np.bincount(plan.flat, weights=np.concatenate(values),
                            minlength=plan.size).reshape(-1, width)
 
-    def results(self, host: dict[str, np.ndarray]) -> ActivationTable:
-        """Turn fetched statistics into per-module statistics, and reset for the next step."""
-        acc = self._accumulate(host)
+    def _table_plan(self) -> _TablePlan:
+        """What a step's table takes from its layout alone: the modules, their value
+        counts, leaf/bounded/dead-unit flags, calls and order (cached: the same modules
+        are called the same way step after step)."""
+        key = (tuple(self._order), tuple(self._numel.items()), tuple(self._out_numel.items()),
+               tuple(self._calls.items()), tuple(self._active), tuple(self._unit_rows.items()),
+               self._bounded_changes)
+        plan = self._table_plans.get(key)
+        if plan is not None:
+            return plan
+        if len(self._table_plans) > 16:
+            self._table_plans.clear()
         names = list(self._order)
         units: dict[str, int] = {}
         for name, count in self._active:
@@ -635,31 +663,49 @@ class ActivationCollector:
         else:  # no ReLU output this step
             has_dead = np.zeros(count, dtype=bool)
             unit_count = np.ones(count)
-        floats = np.empty((len(names), len(FLOAT_FIELDS)))
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
-            mean = acc[:, ModuleAcc.SUM] / n
-            var = acc[:, ModuleAcc.SUMSQ] / n - mean * mean
-            var = np.where(var < 0.0, 0.0, var)  # clamp at 0; NaN stays NaN
-            floats[:, 0] = np.where(leaf, mean, np.nan)
-            floats[:, 1] = np.where(leaf, np.sqrt(var), np.nan)
-        floats[:, 2] = np.where(leaf, acc[:, ModuleAcc.ZEROS] / n, np.nan)
-        floats[:, 3] = acc[:, ModuleAcc.NONFINITE] / n_out
-        floats[:, 4] = acc[:, ModuleAcc.SATURATED] / n
-        floats[:, 5] = np.where(has_dead, acc[:, ModuleAcc.DEAD] / unit_count, np.nan)
-        ints = np.empty((len(names), 3), dtype=np.int64)
-        ints[:, 0] = acc[:, ModuleAcc.IN_NONFINITE]
+        ints = np.empty((count, 3), dtype=np.int64)
         ints[:, 1] = column(self._calls)
-        ints[:, 2] = np.arange(len(names))
+        ints[:, 2] = np.arange(count)
         bounded = np.fromiter(map(self._bounded.__getitem__, names), bool, count)
         flags = np.stack([leaf, bounded, has_dead], axis=1)
-        key = tuple(names)
-        index = self._index_cache.get(key)
+        index = self._index_cache.get(key[0])
         if index is None:  # the same modules in the same order step after step: one dict
             if len(self._index_cache) > 16:
                 self._index_cache.clear()
-            index = self._index_cache[key] = {name: i for i, name in enumerate(names)}
+            index = self._index_cache[key[0]] = {name: i for i, name in enumerate(names)}
+        plan = self._table_plans[key] = _TablePlan(
+            n, n_out, np.flatnonzero(~leaf), unit_count,
+            np.flatnonzero(~has_dead) if has_dead.any() else None, ints, flags, index)
+        return plan
+
+    def results(self, host: dict[str, np.ndarray]) -> ActivationTable:
+        """Turn fetched statistics into per-module statistics, and reset for the next step."""
+        acc = self._accumulate(host)
+        plan = self._table_plan()
+        names = list(self._order)
+        n = plan.n
+        floats = np.empty((len(names), len(FLOAT_FIELDS)))
+        # each column computed for every module (written in place), then NaN where it does
+        # not apply: what np.where(applies, value, nan) gives
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
+            mean = np.divide(acc[:, ModuleAcc.SUM], n, out=floats[:, 0])
+            var = acc[:, ModuleAcc.SUMSQ] / n - mean * mean
+            var = np.where(var < 0.0, 0.0, var)  # clamp at 0; NaN stays NaN
+            np.sqrt(var, out=floats[:, 1])
+        np.divide(acc[:, ModuleAcc.ZEROS], n, out=floats[:, 2])
+        np.divide(acc[:, ModuleAcc.NONFINITE], plan.n_out, out=floats[:, 3])
+        np.divide(acc[:, ModuleAcc.SATURATED], n, out=floats[:, 4])
+        if plan.no_dead is None:  # no unit judged dead or alive this step
+            floats[:, 5] = np.nan
+        else:
+            np.divide(acc[:, ModuleAcc.DEAD], plan.unit_count, out=floats[:, 5])
+            floats[plan.no_dead, 5] = np.nan
+        floats[plan.containers, :3] = np.nan
+        ints = plan.ints.copy()
+        ints[:, 0] = acc[:, ModuleAcc.IN_NONFINITE]
+        flags = plan.flags.copy()
         self.reset()
-        return ActivationTable(names, floats, ints, flags, index)
+        return ActivationTable(names, floats, ints, flags, plan.index)
 
     def reset(self) -> None:
         self._stage.reset()
