@@ -152,7 +152,7 @@ class _TablePlan(NamedTuple):
     """Per-module arrays of one step layout (see ActivationCollector._table_plan): value
     counts (at least 1), output element counts, rows of containers (no mean, std or zero
     fraction), unit counts, rows without a dead fraction (None: no row has one), and the
-    table's ints (calls and order filled in), flags and name index."""
+    table's ints (calls and order filled in), flags and each name's row."""
 
     n: np.ndarray
     n_out: np.ndarray
@@ -161,7 +161,7 @@ class _TablePlan(NamedTuple):
     no_dead: np.ndarray | None
     ints: np.ndarray
     flags: np.ndarray
-    index: dict[str, int]
+    positions: dict[str, int]
 
 
 class ActivationCollector:
@@ -705,7 +705,7 @@ class ActivationCollector:
         ints[:, 0] = acc[:, ModuleAcc.IN_NONFINITE]
         flags = plan.flags.copy()
         self.reset()
-        return ActivationTable(names, floats, ints, flags, plan.index)
+        return ActivationTable(names, floats, ints, flags, plan.positions)
 
     def reset(self) -> None:
         self._stage.reset()
