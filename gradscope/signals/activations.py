@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from enum import IntEnum
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -135,6 +135,35 @@ class _Counts:
         self.slots: list[int] = []
 
 
+class _Plan(NamedTuple):
+    """Index arrays of one step layout (see ActivationCollector._accumulation_plan):
+    (field, offset, sign) per device count field, (positions, sizes) of the staged moments,
+    positions of the staged NaN/Inf counts, the flat (row, column) cell of every value in
+    the order they are concatenated, and the accumulator's size."""
+
+    counts: list[tuple[str, np.ndarray, np.ndarray]]
+    moments: tuple[np.ndarray, np.ndarray] | None
+    staged: np.ndarray | None
+    flat: np.ndarray | None
+    size: int
+
+
+class _TablePlan(NamedTuple):
+    """Per-module arrays of one step layout (see ActivationCollector._table_plan): value
+    counts (at least 1), output element counts, rows of containers (no mean, std or zero
+    fraction), unit counts, rows without a dead fraction (None: no row has one), and the
+    table's ints (calls and order filled in), flags and each name's row."""
+
+    n: np.ndarray
+    n_out: np.ndarray
+    containers: np.ndarray
+    unit_count: np.ndarray
+    no_dead: np.ndarray | None
+    ints: np.ndarray
+    flags: np.ndarray
+    positions: dict[str, int]
+
+
 class ActivationCollector:
     """Forward hooks on every module, attached only for the steps that are recorded.
 
@@ -184,6 +213,9 @@ class ActivationCollector:
         self._channels_first_3d = any(isinstance(m, CONV1D_FAMILY) for m in model.modules())
         self._stage = RowStage()
         self._index_cache: dict[tuple[str, ...], dict[str, int]] = {}
+        self._plans: dict[tuple, _Plan] = {}
+        self._table_plans: dict[tuple, _TablePlan] = {}
+        self._bounded_changes = 0  # times a row's bounded flag turned True
         # flat int lists (few Python objects): (row, staged handle, values) per staged output,
         # (row, column, staged handle) per NaN/Inf count read from a staged row
         self._moments: list[int] = []
@@ -386,8 +418,9 @@ class ActivationCollector:
         activation's output, read where the next parameterised module receives it."""
         self._calls[row_name] = self._calls.get(row_name, 0) + 1
         row = self._order.setdefault(row_name, len(self._order))
-        if bounds is not None:
+        if bounds is not None and not self._bounded[row_name]:
             self._bounded[row_name] = True
+            self._bounded_changes += 1
         if relu and x.dim() >= 1:
             self._record_units(row_name, x)
         handle = self._stage.add(x, bounds)
@@ -532,52 +565,84 @@ class ActivationCollector:
         self._stage.put(batch, "act:stage")
         return list(self._order)
 
-    def _accumulate(self, host: dict[str, np.ndarray]) -> np.ndarray:
+    def _accumulation_plan(self) -> _Plan:
+        """Where each fetched value goes (cached: the same modules stage and count the
+        same rows step after step, so the index arrays are built once per layout)."""
+        counts = tuple((device, tuple(self._counts[device].slots)) for device, _ in self._fields)
+        key = (tuple(self._moments), tuple(self._staged_counts), self._stage.layout(), counts,
+               len(self._order))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        if len(self._plans) > 16:
+            self._plans.clear()
+        width = ModuleAcc.DEAD + 1
         rows: list[np.ndarray] = []
         cols: list[np.ndarray] = []
-        values: list[np.ndarray] = []
-        for device, field in self._fields:
-            slots = np.asarray(self._counts[device].slots, dtype=np.int64).reshape(-1, 4)
+        count_slots = []
+        for (_, field), (_, slots_list) in zip(self._fields, counts):
+            slots = np.asarray(slots_list, dtype=np.int64).reshape(-1, 4)
             rows.append(slots[:, 0])
             cols.append(slots[:, 1])
-            values.append(slots[:, 3] + slots[:, 2] * host[field])
-        staged = self._stage.results(host)
+            count_slots.append((field, slots[:, 3], slots[:, 2]))
+        moments = None
         if self._moments:
             where, handles, sizes = np.array(self._moments, dtype=np.int64).reshape(-1, 3).T
-            stats = staged.gather(handles)
+            moments = (self._stage.positions(handles), sizes)
+            for column in (ModuleAcc.SUM, ModuleAcc.SUMSQ, ModuleAcc.ZEROS, ModuleAcc.SATURATED):
+                rows.append(where)
+                cols.append(np.full(len(where), column, dtype=np.int64))
+        staged = None
+        if self._staged_counts:
+            where, columns, handles = np.array(self._staged_counts,
+                                               dtype=np.int64).reshape(-1, 3).T
+            staged = self._stage.positions(handles)
+            rows.append(where)
+            cols.append(columns)
+        flat = np.concatenate(rows) * width + np.concatenate(cols) if rows else None
+        plan = self._plans[key] = _Plan(count_slots, moments, staged, flat,
+                                        len(self._order) * width)
+        return plan
+
+    def _accumulate(self, host: dict[str, np.ndarray]) -> np.ndarray:
+        plan = self._accumulation_plan()
+        width = ModuleAcc.DEAD + 1
+        if plan.flat is None:
+            return np.zeros((len(self._order), width))
+        values: list[np.ndarray] = [offset + sign * host[field]
+                                    for field, offset, sign in plan.counts]
+        staged = self._stage.columns(host)  # [STATS, rows]
+        if plan.moments is not None:
+            positions, sizes = plan.moments
+            stats = staged[:, positions]
             # each row's variance from its centred sums (no cancellation when the values sit
             # far from zero), then n (var + mean^2) as its sum of squares in float64: for a
             # single call the mean^2 cancels exactly again in results()
             with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                mean = stats[:, RowStat.SUM] / sizes
-                offset = stats[:, RowStat.CENTRED] / sizes
-                var = np.maximum(stats[:, RowStat.NORM] ** 2 / sizes - offset * offset, 0.0)
+                mean = stats[RowStat.SUM] / sizes
+                offset = stats[RowStat.CENTRED] / sizes
+                var = np.maximum(stats[RowStat.NORM] ** 2 / sizes - offset * offset, 0.0)
                 squares = sizes * (var + mean * mean)
-            for column, value in ((ModuleAcc.SUM, stats[:, RowStat.SUM]),
-                                  (ModuleAcc.SUMSQ, squares),
-                                  (ModuleAcc.ZEROS, sizes - stats[:, RowStat.NONZERO]),
-                                  (ModuleAcc.SATURATED, stats[:, RowStat.SATURATED])):
-                rows.append(where)
-                cols.append(np.full(len(where), column, dtype=np.int64))
-                values.append(value)
-        if self._staged_counts:
-            where, columns, handles = np.array(self._staged_counts,
-                                               dtype=np.int64).reshape(-1, 3).T
-            rows.append(where)
-            cols.append(columns)
-            values.append(staged.gather(handles)[:, RowStat.NONFINITE])
-        width = ModuleAcc.DEAD + 1
-        size = len(self._order) * width
-        if not rows:
-            return np.zeros((len(self._order), width))
+            values += (stats[RowStat.SUM], squares, sizes - stats[RowStat.NONZERO],
+                       stats[RowStat.SATURATED])
+        if plan.staged is not None:
+            values.append(staged[RowStat.NONFINITE, plan.staged])
         # bincount sums the values of each (row, column) cell (much faster than np.add.at)
-        flat = np.concatenate(rows) * width + np.concatenate(cols)
-        return np.bincount(flat, weights=np.concatenate(values),
-                           minlength=size).reshape(-1, width)
+        return np.bincount(plan.flat, weights=np.concatenate(values),
+                           minlength=plan.size).reshape(-1, width)
 
-    def results(self, host: dict[str, np.ndarray]) -> ActivationTable:
-        """Turn fetched statistics into per-module statistics, and reset for the next step."""
-        acc = self._accumulate(host)
+    def _table_plan(self) -> _TablePlan:
+        """What a step's table takes from its layout alone: the modules, their value
+        counts, leaf/bounded/dead-unit flags, calls and order (cached: the same modules
+        are called the same way step after step)."""
+        key = (tuple(self._order), tuple(self._numel.items()), tuple(self._out_numel.items()),
+               tuple(self._calls.items()), tuple(self._active), tuple(self._unit_rows.items()),
+               self._bounded_changes)
+        plan = self._table_plans.get(key)
+        if plan is not None:
+            return plan
+        if len(self._table_plans) > 16:
+            self._table_plans.clear()
         names = list(self._order)
         units: dict[str, int] = {}
         for name, count in self._active:
@@ -598,31 +663,49 @@ class ActivationCollector:
         else:  # no ReLU output this step
             has_dead = np.zeros(count, dtype=bool)
             unit_count = np.ones(count)
-        floats = np.empty((len(names), len(FLOAT_FIELDS)))
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
-            mean = acc[:, ModuleAcc.SUM] / n
-            var = acc[:, ModuleAcc.SUMSQ] / n - mean * mean
-            var = np.where(var < 0.0, 0.0, var)  # clamp at 0; NaN stays NaN
-            floats[:, 0] = np.where(leaf, mean, np.nan)
-            floats[:, 1] = np.where(leaf, np.sqrt(var), np.nan)
-        floats[:, 2] = np.where(leaf, acc[:, ModuleAcc.ZEROS] / n, np.nan)
-        floats[:, 3] = acc[:, ModuleAcc.NONFINITE] / n_out
-        floats[:, 4] = acc[:, ModuleAcc.SATURATED] / n
-        floats[:, 5] = np.where(has_dead, acc[:, ModuleAcc.DEAD] / unit_count, np.nan)
-        ints = np.empty((len(names), 3), dtype=np.int64)
-        ints[:, 0] = acc[:, ModuleAcc.IN_NONFINITE]
+        ints = np.empty((count, 3), dtype=np.int64)
         ints[:, 1] = column(self._calls)
-        ints[:, 2] = np.arange(len(names))
+        ints[:, 2] = np.arange(count)
         bounded = np.fromiter(map(self._bounded.__getitem__, names), bool, count)
         flags = np.stack([leaf, bounded, has_dead], axis=1)
-        key = tuple(names)
-        index = self._index_cache.get(key)
+        index = self._index_cache.get(key[0])
         if index is None:  # the same modules in the same order step after step: one dict
             if len(self._index_cache) > 16:
                 self._index_cache.clear()
-            index = self._index_cache[key] = {name: i for i, name in enumerate(names)}
+            index = self._index_cache[key[0]] = {name: i for i, name in enumerate(names)}
+        plan = self._table_plans[key] = _TablePlan(
+            n, n_out, np.flatnonzero(~leaf), unit_count,
+            np.flatnonzero(~has_dead) if has_dead.any() else None, ints, flags, index)
+        return plan
+
+    def results(self, host: dict[str, np.ndarray]) -> ActivationTable:
+        """Turn fetched statistics into per-module statistics, and reset for the next step."""
+        acc = self._accumulate(host)
+        plan = self._table_plan()
+        names = list(self._order)
+        n = plan.n
+        floats = np.empty((len(names), len(FLOAT_FIELDS)))
+        # each column computed for every module (written in place), then NaN where it does
+        # not apply: what np.where(applies, value, nan) gives
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf on NaN/Inf outputs
+            mean = np.divide(acc[:, ModuleAcc.SUM], n, out=floats[:, 0])
+            var = acc[:, ModuleAcc.SUMSQ] / n - mean * mean
+            var = np.where(var < 0.0, 0.0, var)  # clamp at 0; NaN stays NaN
+            np.sqrt(var, out=floats[:, 1])
+        np.divide(acc[:, ModuleAcc.ZEROS], n, out=floats[:, 2])
+        np.divide(acc[:, ModuleAcc.NONFINITE], plan.n_out, out=floats[:, 3])
+        np.divide(acc[:, ModuleAcc.SATURATED], n, out=floats[:, 4])
+        if plan.no_dead is None:  # no unit judged dead or alive this step
+            floats[:, 5] = np.nan
+        else:
+            np.divide(acc[:, ModuleAcc.DEAD], plan.unit_count, out=floats[:, 5])
+            floats[plan.no_dead, 5] = np.nan
+        floats[plan.containers, :3] = np.nan
+        ints = plan.ints.copy()
+        ints[:, 0] = acc[:, ModuleAcc.IN_NONFINITE]
+        flags = plan.flags.copy()
         self.reset()
-        return ActivationTable(names, floats, ints, flags, index)
+        return ActivationTable(names, floats, ints, flags, plan.positions)
 
     def reset(self) -> None:
         self._stage.reset()

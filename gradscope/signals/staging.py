@@ -91,7 +91,7 @@ class _Group:
     shaped: dict[torch.Size, torch.Tensor] = field(default_factory=dict)  # views of it
     used: int = 0  # rows written in the buffer
     rows: int = 0  # rows written in all
-    done: list[torch.Tensor] = field(default_factory=list)  # statistics of rows reduced early
+    done: list[torch.Tensor] = field(default_factory=list)  # flat statistics of rows reduced early
     # centre and 1/half-range of each row's bounds, flat (floats: no object per row)
     bounds: list[float] = field(default_factory=list)
     bounded: bool = False
@@ -191,7 +191,8 @@ class RowStage:
             group.chunk = bigger
         else:  # full at its cap: reduce its rows now, then fill it again
             first = group.rows - group.used
-            group.done.append(_row_stats(group.chunk, group.bounds[2 * first:], group.bounded))
+            group.done.append(_column_stats(group.chunk, group.bounds[2 * first:],
+                                            group.bounded))
             group.used = 0
         group.capacity = group.chunk.shape[0]
         group.shaped = {}
@@ -205,10 +206,12 @@ class RowStage:
             first = group.rows - group.used
             if group.chunk is None:
                 raise ValueError(f"staging group {index} has no buffer to reduce")
-            parts = [*group.done, _row_stats(group.chunk[: group.used],
-                                             group.bounds[2 * first:], group.bounded)]
+            stats = _column_stats(group.chunk[: group.used], group.bounds[2 * first:],
+                                  group.bounded)
+            if group.done:  # rows reduced early come first: concatenated statistic by statistic
+                stats = torch.cat([p.view(STATS, -1) for p in (*group.done, stats)], 1).view(-1)
             name = f"{prefix}:{index}"
-            batch.put(name, torch.cat(parts) if len(parts) > 1 else parts[0])
+            batch.put(name, stats)
             self._fields.append(name)
             self._capacity[group.key] = group.rows
         self.drop()
@@ -223,8 +226,36 @@ class RowStage:
 
     def results(self, host: dict[str, np.ndarray]) -> StagedStats:
         """The fetched statistics of every row, indexable by a handle: `out[handle]`."""
-        return StagedStats([host[name].reshape(-1, STATS) for name in self._fields],
+        # each group's statistics arrive statistic by statistic: [STATS, rows], read as rows
+        return StagedStats([host[name].reshape(STATS, -1).T for name in self._fields],
                            self._group_of, self._row_of)
+
+    def layout(self) -> tuple[int, ...]:
+        """The group of each handle, in handle order: with the same layout two steps place
+        every handle at the same position (see `positions`)."""
+        return tuple(self._group_of)
+
+    def positions(self, handles: Sequence[int]) -> np.ndarray:
+        """Where the rows of `handles` sit along the second axis of `columns(host)`.
+
+        Example:
+            >>> stage = RowStage(); a = stage.add(torch.ones(2)); b = stage.add(torch.ones(3))
+            >>> stage.positions([b, a]).tolist()
+            [1, 0]
+        """
+        offsets = np.cumsum([0] + [g.rows for g in self._list[:-1]], dtype=np.int64)
+        group_of = np.asarray(self._group_of, dtype=np.int64)
+        where = offsets[group_of] + np.asarray(self._row_of, dtype=np.int64) if len(
+            group_of) else np.zeros(0, dtype=np.int64)
+        return where[np.asarray(handles, dtype=np.int64)]
+
+    def columns(self, host: dict[str, np.ndarray]) -> np.ndarray:
+        """The fetched statistics of every row as one [STATS, rows] array (groups one after
+        another, statistic by statistic): `columns(host)[stat, positions(handles)]`."""
+        arrays = [host[name].reshape(STATS, -1) for name in self._fields]
+        if len(arrays) == 1:
+            return arrays[0]
+        return np.concatenate(arrays, axis=1) if arrays else np.zeros((STATS, 0))
 
     def reset(self) -> None:
         self.drop()
@@ -255,13 +286,13 @@ class StagedStats:
         return self._flat[self._position[np.asarray(handles, dtype=np.int64)]]
 
 
-_bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows with bounds, and their (centre, 1/half-range) pairs, as tensors (cached: the
-    same modules stage the same rows each step)."""
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows with bounds, and their centres and 1/half-ranges as [n, 1] columns, as tensors
+    (cached: the same modules stage the same rows each step)."""
     key = (bounds, dtype, device)
     found = _bounds.get(key)
     if found is None:
@@ -270,7 +301,8 @@ def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype,
         bounded = [i for i in range(len(bounds) // 2) if bounds[2 * i + 1]]
         found = _bounds[key] = (
             on_device(bounded, device),
-            on_device([bounds[2 * i : 2 * i + 2] for i in bounded], device, dtype))
+            on_device([bounds[2 * i : 2 * i + 1] for i in bounded], device, dtype),
+            on_device([bounds[2 * i + 1 : 2 * i + 2] for i in bounded], device, dtype))
     return found
 
 
@@ -285,11 +317,17 @@ def _count_rows(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _row_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> torch.Tensor:
-    """[rows, STATS] statistics of each row, in the rows' dtype (counts of up to SAMPLE
-    values are exact in float32): sum, L2 norm of the values minus the row's first value,
-    non-zero count, NaN/Inf count, saturated count, and the sum of the values minus the
-    row's first value. `bounds` holds a (centre, 1/half-range) pair per row, zeros for
-    rows of unbounded modules.
+    """[rows, STATS] statistics of each row (a transposed view of `_column_stats`)."""
+    return _column_stats(rows, bounds, bounded).view(STATS, -1).t()
+
+
+def _column_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> torch.Tensor:
+    """Statistics of each row, in the rows' dtype (counts of up to SAMPLE values are exact
+    in float32), flat as [STATS, rows]: one statistic after another (each written in place,
+    no stack): sum, L2 norm of the values minus the row's first value, non-zero count,
+    NaN/Inf count, saturated count, and the sum of the values minus the row's first value.
+    `bounds` holds a (centre, 1/half-range) pair per row, zeros for rows of unbounded
+    modules.
 
     `rows` is a staging buffer that nothing reads afterwards: it is centred in place (no
     second buffer of its size: a fresh allocation of megabytes costs its page faults).
@@ -297,34 +335,41 @@ def _row_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> torch.
     ~1e-7 relative error of the centred values); the transfer widens them to float64.
     """
     dtype = rows.dtype
-    total = rows.sum(1)  # NaN/Inf anywhere in a row makes this non-finite
+    count = rows.shape[0]
+    flat = torch.zeros(STATS * count, dtype=dtype, device=rows.device)
+    # views of each statistic's place in `flat`, in RowStat order
+    s_sum, s_norm, s_nonzero, s_nonfinite, s_saturated, s_centred = flat.view(
+        STATS, count).unbind()
+    total = torch.sum(rows, 1, out=s_sum)  # NaN/Inf in a row makes it non-finite
     # a bool() cast counts NaN as non-zero and -0.0 as zero, like count_nonzero, but
     # without its per-element branch (faster on ReLU outputs on CPU)
-    nonzero = _count_rows(rows.bool()).to(dtype)
+    s_nonzero.copy_(_count_rows(rows.bool()))
     if rows.device.type == "cpu":
-        # count only in rows whose sum is not finite (selecting them by value is a host
-        # operation on CPU tensors, not a device transfer)
-        nonfinite = torch.zeros_like(total)
-        bad = torch.nonzero(~torch.isfinite(total)).reshape(-1)
-        if bad.numel():
-            picked = rows.index_select(0, bad)
-            nonfinite.index_copy_(0, bad, torch.count_nonzero(picked - picked, dim=1).to(dtype))
+        # count only when some row's sum is not finite (then only in those rows: selecting
+        # them by value is a host operation on CPU tensors, not a device transfer); x * 0
+        # is 0 exactly for finite x, and the NaN/Inf column is still all zeros here
+        if not torch.equal(total * 0, s_nonfinite):
+            bad = torch.nonzero(~torch.isfinite(total)).reshape(-1)
+            if bad.numel():
+                picked = rows.index_select(0, bad)
+                s_nonfinite.index_copy_(
+                    0, bad, torch.count_nonzero(picked - picked, dim=1).to(dtype))
     else:
         # x - x is 0 exactly when finite
-        nonfinite = torch.count_nonzero(rows - rows, dim=1).to(dtype)
-    saturated = torch.zeros_like(total)
-    if bounded and rows.shape[0]:
-        where, scale = _bound_tensors(tuple(bounds[: 2 * rows.shape[0]]), dtype, rows.device)
+        s_nonfinite.copy_(torch.count_nonzero(rows - rows, dim=1))
+    if bounded and count:
+        where, centres, scales = _bound_tensors(tuple(bounds[: 2 * count]), dtype, rows.device)
         if where.numel():
-            centre = rows.index_select(0, where).sub_(scale[:, :1]).mul_(scale[:, 1:]).abs_()
+            centre = rows.index_select(0, where).sub_(centres).mul_(scales).abs_()
             # |x - centre| / half-range >= 1 - 2 * margin: within the margin of either end;
             # compared in place (1.0 or 0.0 in the rows' dtype, no boolean buffer) and
             # counted by a row sum (exact: a row holds at most SAMPLE values)
             hits = centre.ge_(1.0 - 2.0 * SATURATION_MARGIN).sum(1)
-            saturated.index_copy_(0, where, hits)
+            s_saturated.index_copy_(0, where, hits)
     centred = rows.sub_(rows[:, :1].clone())  # the last reader of the raw values is above
-    norm = torch.linalg.vector_norm(centred, dim=1)
-    return torch.stack([total, norm, nonzero, nonfinite, saturated, centred.sum(1)], dim=1)
+    torch.linalg.vector_norm(centred, dim=1, out=s_norm)
+    torch.sum(centred, 1, out=s_centred)
+    return flat
 
 
 __all__ = ["PIECE", "SAMPLE", "SATURATION_MARGIN", "RowStage", "StagedStats", "spread_indices"]
