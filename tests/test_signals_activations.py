@@ -450,3 +450,54 @@ def test_inlined_leaf_calls_give_what_the_general_path_gives(monkeypatch):
     np.testing.assert_array_equal(fast._ints, general._ints)
     np.testing.assert_array_equal(fast._flags, general._flags)
     assert np.nansum(fast._floats[:, 3]) > 0  # NaN/Inf fractions were counted
+
+
+def test_cached_step_layouts_give_what_a_fresh_collector_gives():
+    """A collector keeps its index plans per step layout; steps whose layout changes (a
+    module called once or twice, a branch skipped, NaN in one step, a bounded functional
+    input appearing) must read exactly what a collector seeing that step alone reads."""
+    from gradscope.guard import Guard
+    from gradscope.signals.activations import ActivationCollector
+
+    class Varying(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.act = nn.Tanh()
+            self.relu = nn.ReLU()
+            self.side = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x, calls: int, branch: bool, functional: bool):
+            for _ in range(calls):
+                x = self.act(self.fc(x))
+            if branch:
+                x = self.relu(self.side(x))
+            if functional:
+                x = torch.sigmoid(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = Varying()
+    layouts = [(1, False, False, False), (2, False, False, False), (1, True, False, True),
+               (3, True, True, False), (1, False, False, False), (2, True, True, True),
+               (1, True, False, False)]
+    reused = ActivationCollector(model, Guard())
+    for i, (calls, branch, nan, functional) in enumerate(layouts):
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(i))
+        if nan:
+            x[0, 0] = float("nan")
+        tables = []
+        for collector in (reused, ActivationCollector(model, Guard())):
+            collector.attach()
+            model(x, calls, branch, functional)
+            batch = DeviceBatch()
+            collector.put(batch)
+            tables.append(collector.results(batch.fetch()))
+            collector.detach()
+        cached, fresh = tables
+        assert cached._names == fresh._names
+        np.testing.assert_array_equal(cached._floats, fresh._floats)
+        np.testing.assert_array_equal(cached._ints, fresh._ints)
+        np.testing.assert_array_equal(cached._flags, fresh._flags)
+    assert len(reused._plans) >= 4  # several layouts were planned, then reused
