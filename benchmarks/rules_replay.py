@@ -25,6 +25,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from rulekit import fed_one_by_one
+
 from benchmarks.measure import Trainer
 from benchmarks.methods import Gradscope
 from benchmarks.workloads import make_workload
@@ -43,21 +45,12 @@ def replay(workload: str, steps: int, passes: int = 3) -> dict:
         trainer.step()
     history = method.scope.history
     records = history.records()
-    loss_steps, loss_values = (a.tolist() for a in history.losses())
     trainer.close()
     times = np.full((passes, len(records)), np.inf)
     signs: list[str] = []
     for p in range(passes):
-        for r in records:
-            r._derived.clear()
-        copy, engine, j = History(history.layout), RuleEngine(builtin_rules()), 0
-        for i, r in enumerate(records):
-            k = j
-            while k < len(loss_steps) and loss_steps[k] <= r.step:
-                k += 1
-            copy.add_losses(loss_steps[j:k], loss_values[j:k])
-            j = k
-            copy.append(r)
+        engine = RuleEngine(builtin_rules())
+        for i, copy in enumerate(fed_one_by_one(history)):
             start = time.process_time()
             engine.update(copy)
             times[p, i] = time.process_time() - start

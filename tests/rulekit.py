@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -64,3 +66,22 @@ def data(nonfinite: int = 0, low: float = -3.0, high: float = 3.0, std: float = 
 
 
 __all__ = ["act", "data", "deep_layout", "history", "per_layer", "record", "torch"]
+
+
+def fed_one_by_one(history: History) -> Iterator[History]:
+    """A fresh History fed the records of `history` one at a time, each with the losses up to
+    its step, as a live run feeds them; yields the copy after each record (the records' kept
+    values are cleared first, so the rules work them out again)."""
+    records = history.records()
+    steps, values = (a.tolist() for a in history.losses())
+    for r in records:
+        r._derived.clear()
+    copy, j = History(history.layout), 0
+    for r in records:
+        k = j
+        while k < len(steps) and steps[k] <= r.step:
+            k += 1
+        copy.add_losses(steps[j:k], values[j:k])
+        j = k
+        copy.append(r)
+        yield copy

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scenarios as S
 import torch
+from rulekit import fed_one_by_one
 
 from gradscope import records
 from gradscope.history import FiniteScan, History, Ring
@@ -41,25 +42,11 @@ def _general(monkeypatch: pytest.MonkeyPatch) -> None:
 def _replay(history: History) -> list:
     """Every evaluation's new or changed diagnoses over a fresh copy of `history`, fed one
     record at a time with its losses (records' kept values cleared first)."""
-    records = history.records()
-    steps, values = history.losses()
-    steps, values = steps.tolist(), values.tolist()
-    for r in records:
-        r._derived.clear()
-    copy = History(history.layout)
     engine = RuleEngine(builtin_rules())
-    out, j = [], 0
-    for r in records:
-        k = j
-        while k < len(steps) and steps[k] <= r.step:
-            k += 1
-        copy.add_losses(steps[j:k], values[j:k])
-        j = k
-        copy.append(r)
-        out.append([(d.sign, d.severity, d.first_step, d.last_step, d.summary,
-                     [(c.id, c.likelihood, c.evidence) for c in d.causes], list(d.layers),
-                     repr(d.evidence), list(d.checks)) for d in engine.update(copy)])
-    return out
+    return [[(d.sign, d.severity, d.first_step, d.last_step, d.summary,
+              [(c.id, c.likelihood, c.evidence) for c in d.causes], list(d.layers),
+              repr(d.evidence), list(d.checks)) for d in engine.update(copy)]
+            for copy in fed_one_by_one(history)]
 
 
 SCENARIOS = ["flat_lr_too_low", "flat_saturated", "none_detached", "stalled_dead_layer",

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..records import DataStats
 from .reduce import CPU_SHARED_CAST, moments, sum_and_sumsq
-from .transfer import DeviceBatch
+from .transfer import DeviceBatch, kept
 
 
 class InputStat(IntEnum):
@@ -75,12 +75,7 @@ _constants: dict[float, torch.Tensor] = {}
 
 def _constant(value: float) -> torch.Tensor:
     """A 0-d float64 CPU tensor of `value`, made once (the element count of a batch shape)."""
-    found = _constants.get(value)
-    if found is None:
-        if len(_constants) > 64:
-            _constants.clear()
-        found = _constants[value] = torch.tensor(value, dtype=torch.float64)
-    return found
+    return kept(_constants, value, lambda: torch.tensor(value, dtype=torch.float64))
 
 
 class SmallStats(NamedTuple):

@@ -316,11 +316,6 @@ def _count_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).sum(1, dtype=dtype)
 
 
-def _row_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> torch.Tensor:
-    """[rows, STATS] statistics of each row (a transposed view of `_column_stats`)."""
-    return _column_stats(rows, bounds, bounded).view(STATS, -1).t()
-
-
 def _column_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> torch.Tensor:
     """Statistics of each row, in the rows' dtype (counts of up to SAMPLE values are exact
     in float32), flat as [STATS, rows]: one statistic after another (each written in place,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -112,17 +113,33 @@ class DeviceBatch:
         return out
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def kept(cache: dict[K, V], key: K, make: Callable[[], V], limit: int = 64) -> V:
+    """`cache[key]`, made by `make()` the first time it is asked for; a cache grown past
+    `limit` keys is emptied first (a few keys are all a run uses).
+
+    Example:
+        >>> cache: dict[int, list[int]] = {}
+        >>> kept(cache, 3, lambda: [0] * 3) is kept(cache, 3, lambda: [])
+        True
+    """
+    found = cache.get(key)
+    if found is None:
+        if len(cache) > limit:
+            cache.clear()
+        found = cache[key] = make()
+    return found
+
+
 _nan_rows: dict[int, np.ndarray] = {}
 
 
 def _nans(size: int) -> np.ndarray:
     """A new float64 array of `size` NaNs (copied from one kept per size)."""
-    row = _nan_rows.get(size)
-    if row is None:
-        if len(_nan_rows) > 64:
-            _nan_rows.clear()
-        row = _nan_rows[size] = np.full(size, np.nan)
-    return row.copy()
+    return kept(_nan_rows, size, lambda: np.full(size, np.nan)).copy()
 
 
 def on_device(values: list | torch.Tensor, device: torch.device,
