@@ -34,6 +34,12 @@ class Guard:
         return piece in self._off
 
     @property
+    def switched_off(self) -> dict[str, str]:
+        """The live dict of the pieces switched off (by piece): for a hook that guards
+        itself as `wrap` does (`piece in guard.switched_off`, then `guard.fail`)."""
+        return self._off
+
+    @property
     def failures(self) -> dict[str, str]:
         """The pieces switched off, with the error that switched each off."""
         return dict(self._off)
@@ -56,6 +62,10 @@ class Guard:
             GradscopeWarning,
             stacklevel=3,
         )
+
+    #: Switch `piece` off and warn once, from a hook that guards itself (the same warning
+    #: location as a `wrap`ped hook's: the hook's caller).
+    fail = _fail
 
     def wrap(self, piece: str, fn: Callable[..., Any]) -> Callable[..., None]:
         """A hook that calls `fn` under this guard and always returns None (never alters values)."""

@@ -14,6 +14,7 @@ import gradscope
 from gradscope import recorder as recorder_module
 from gradscope.signals.activations import ActivationCollector
 from gradscope.signals.data import DataCollector
+from gradscope.signals.staging import RowStage
 from gradscope.signals.updates import UpdateTracker
 
 
@@ -116,11 +117,12 @@ def _boom(*args, **kwargs):
 
 @pytest.mark.parametrize("target, piece", [
     ((ActivationCollector, "_record"), "activations"),
+    ((RowStage, "add"), "activations"),  # the inline path of a plain leaf's hook
     ((recorder_module, "put_grad_stats"), "gradients"),
     ((recorder_module, "put_stale_grad_norms"), "accumulation"),
     ((UpdateTracker, "after"), "updates"),
     ((DataCollector, "observe"), "data"),
-], ids=["activations", "gradients", "accumulation", "updates", "data"])
+], ids=["activations", "activations-inline", "gradients", "accumulation", "updates", "data"])
 def test_error_in_a_hook_is_warned_once_and_training_is_unchanged(monkeypatch, target, piece):
     case = CASES["mlp"]
     plain = train(case, steps=4)
@@ -141,6 +143,17 @@ def test_error_in_a_hook_is_warned_once_and_training_is_unchanged(monkeypatch, t
     assert steps.tolist() == [0, 1, 2, 3]
     assert losses.tolist() == [x.item() for x in plain["losses"]]
     assert _hooks(watched["model"]) == {}
+
+
+def test_activation_hook_error_is_warned_from_the_hooks_caller(monkeypatch):
+    # the activation hooks guard themselves (no wrapper call per module): their warning
+    # points where a wrapped hook's does, at the module call that ran the hook
+    monkeypatch.setattr(RowStage, "add", _boom)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(CASES["mlp"], steps=2, watch={"every": 1})
+    ours = [w for w in caught if issubclass(w.category, gradscope.GradscopeWarning)]
+    assert len(ours) == 1 and ours[0].filename == module_module.__file__
 
 
 def test_recording_switched_off_by_an_error_takes_its_hooks_off():

@@ -247,15 +247,13 @@ class ActivationCollector:
                     continue
                 hook = self._wrapped.get(name)
                 if hook is None:
-                    hook = self._wrapped[name] = self._guard.wrap("activations",
-                                                                  self._make_hook(name))
+                    hook = self._wrapped[name] = self._make_hook(name)  # guarded itself
                 plan.append((module, hook, False))
             for name in self._owners:
                 row = input_row(name)
                 hook = self._wrapped.get(row)
                 if hook is None:
-                    hook = self._wrapped[row] = self._guard.wrap("activations",
-                                                                 self._make_input_hook(row))
+                    hook = self._wrapped[row] = self._make_input_hook(row)  # guarded itself
                 plan.append((self._by_name[name], hook, True))
             self._hook_plan = plan
         return self._hook_plan
@@ -316,62 +314,69 @@ class ActivationCollector:
         # plain tensor in and one out, takes the inlined path below (what _record does)
         simple = leaf and not relu and INLINE_LEAF_CALLS
         in_column, out_column = ModuleAcc.IN_NONFINITE, ModuleAcc.NONFINITE
+        # guarded as Guard.wrap guards a hook, without its extra call per module
+        off, fail = self._guard.switched_off, self._guard.fail
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if is_compiling is not None and is_compiling():
+            if "activations" in off:  # the guard's check, inlined (see Guard.wrap)
                 return
-            # a leaf module's forward reached the hooks (inside compiled code none does)
-            self.hook_calls += leaf
-            if not module.training or not grad_enabled():
-                return
-            if graph_task() != -1:  # in backward: checkpoint recomputation
-                if name in calls and name not in recomputed:
+            try:
+                if is_compiling is not None and is_compiling():
                     return
-                recomputed.add(name)
-            if (simple and type(output) is tensor_type and output.layout is strided
-                    and output.is_floating_point() and output.numel() <= SAMPLE
-                    and type(args) is tuple and len(args) == 1
-                    and isinstance(args[0], tensor_type)):
-                x: torch.Tensor | None = args[0]
-                if not track or not args[0].is_floating_point():
-                    x = None
-                set_grad_enabled(False)  # torch.no_grad() without its Python overhead
-                try:
-                    if activation:
-                        activation_outputs.append(output)
-                        if len(activation_outputs) > RECENT:
-                            del activation_outputs[0]
-                    calls[name] = calls.get(name, 0) + 1
-                    row = order.setdefault(name, len(order))  # first-call order = its row
-                    numel = output.numel()
-                    out_numels[name] = out_numels.get(name, 0) + numel
-                    if x is not None and x is not output:  # the input first, unless in place
-                        for tensor, version, count in recent:
-                            if tensor is x and version == x._version:
-                                add_staged_counts((row, in_column, count))
-                                break
-                        else:
+                # a leaf module's forward reached the hooks (inside compiled code none does)
+                self.hook_calls += leaf
+                if not module.training or not grad_enabled():
+                    return
+                if graph_task() != -1:  # in backward: checkpoint recomputation
+                    if name in calls and name not in recomputed:
+                        return
+                    recomputed.add(name)
+                if (simple and type(output) is tensor_type and output.layout is strided
+                        and output.is_floating_point() and output.numel() <= SAMPLE
+                        and type(args) is tuple and len(args) == 1
+                        and isinstance(args[0], tensor_type)):
+                    x: torch.Tensor | None = args[0]
+                    if not track or not args[0].is_floating_point():
+                        x = None
+                    set_grad_enabled(False)  # torch.no_grad() without its Python overhead
+                    try:
+                        if activation:
+                            activation_outputs.append(output)
+                            if len(activation_outputs) > RECENT:
+                                del activation_outputs[0]
+                        calls[name] = calls.get(name, 0) + 1
+                        row = order.setdefault(name, len(order))  # first-call order = its row
+                        numel = output.numel()
+                        out_numels[name] = out_numels.get(name, 0) + numel
+                        if x is not None and x is not output:  # the input first, unless in place
+                            for tensor, version, count in recent:
+                                if tensor is x and version == x._version:
+                                    add_staged_counts((row, in_column, count))
+                                    break
+                            else:
+                                nonfinite_count(x, row, in_column)
+                        handle = stage_add(output, bounds)  # the whole output
+                        numels[name] = numels.get(name, 0) + numel
+                        add_moments((row, handle, numel))
+                        recent.append((output, output._version, handle))  # as _remember does
+                        if len(recent) > RECENT:
+                            del recent[0]
+                        add_staged_counts((row, out_column, handle))
+                        if x is output:
                             nonfinite_count(x, row, in_column)
-                    handle = stage_add(output, bounds)  # the whole output
-                    numels[name] = numels.get(name, 0) + numel
-                    add_moments((row, handle, numel))
-                    recent.append((output, output._version, handle))  # as _remember does
-                    if len(recent) > RECENT:
-                        del recent[0]
-                    add_staged_counts((row, out_column, handle))
-                    if x is output:
-                        nonfinite_count(x, row, in_column)
+                    finally:
+                        set_grad_enabled(True)
+                    return
+                outputs = _float_leaves(output)
+                if not outputs:
+                    return
+                set_grad_enabled(False)
+                try:
+                    record(name, leaf, bounds, relu, args, outputs)
                 finally:
                     set_grad_enabled(True)
-                return
-            outputs = _float_leaves(output)
-            if not outputs:
-                return
-            set_grad_enabled(False)
-            try:
-                record(name, leaf, bounds, relu, args, outputs)
-            finally:
-                set_grad_enabled(True)
+            except Exception as err:  # gradscope must never stop training
+                fail("activations", err)
 
         return hook
 
@@ -382,33 +387,39 @@ class ActivationCollector:
         grad_enabled = torch.is_grad_enabled
         tensor_type = torch.Tensor
         activation_outputs = self._activation_outputs  # cleared in place by reset()
+        off, fail = self._guard.switched_off, self._guard.fail  # guarded as in _make_hook
 
         def hook(module: nn.Module, args: tuple) -> None:
-            if ((is_compiling is not None and is_compiling()) or not module.training
-                    or not grad_enabled()):
+            if "activations" in off:  # the guard's check, inlined (see Guard.wrap)
                 return
-            if not args or not isinstance(args[0], tensor_type):
-                return
-            x = args[0]
-            for t in activation_outputs:
-                if t is x:  # an activation module's output, or another module's input, measured
-                    return
-            kind = _functional_activation(x)
-            if kind is None or not x.is_floating_point() or x.layout is not torch.strided:
-                return
-            self._activation_outputs.append(x)  # a second consumer (fc21, fc22) skips it
-            if len(self._activation_outputs) > RECENT:
-                del self._activation_outputs[0]
-            if in_backward():  # checkpoint recomputation
-                if row in self._calls and row not in self._recomputed:
-                    return
-                self._recomputed.add(row)
-            grad_was = torch.is_grad_enabled()
-            torch._C._set_grad_enabled(False)
             try:
-                self._record_input(row, kind[0], kind[1], x.detach())
-            finally:
-                torch._C._set_grad_enabled(grad_was)
+                if ((is_compiling is not None and is_compiling()) or not module.training
+                        or not grad_enabled()):
+                    return
+                if not args or not isinstance(args[0], tensor_type):
+                    return
+                x = args[0]
+                for t in activation_outputs:
+                    if t is x:  # an activation module's output, or another module's input, measured
+                        return
+                kind = _functional_activation(x)
+                if kind is None or not x.is_floating_point() or x.layout is not torch.strided:
+                    return
+                self._activation_outputs.append(x)  # a second consumer (fc21, fc22) skips it
+                if len(self._activation_outputs) > RECENT:
+                    del self._activation_outputs[0]
+                if in_backward():  # checkpoint recomputation
+                    if row in self._calls and row not in self._recomputed:
+                        return
+                    self._recomputed.add(row)
+                grad_was = torch.is_grad_enabled()
+                torch._C._set_grad_enabled(False)
+                try:
+                    self._record_input(row, kind[0], kind[1], x.detach())
+                finally:
+                    torch._C._set_grad_enabled(grad_was)
+            except Exception as err:  # gradscope must never stop training
+                fail("activations", err)
 
         return hook
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import attrgetter, itemgetter
 
 import numpy as np
 import torch
@@ -43,6 +44,26 @@ def bit_sum(tensor: torch.Tensor) -> torch.Tensor:
     return bits.sum(dtype=torch.int64 if size == 8 else torch.int32)
 
 
+_DATA_PTR = torch.Tensor.data_ptr
+_NUMEL = torch.Tensor.numel
+_DTYPE = attrgetter("dtype")
+_VERSION = attrgetter("_version")
+
+
+def _picker(indices: Sequence[int]) -> Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]:
+    """A function giving the items of `indices` of a sequence, as a tuple (a list's
+    comprehension in one C call).
+
+    Example:
+        >>> _picker([2, 0])("abc"), _picker([1])("abc")
+        (('c', 'a'), ('b',))
+    """
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda items: (items[index],)
+    return itemgetter(*indices)
+
+
 #: Integer dtype of each element size, to read raw bits (`bit_sum`).
 _BIT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -78,6 +99,7 @@ class _Bucket:
     source: list[int] = field(default_factory=list)
     runs: list[tuple[int, int, int]] = field(default_factory=list)  # (start, tensors, numel)
     sum_at: dict[int, int] = field(default_factory=dict)  # row -> position in the run sums
+    pick: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]] | None = None  # of indices
 
 
 @dataclass
@@ -228,21 +250,21 @@ class UpdateTracker:
 
         The 1-D views of the tensors are kept per bucket and checked all at once (data
         pointer, dtype and size, what `_flat` checks one by one)."""
-        params = self._params
         kept = self._sources.get(id(bucket))
         if kept is not None and kept[0] is bucket:
-            _, flats, pointers, dtype, numels = kept
-            tensors = [params[i] for i in bucket.source]
-            if ([t.data_ptr() for t in tensors] == pointers
-                    and all(t.dtype == dtype for t in tensors)
-                    and [t.numel() for t in tensors] == numels):
+            _, flats, pointers, dtype, numels, pick = kept
+            tensors = pick(self._params)
+            # map over the tensors' own methods: the same checks as a loop, at C speed
+            if (list(map(_DATA_PTR, tensors)) == pointers
+                    and set(map(_DTYPE, tensors)) == {dtype}
+                    and list(map(_NUMEL, tensors)) == numels):
                 return torch.cat([*flats, flats[0].new_zeros(1)]), True
         flats = [self._flat(i) for i in bucket.source]
         dtype = flats[0].dtype
         same = all(f.dtype == dtype for f in flats)
         if same and all(self._flats.get(i) is f for i, f in zip(bucket.source, flats)):
             self._sources[id(bucket)] = (bucket, flats, [f.data_ptr() for f in flats], dtype,
-                                         [f.numel() for f in flats])
+                                         [f.numel() for f in flats], _picker(bucket.source))
         return torch.cat([*flats, flats[0].new_zeros(1)]), same
 
     def _values(self, bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -294,7 +316,10 @@ class UpdateTracker:
         return found.index_select(0, on_device(picked, found.device))
 
     def _versions(self, bucket: _Bucket) -> tuple[int, ...]:
-        return tuple(self._params[i]._version for i in bucket.indices)
+        pick = bucket.pick
+        if pick is None:
+            pick = bucket.pick = _picker(bucket.indices)
+        return tuple(map(_VERSION, pick(self._params)))
 
     def _to_check(self, bucket: _Bucket) -> list[int]:
         return [r for r in bucket.full_check if bucket.indices[r] not in self._moving]
