@@ -24,6 +24,7 @@ from .signals.data import DataCollector, first_tensor
 from .signals.distributed import is_sharded
 from .signals.flight import FlightRecorder
 from .signals.grads import (
+    Rows,
     measurable,
     put_grad_stats,
     put_nonfinite_counts,
@@ -267,18 +268,23 @@ class StepRecorder:
         # A closure optimizer (LBFGS) computes its gradients inside step(), by calling the
         # closure: they are read after the step, not before it.
         self._in_closure = _closure(args, kwargs)[0] is not None
-        if not self._in_closure:
-            self.guard.call("gradients", self._read_grads, indices)
         # gradients read earlier by read_gradients() still get their update measured
         early = [i for g in optimizer.param_groups for p in g["params"]
                  if (i := self._index.get(id(p))) in self._read_early]
         self._read_early.difference_update(early)
+        self.guard.call("updates", self._updates.before, indices + early, self.step)
+        if not self._in_closure:
+            # the weight norms read the copy of the weights the update tracker just took
+            # (nothing runs in between: the same values) instead of stacking them again
+            self.guard.call("gradients", self._read_grads, indices,
+                            self._updates.current_rows)
+        self._updates.drop_current()
         indices = indices + early
-        self.guard.call("updates", self._updates.before, indices, self.step)
         self._stepping[id(optimizer)] = indices
         if self._orphans is None:
             self._orphans = self._params_outside_optimizers(self.optimizer_param_ids())
             self.guard.call("updates", self._updates.before, self._orphans, self.step)
+            self._updates.drop_current()
 
     def _on_optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.closed:
@@ -299,12 +305,14 @@ class StepRecorder:
         step's after-step ones (the update tracker keeps them)."""
         return self.will_record(self.step + 1)
 
-    def _read_grads(self, indices: list[int]) -> None:
+    def _read_grads(self, indices: list[int], rows: Rows | None = None) -> None:
+        """Queue the gradient statistics and weight norms of `indices`; `rows`: current
+        copies of weights to read instead of stacking them (see `put_param_norms`)."""
         if not indices:
             return
         tensors = [self.layout.tensors[i] for i in indices]
         grads = put_grad_stats(tensors, indices, self._batch)
-        put_param_norms(tensors, indices, self._batch, "param_norm")
+        put_param_norms(tensors, indices, self._batch, "param_norm", rows)
         for i, p, g in zip(indices, tensors, grads):
             self._read.add(i)
             self._grad_none[i] = p.requires_grad and g is None

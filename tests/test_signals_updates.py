@@ -204,3 +204,62 @@ def test_batched_samples_and_bit_sums_match_the_per_tensor_ones(dtype):
             assert torch.equal(tracker._bit_sums(bucket, order, source), expected)
             assert torch.equal(tracker._bit_sums(bucket, order), expected)
         params[0].add_(1)  # in place: the kept views see it
+
+
+def _param_norms(params, rows=None):
+    from gradscope.signals.grads import put_param_norms
+    from gradscope.signals.transfer import DeviceBatch
+
+    batch = DeviceBatch()
+    put_param_norms(params, list(range(len(params))), batch, "n", rows)
+    return batch.fetch({"n": len(params)})["n"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_weight_norms_read_from_the_tracker_copy_equal_the_stacked_ones(dtype):
+    from gradscope.signals.updates import UpdateTracker
+
+    # sizes that put the same-shape runs at odd offsets of the concatenation, values with a
+    # NaN, an infinity and a negative zero; samples smaller than the tensors (sampled runs)
+    # and whole ones
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3,), (7, 5), (7, 5), (7, 5), (3,), (4, 9), (7, 5), (4, 9)]
+    params = [nn.Parameter(torch.randn(*s, generator=gen).to(dtype)) for s in shapes]
+    with torch.no_grad():
+        params[2][1, 1] = float("nan")
+        params[5][0, 0] = float("inf")
+        params[3][0, 0] = -0.0
+    stacked = _param_norms(params)
+    for sample in (8, 256):
+        tracker = UpdateTracker(params, sample)
+        tracker.before(list(range(len(params))))
+        used = []
+
+        def rows(indices, numel, tracker=tracker, used=used):
+            found = tracker.current_rows(indices, numel)
+            used.append(found is not None)
+            return found
+
+        read = _param_norms(params, rows)
+        assert read.tobytes() == stacked.tobytes()  # bit for bit, NaN included
+        # sampled tensors lie in the concatenation by size, whole ones in parameter order
+        # (where these shapes alternate): then every norm comes from a stack
+        assert any(used) == (sample == 8)
+        tracker.drop_current()
+        assert tracker.current_rows([1, 2, 3], 35) is None
+
+
+def test_weight_rows_are_given_only_when_they_lie_together_in_order():
+    from gradscope.signals.updates import UpdateTracker
+
+    params = [nn.Parameter(torch.randn(4, 4)) for _ in range(4)]
+    tracker = UpdateTracker(params, 8)
+    tracker.before([0, 1, 2, 3])
+    got = tracker.current_rows([1, 2], 16)
+    assert got is not None and torch.equal(got, torch.stack([params[1], params[2]]).view(2, -1))
+    assert tracker.current_rows([2, 1], 16) is None  # not in that order
+    assert tracker.current_rows([0, 2], 16) is None  # not one after another
+    assert tracker.current_rows([1, 2], 8) is None  # not that size
+    with torch.no_grad():
+        params[1].add_(1.0)  # a copy: what before() read, not the values now
+    assert not torch.equal(tracker.current_rows([1, 2], 16)[0], params[1].view(-1))

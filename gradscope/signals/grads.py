@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -158,15 +158,22 @@ def norms(tensors: Sequence[torch.Tensor], with_max: bool = False
     return norm, peak
 
 
+#: Gives the values of the tensors at some indices (all of one size) as the rows of one
+#: contiguous [count, size] matrix that is already there (what stacking them would copy), or
+#: None: (indices, size) -> matrix.
+Rows = Callable[[Sequence[int], int], "torch.Tensor | None"]
+
+
 def put_norms(batch: DeviceBatch, tensors: Sequence[torch.Tensor], indices: Sequence[int],
-              field: str, max_field: str | None = None) -> None:
+              field: str, max_field: str | None = None, rows: Rows | None = None) -> None:
     """Queue the L2 norm (and, with `max_field`, the max |x|) of each tensor of one device
     and dtype as `field` at `indices`: the values of norms(), with fewer kernels on CPU.
 
     On CPU each stack of same-shape tensors is queued with its own indices (the transfer
     puts the values in place: no concatenation and reordering kernels) and its max |x| is
     taken by an in-place |x| and a row max of the stacked copy (3 kernels fewer than min
-    and max; the same values, NaN included).
+    and max; the same values, NaN included). Without `max_field`, `rows` may give a stack's
+    matrix without copying (the same values in the same layout: the same norms).
 
     Example:
         >>> b = DeviceBatch()
@@ -191,7 +198,11 @@ def put_norms(batch: DeviceBatch, tensors: Sequence[torch.Tensor], indices: Sequ
                 low, high = torch.aminmax(t)  # a view of the tensor itself: not changed
                 batch.put(max_field, torch.maximum(high.abs(), low.abs()), where)
             continue
-        t = torch.stack([tensors[i] for i in members]).view(len(members), -1)
+        found = None
+        if rows is not None and max_field is None:  # read only: the max would write to it
+            found = rows(where, tensors[members[0]].numel())
+        t = found if found is not None else torch.stack(
+            [tensors[i] for i in members]).view(len(members), -1)
         batch.put(field, torch.linalg.vector_norm(t, dim=1), where)
         if max_field is not None:
             batch.put(max_field, t.abs_().amax(1), where)  # the stacked copy, after its norm
@@ -199,11 +210,14 @@ def put_norms(batch: DeviceBatch, tensors: Sequence[torch.Tensor], indices: Sequ
 
 @torch.no_grad()
 def put_param_norms(
-    params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch, field: str
+    params: Sequence[torch.Tensor], indices: Sequence[int], batch: DeviceBatch, field: str,
+    rows: Rows | None = None
 ) -> None:
-    """Queue the L2 norm of each parameter's values as `field`."""
+    """Queue the L2 norm of each parameter's values as `field`; `rows`: a copy of the
+    current values of some of them, by their indices, to read instead of stacking them
+    (see `put_norms`)."""
     if params and _plain(params):  # the common case, without per-parameter calls
-        put_norms(batch, params, indices, field)
+        put_norms(batch, params, indices, field, rows=rows)
         return
     if any(is_sharded(p) for p in params):  # FSDP2 shards: combined in one collective
         sharded = [(p, i) for p, i in zip(params, indices) if is_sharded(p)]

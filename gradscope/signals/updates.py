@@ -100,6 +100,7 @@ class _Bucket:
     runs: list[tuple[int, int, int]] = field(default_factory=list)  # (start, tensors, numel)
     sum_at: dict[int, int] = field(default_factory=dict)  # row -> position in the run sums
     pick: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]] | None = None  # of indices
+    place: dict[int, int] = field(default_factory=dict)  # parameter -> position in `source`
 
 
 @dataclass
@@ -159,6 +160,9 @@ class UpdateTracker:
         self._partial = np.array([s is not None for s in self._sample], dtype=bool)
         self._flats: dict[int, torch.Tensor] = {}  # 1-D views of the parameters (see _flat)
         self._sources: dict[int, tuple] = {}  # the same per bucket, by its id (see _source)
+        # the concatenations the last before() read, while their values are current
+        self._current: list[tuple[_Bucket, torch.Tensor, list[int]]] = []
+        self._concatenated: list[int] | None = None  # sizes of the last one-dtype concatenation
 
     def _flat(self, index: int) -> torch.Tensor:
         """The parameter's values as a 1-D tensor: a view kept from step to step for a
@@ -201,6 +205,7 @@ class UpdateTracker:
             chosen = set(single)
             whole = [i for i in members if i not in chosen]
             gather = None
+            place: dict[int, int] = {}
             source: list[int] = []
             runs: list[tuple[int, int, int]] = []
             sum_at: dict[int, int] = {}
@@ -225,6 +230,7 @@ class UpdateTracker:
                         offset += numels[i]
                         source.append(i)
                 total = offset
+                place = {i: k for k, i in enumerate(source)}
                 row_of = {i: row for row, i in enumerate(whole)}
                 sum_at = {row_of[i]: pos for pos, i in enumerate(source[:checked])}
                 rows = []
@@ -240,7 +246,7 @@ class UpdateTracker:
             full_check = [row for row, i in enumerate(order) if self._sample[i] is not None]
             where = on_device(full_check, device)
             buckets.append(_Bucket(order, whole, single, gather, full_check, where, source,
-                                   runs, sum_at))
+                                   runs, sum_at, place=place))
         return buckets
 
     def _source(self, bucket: _Bucket) -> tuple[torch.Tensor, bool]:
@@ -258,14 +264,47 @@ class UpdateTracker:
             if (list(map(_DATA_PTR, tensors)) == pointers
                     and set(map(_DTYPE, tensors)) == {dtype}
                     and list(map(_NUMEL, tensors)) == numels):
+                self._concatenated = numels
                 return torch.cat([*flats, flats[0].new_zeros(1)]), True
         flats = [self._flat(i) for i in bucket.source]
         dtype = flats[0].dtype
         same = all(f.dtype == dtype for f in flats)
+        self._concatenated = list(map(_NUMEL, flats)) if same else None
         if same and all(self._flats.get(i) is f for i, f in zip(bucket.source, flats)):
             self._sources[id(bucket)] = (bucket, flats, [f.data_ptr() for f in flats], dtype,
                                          [f.numel() for f in flats], _picker(bucket.source))
         return torch.cat([*flats, flats[0].new_zeros(1)]), same
+
+    def current_rows(self, members: Sequence[int], numel: int) -> torch.Tensor | None:
+        """The values of the parameters `members` (all of `numel` elements), as the
+        [len(members), numel] rows of the concatenation the last `before()` read, when they
+        sit there one after another in that order (else None): what stacking them gives,
+        without a copy. Read-only, and valid only until the parameters change: the caller
+        reads it right after `before()`, and `drop_current()` lets it go.
+
+        Example:
+            >>> ps = [torch.ones(2, 2), torch.zeros(2, 2)]
+            >>> tracker = UpdateTracker(ps, 2); tracker.before([0, 1])
+            >>> tracker.current_rows([0, 1], 4).tolist()
+            [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+        """
+        first = members[0]
+        for bucket, source, numels in self._current:
+            position = bucket.place.get(first)
+            if position is None:
+                continue
+            count = len(members)
+            end = position + count
+            if (bucket.source[position: end] != list(members)
+                    or numels[position: end] != [numel] * count):
+                return None
+            start = sum(numels[:position])
+            return source[start: start + count * numel].view(count, numel)
+        return None
+
+    def drop_current(self) -> None:
+        """Let go of the concatenations of the last `before()` (see `current_rows`)."""
+        self._current = []
 
     def _values(self, bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sampled values of the bucket's parameters as a fresh float64 [rows, width] matrix,
@@ -326,10 +365,16 @@ class UpdateTracker:
 
     @torch.no_grad()
     def before(self, indices: Sequence[int], step: int = -1) -> None:
+        current: list[tuple[_Bucket, torch.Tensor, list[int]]] = []
+        self._current = current
         for bucket in self._plan(indices):
+            self._concatenated = None
             # fresh samples every time (a write through .data moves no version counter, and
             # a gather per bucket is cheap); bit sums are carried over when still valid
             values, source = self._values(bucket)
+            numels = self._concatenated
+            if source is not None and numels is not None:  # the tensors' values, one dtype
+                current.append((bucket, source, numels))
             checked, sums = self._before_sums(bucket, step, source)
             snapshot = _Snapshot(bucket, values, torch.linalg.vector_norm(values, dim=1),
                                  checked, sums)
@@ -452,6 +497,7 @@ class UpdateTracker:
         return ratio, changed
 
     def reset(self) -> None:
+        self._current = []
         self._before.clear()
         self._kept.clear()
         self._flats.clear()
