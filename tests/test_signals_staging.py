@@ -32,7 +32,8 @@ def _row_stats(rows, bounds, bounded):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("width", [1, 7, 2048])
-def test_row_stats_match_the_reference_bit_for_bit(dtype, width):
+@pytest.mark.parametrize("spacing", ["even", "uneven"])
+def test_row_stats_match_the_reference_bit_for_bit(dtype, width, spacing):
     gen = torch.Generator().manual_seed(width)
     rows = torch.randn(9, width, generator=gen, dtype=dtype) * 3 + 5
     rows[1] = rows[1].tanh()  # bounded rows, some values exactly at the saturation edge
@@ -46,6 +47,12 @@ def test_row_stats_match_the_reference_bit_for_bit(dtype, width):
     bounds = [0.0, 0.0] * 9
     bounds[2:4] = [0.0, 1.0]  # tanh: centre 0, 1/half-range 1
     bounds[6:8] = [0.5, 2.0]  # sigmoid
+    if spacing == "uneven":  # bounded rows 1, 3, 8: read by index, not through a slice
+        rows[8] = rows[8].tanh()
+        rows[8, 0] = float("nan")
+        bounds[16:18] = [0.0, 1.0]
+    bounded = [i for i in range(9) if bounds[2 * i + 1]]
+    assert (staging.even_slice(bounded) is None) == (spacing == "uneven")
     expected = _reference(rows.clone(), bounds)
     got = _row_stats(rows.clone(), bounds, True)
     assert got.dtype == dtype

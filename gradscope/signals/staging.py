@@ -286,13 +286,14 @@ class StagedStats:
         return self._flat[self._position[np.asarray(handles, dtype=np.int64)]]
 
 
-_bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice | None]] = {}
 
 
-def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice | None]:
     """Rows with bounds, and their centres and 1/half-ranges as [n, 1] columns, as tensors
-    (cached: the same modules stage the same rows each step)."""
+    (cached: the same modules stage the same rows each step); and the same rows as a slice
+    when they are evenly spaced (e.g. every other module of a stack), else None."""
     key = (bounds, dtype, device)
     found = _bounds.get(key)
     if found is None:
@@ -302,8 +303,25 @@ def _bound_tensors(bounds: tuple[float, ...], dtype: torch.dtype,
         found = _bounds[key] = (
             on_device(bounded, device),
             on_device([bounds[2 * i : 2 * i + 1] for i in bounded], device, dtype),
-            on_device([bounds[2 * i + 1 : 2 * i + 2] for i in bounded], device, dtype))
+            on_device([bounds[2 * i + 1 : 2 * i + 2] for i in bounded], device, dtype),
+            even_slice(bounded))
     return found
+
+
+def even_slice(indices: Sequence[int]) -> slice | None:
+    """A slice that selects exactly `indices` (increasing, evenly spaced), else None.
+
+    Example:
+        >>> even_slice([1, 3, 5]), even_slice([4]), even_slice([0, 1, 3])
+        (slice(1, 6, 2), slice(4, 5, 1), None)
+    """
+    if not indices:
+        return None
+    first = indices[0]
+    step = indices[1] - first if len(indices) > 1 else 1
+    if step < 1 or list(indices) != list(range(first, first + step * len(indices), step)):
+        return None
+    return slice(first, indices[-1] + 1, step)
 
 
 def _count_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -353,9 +371,13 @@ def _column_stats(rows: torch.Tensor, bounds: list[float], bounded: bool) -> tor
         # x - x is 0 exactly when finite
         s_nonfinite.copy_(torch.count_nonzero(rows - rows, dim=1))
     if bounded and count:
-        where, centres, scales = _bound_tensors(tuple(bounds[: 2 * count]), dtype, rows.device)
+        where, centres, scales, even = _bound_tensors(tuple(bounds[: 2 * count]), dtype,
+                                                      rows.device)
         if where.numel():
-            centre = rows.index_select(0, where).sub_(centres).mul_(scales).abs_()
+            # evenly spaced rows are read through a view (no copy of them first): the same
+            # element-wise differences into a fresh tensor
+            centre = (torch.sub(rows[even], centres) if even is not None
+                      else rows.index_select(0, where).sub_(centres)).mul_(scales).abs_()
             # |x - centre| / half-range >= 1 - 2 * margin: within the margin of either end;
             # compared in place (1.0 or 0.0 in the rows' dtype, no boolean buffer) and
             # counted by a row sum (exact: a row holds at most SAMPLE values)
