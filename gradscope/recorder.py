@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -313,8 +313,12 @@ class StepRecorder:
         tensors = [self.layout.tensors[i] for i in indices]
         grads = put_grad_stats(tensors, indices, self._batch)
         put_param_norms(tensors, indices, self._batch, "param_norm", rows)
+        self._read.update(indices)
+        if not [g for g in grads if g is None]:  # every gradient there (the usual case)
+            self._grad_none[indices] = False
+            self._held_grads.update(zip(indices, cast(list[torch.Tensor], grads)))
+            return
         for i, p, g in zip(indices, tensors, grads):
-            self._read.add(i)
             self._grad_none[i] = p.requires_grad and g is None
             if g is not None:
                 self._held_grads[i] = g

@@ -64,3 +64,22 @@ def test_row_stats_of_unbounded_rows_count_no_saturation():
     rows = torch.randn(3, 16)
     got = _row_stats(rows.clone(), [0.0, 0.0] * 3, False)
     torch.testing.assert_close(got, _reference(rows, [0.0, 0.0] * 3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_staged_rows_hold_each_value_as_a_flat_copy_would(dtype):
+    # whole tensors of several shapes, a transposed (non-contiguous) one and special values:
+    # each row holds the tensor's values in row-major order, converted as `.to()` does
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(4, 6, generator=gen).to(dtype) for _ in range(3)]
+    tensors[1][0, :3] = torch.tensor([float("nan"), float("-inf"), -0.0]).to(dtype)
+    tensors.append(torch.randn(6, 4, generator=gen).to(dtype).t())
+    tensors.append(torch.randn(24, generator=gen).to(dtype))
+    stage = staging.RowStage()
+    handles = [stage.add(t) for t in tensors]
+    group = stage._list[0]
+    staged = torch.float64 if dtype == torch.float64 else torch.float32
+    for handle, t in zip(handles, tensors):
+        row = group.chunk[stage._row_of[handle]]
+        expected = t.reshape(-1).to(staged)
+        assert torch.equal(row.view(torch.uint8), expected.view(torch.uint8))  # bit for bit

@@ -159,12 +159,14 @@ class RowStage:
                 row.view(-1, PIECE).copy_(runs.index_select(0, where))
         elif numel:
             # copied whole through a view of the buffer in the tensor's shape (one per
-            # shape and buffer): no flattened copy of the tensor and no row view to shape
+            # shape and buffer): no flattened copy of the tensor and no row view to shape;
+            # an item assignment is select + copy_ inside one call, without a Python object
+            # for the row's view
             shape = values.shape
             shaped = group.shaped.get(shape)
             if shaped is None:
                 shaped = group.shaped[shape] = chunk.view(group.capacity, *shape)
-            shaped.select(0, group.used).copy_(values)
+            shaped[group.used] = values
         group.used += 1
         group.rows += 1
         if bounds is None:
