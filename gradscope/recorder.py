@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from operator import attrgetter
 from typing import Any, cast
 
 import numpy as np
@@ -39,6 +40,9 @@ from .signals.updates import UpdateTracker
 #: Per-parameter fields of the step's transfer (each an array over the layout's parameters).
 PARAM_FIELDS = ("grad_norm", "grad_max", "param_norm", "update_diff", "update_base",
                 "update_bits_moved", "stale_grad", "grad_nonfinite")
+
+
+_REQUIRES_GRAD = attrgetter("requires_grad")
 
 
 class StepRecorder:
@@ -164,14 +168,25 @@ class StepRecorder:
     # ----------------------------------------------------------------- optimizer bookkeeping
     def optimizer_param_ids(self) -> set[int]:
         """ids of the parameters some optimizer holds (read per use: groups may be added)."""
-        return {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        ids: set[int] = set()
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                ids.update(map(id, g["params"]))
+        return ids
 
     def _params_outside_optimizers(self, held: set[int]) -> list[int]:
         """Trainable parameters in no optimizer: their change is measured over the whole step."""
+        if held.issuperset(map(id, self.layout.tensors)):  # all held (the usual case)
+            return []
         return [i for i, p in enumerate(self.layout.tensors)
                 if p.requires_grad and id(p) not in held]
 
     def _optimizer_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        if not self._read:  # nothing read yet this step (the usual case): the same, in bulk
+            found: list[int | None] = []
+            for group in optimizer.param_groups:
+                found.extend(map(self._index.get, map(id, group["params"])))
+            return [i for i in found if i is not None]
         seen: list[int] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -229,10 +244,15 @@ class StepRecorder:
         # Parameters outside every optimizer are never cleared by optimizer.zero_grad()
         # and never stepped, so leftover gradient there is harmless: check the others.
         held = self.optimizer_param_ids()
-        indices = [i for i in self._root_params[root]
-                   if self.layout.tensors[i].requires_grad
-                   and (not held or id(self.layout.tensors[i]) in held)]
-        put_stale_grad_norms([self.layout.tensors[i] for i in indices], indices, self._batch)
+        indices = self._root_params[root]
+        tensors = [self.layout.tensors[i] for i in indices]
+        # all trainable and held (the usual case): all of them, checked in bulk
+        if not (all(map(_REQUIRES_GRAD, tensors))
+                and (not held or held.issuperset(map(id, tensors)))):
+            indices = [i for i in indices if self.layout.tensors[i].requires_grad
+                       and (not held or id(self.layout.tensors[i]) in held)]
+            tensors = [self.layout.tensors[i] for i in indices]
+        put_stale_grad_norms(tensors, list(indices), self._batch)
 
     def _count_closure_calls(self, optimizer: torch.optim.Optimizer, args: Any,
                              kwargs: Any) -> tuple[Any, Any] | None:
@@ -270,7 +290,7 @@ class StepRecorder:
         self._in_closure = _closure(args, kwargs)[0] is not None
         # gradients read earlier by read_gradients() still get their update measured
         early = [i for g in optimizer.param_groups for p in g["params"]
-                 if (i := self._index.get(id(p))) in self._read_early]
+                 if (i := self._index.get(id(p))) in self._read_early] if self._read_early else []
         self._read_early.difference_update(early)
         self.guard.call("updates", self._updates.before, indices + early, self.step)
         if not self._in_closure:

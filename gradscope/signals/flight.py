@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,9 @@ def _any(t: torch.Tensor) -> bool:
     """Whether a CPU bool tensor holds a True value, read without a transfer method (on
     CPU, selecting by value is a host operation; no device is involved)."""
     return torch.nonzero(t.reshape(-1)).shape[0] > 0
+
+
+_GRAD = attrgetter("grad")
 
 
 class FlightRecorder:
@@ -204,7 +208,7 @@ class FlightRecorder:
         if grad_mode:
             torch._C._set_grad_enabled(False)
         try:
-            grads = [p.grad for p in self._params]
+            grads = list(map(_GRAD, self._params))
             if self._rows is not None:
                 self._capture_row(grads, step, recorded)
                 return
