@@ -225,3 +225,23 @@ def test_plain_gradients_fast_path_gives_what_the_general_path_gives(monkeypatch
         np.testing.assert_array_equal(fast[name], general[name])
     assert not grads_module._plain([params[0].grad, None])
     assert not grads_module._plain([params[0], params[1].double()])
+
+
+def test_stale_gradient_norms_of_cleared_and_left_over_gradients():
+    from gradscope.signals.grads import put_stale_grad_norms
+    from gradscope.signals.transfer import DeviceBatch
+
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+
+    def stale(indices):
+        batch = DeviceBatch()
+        put_stale_grad_norms([params[i] for i in indices], indices, batch)
+        return batch.fetch({"stale_grad": 3})["stale_grad"]
+
+    # all cleared to None (the bulk path): 0 at each given index, NaN elsewhere
+    assert stale([2, 0]).tolist()[::2] == [0.0, 0.0] and np.isnan(stale([2, 0])[1])
+    # one zeroed, one left over, one None (the general path)
+    params[0].grad = torch.zeros(3)
+    params[1].grad = torch.full((3,), 2.0)
+    got = stale([0, 1, 2])
+    np.testing.assert_array_equal(got, [0.0, float(torch.linalg.vector_norm(params[1].grad)), 0.0])

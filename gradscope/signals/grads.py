@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Any, cast
 
 import torch
@@ -72,6 +73,8 @@ def _plain(tensors: Sequence[Any]) -> bool:
 
 
 _PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+_GRAD = attrgetter("grad")
+_SHAPE = attrgetter("shape")
 _STRIDED = torch.strided
 
 
@@ -106,7 +109,7 @@ def stack_plan(tensors: Sequence[torch.Tensor]) -> _StackPlan:
         >>> plan.groups, plan.back.tolist()
         ([[0, 2], [1]], [0, 2, 1])
     """
-    shapes = tuple([t.shape for t in tensors])  # torch.Size: a tuple, hashed as one
+    shapes = tuple(map(_SHAPE, tensors))  # torch.Size: a tuple, hashed as one
     plan = _plans.get(shapes)
     if plan is None:
         if len(_plans) > 64:
@@ -239,6 +242,11 @@ def put_stale_grad_norms(
     positive norm means the previous step's gradient is still there and the coming backward
     will add onto it.
     """
+    if not [g for g in map(_GRAD, params) if g is not None]:  # all cleared to None (usual)
+        if indices:
+            batch.put("stale_grad", torch.zeros(len(indices), dtype=torch.float64),
+                      list(indices))
+        return
     # this rank's shard is enough to tell "left over" from "cleared" (no collective here)
     present = [(dense_values(local_tensor(p.grad)), i) for p, i in zip(params, indices)
                if p.grad is not None and measurable(p.grad)]
