@@ -481,11 +481,11 @@ class StepRecorder:
         update_ratio, changed = (self.guard.call("updates", self._updates.results, host, n)
                                  or (np.full(n, np.nan), np.full(n, np.nan)))
         tensors = self.layout.tensors
-        requires_grad = np.fromiter((p.requires_grad for p in tensors), dtype=bool, count=n)
+        requires_grad = np.fromiter(map(_REQUIRES_GRAD, tensors), dtype=bool, count=n)
         if self.optimizers:
             held = self.optimizer_param_ids()
             not_in_optimizer = requires_grad & ~np.fromiter(
-                (id(p) in held for p in tensors), dtype=bool, count=n)
+                map(held.__contains__, map(id, tensors)), dtype=bool, count=n)
         else:
             not_in_optimizer = np.zeros(n, dtype=bool)
         lrs = [float(g["lr"]) if isinstance(g.get("lr"), (int, float)) else math.nan
