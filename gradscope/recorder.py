@@ -122,6 +122,14 @@ class StepRecorder:
         self._closure_checked = False
         self._activation_before_loss: str | None = None
         self._loss_requires_grad: bool | None = None
+        # the guarded hooks of recorded steps, made once (re-registered on each of them)
+        self._root_input_hook = guard.wrap("data", self._on_root_input)
+        self._root_output_hooks = [
+            guard.wrap("accumulation", functools.partial(self._on_root_output, k))
+            for k in range(len(self._roots))]
+        self._backward_start_hooks = [
+            guard.wrap("accumulation", functools.partial(self._on_backward_start, k))
+            for k in range(len(self._roots))]
 
     # ----------------------------------------------------------------- attach / detach
     def attach(self) -> None:
@@ -151,11 +159,10 @@ class StepRecorder:
         self.guard.call("activations", self._attach_recording_hooks)
 
     def _attach_recording_hooks(self) -> None:
-        for k, root in enumerate(self._roots):
+        for root, on_output in zip(self._roots, self._root_output_hooks):
             self._recording_hooks.add(root.register_forward_pre_hook(
-                self.guard.wrap("data", self._on_root_input), with_kwargs=True))
-            self._recording_hooks.add(root.register_forward_hook(
-                self.guard.wrap("accumulation", functools.partial(self._on_root_output, k))))
+                self._root_input_hook, with_kwargs=True))
+            self._recording_hooks.add(root.register_forward_hook(on_output))
         if self.activations is not None:
             self.activations.attach()
 
@@ -219,8 +226,7 @@ class StepRecorder:
         # every output that needs grad: the loss may come from any of them
         for leaf in _float_leaves(output):
             if leaf.requires_grad:
-                self._tensor_hooks.add(leaf.register_hook(self.guard.wrap(
-                    "accumulation", functools.partial(self._on_backward_start, root))))
+                self._tensor_hooks.add(leaf.register_hook(self._backward_start_hooks[root]))
 
     def _on_backward_start(self, root: int, grad: torch.Tensor) -> None:
         if self.closed:

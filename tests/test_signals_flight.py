@@ -281,3 +281,40 @@ def test_rows_read_as_blocks_match_row_by_row(dtype):
         want_in, want_out, want_max = _read_row_by_row(values, layouts, params)
         assert input_bad == want_in and output_bad == want_out
         np.testing.assert_array_equal(np.array(grad_max), np.array(want_max))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_check_piece_verdict_matches_piece(dtype):
+    # a recorded step reads gradients for the check alone: check_piece() must call a step
+    # non-finite exactly when piece() does (stacked groups, a large and a lone gradient, a
+    # missing one, limits of the input and output), and keep the same input/output limits
+    from gradscope.signals.flight_rows import IN, OUT, SKIP, RowReader, StepRows
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4, 3), (5,), (5,), (5,), (7,), (300, 300), None]
+    for target in range(len(shapes)):
+        for value in (None, math.nan, math.inf, -math.inf, 1e30):
+            grads = [None if s is None else (torch.randn(s, generator=gen) * 1e3).to(dtype)
+                     for s in shapes]
+            if value is not None and grads[target] is not None:
+                grads[target].view(-1)[grads[target].numel() // 2] = value
+            for bad_input in (False, True):
+                limits = torch.tensor([1.0, math.inf if bad_input else 2.0])
+                general, checked = StepRows(len(shapes)), StepRows(len(shapes))
+                for rows in (general, checked):
+                    rows.limits(IN, torch.aminmax(limits))
+                    rows.limits(OUT, torch.aminmax(torch.tensor([3.0, -4.0])))
+                want = general.finite(general.piece(grads, keep=False))
+                got = checked.check_piece(grads, checked.plan(grads))
+                assert checked.finite(got) == want, (target, value, bad_input)
+                reference = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+                assert want == (reference and not bad_input)
+                for rows in (general, checked):
+                    rows.end(0)
+                    assert rows.steps == [0] and rows.norm_steps == []
+                    assert {kind for kind, _ in rows.layouts[0]} <= {IN, OUT, SKIP}
+                    reader = RowReader(rows.layouts[0], len(shapes))
+                    flags_in, flags_out, maxima = [], [], []
+                    block = torch.cat(rows.rows).to(torch.float64).numpy()[None, :]
+                    reader.read(block, flags_in, flags_out, maxima)
+                    assert (flags_in, flags_out, maxima) == ([bad_input], [False], [])

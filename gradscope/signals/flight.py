@@ -253,7 +253,10 @@ class FlightRecorder:
         if plan is not None and plan.sharded:
             full = self._maxima_row(grads)  # shards: the general path, as a full row
             grads, plan = [None] * len(grads), None
-        piece = self._rows.piece(grads, keep=not recorded, full=full, plan=plan)
+        if recorded and plan is not None:  # the check alone: fewer kernels (same verdict)
+            piece = self._rows.check_piece(grads, plan)
+        else:
+            piece = self._rows.piece(grads, keep=not recorded, full=full, plan=plan)
         if piece is not None and self._check_now() and not self._rows.finite(piece):
             self._replay(step)
 

@@ -162,6 +162,71 @@ class StepRows:
         self._segments += segments
         return piece
 
+    def check_piece(self, grads: Sequence[torch.Tensor | None], plan: GradPlan
+                    ) -> torch.Tensor | None:
+        """piece() of a step whose gradients are read for the check alone (a recorded step
+        measures its own maxima): the input/output limits, (min, max) of each large or lone
+        gradient, and per stacked group one value, the sum of x * 0 over its gradients (+-0
+        when all are finite, NaN otherwise), not one maximum per gradient: non-finite exactly
+        when piece(grads, keep=False) is, with fewer kernels. Groups of other dtypes, and
+        gradients that changed, take piece().
+
+        Example:
+            >>> rows = StepRows(3)
+            >>> grads = [torch.ones(2), torch.tensor([1.0, math.inf]), torch.ones(5)]
+            >>> rows.finite(rows.check_piece(grads, rows.plan(grads)))
+            False
+        """
+        try:
+            values = self._check_values(grads, plan)
+        except RuntimeError:  # a gradient changed shape, dtype or layout: the general path
+            values = None
+        if values is None:
+            return self.piece(grads, keep=False, plan=plan)
+        limits = self._limits
+        scalars: list[torch.Tensor] = []
+        segments: list[Segment] = []
+        if limits[0]:
+            scalars, limits[0] = limits[0], []
+            segments.append((IN, len(scalars)))
+        if limits[1]:
+            outputs, limits[1] = limits[1], []
+            scalars = scalars + outputs if scalars else outputs
+            segments.append((OUT, len(outputs)))
+        if values:
+            scalars = scalars + values if scalars else values
+            segments.append((SKIP, len(values)))
+        if not scalars:
+            return None
+        piece = torch.stack(scalars)
+        self._pieces.append(piece)
+        self._segments += segments
+        return piece
+
+    def _check_values(self, grads: Sequence[torch.Tensor | None], plan: GradPlan
+                      ) -> list[torch.Tensor] | None:
+        """check_piece()'s gradient values (0-d tensors); None when a group's dtype is not
+        one whose finiteness a dot product reads."""
+        values: list[torch.Tensor] = []
+        for i in plan.pairs:
+            values.extend(torch.aminmax(grads[i]))  # type: ignore[arg-type]
+        for getter in plan.getters:
+            rows = torch.stack(getter(grads)).view(-1)
+            if rows.dtype not in _DOT_DTYPES:
+                return None
+            values.append(torch.dot(rows, self._zeros_of(rows.numel(), rows.dtype)))
+        return values
+
+    def _zeros_of(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """A kept 1-d tensor of `size` zeros of `dtype`."""
+        key = (size, dtype)
+        zeros = self._zeros.get(key)
+        if zeros is None:
+            if len(self._zeros) > 8:
+                self._zeros.clear()
+            zeros = self._zeros[key] = torch.zeros(size, dtype=dtype)
+        return zeros
+
     def plan(self, grads: Sequence[torch.Tensor | None], cached: bool = True) -> GradPlan:
         """The reading plan of these gradients, kept by which of them are missing."""
         key = tuple([i for i, g in enumerate(grads) if g is None])  # usually empty
@@ -196,13 +261,8 @@ class StepRows:
             >>> rows.finite(torch.tensor([1.0, -0.0])), rows.finite(torch.tensor([1.0, -math.inf]))
             (True, False)
         """
-        key = (piece.numel(), piece.dtype)
-        zeros = self._zeros.get(key)
-        if zeros is None:
-            if len(self._zeros) > 8:
-                self._zeros.clear()
-            zeros = self._zeros[key] = torch.zeros(key[0], dtype=key[1])
-        if key[1] in _DOT_DTYPES:
+        zeros = self._zeros_of(piece.numel(), piece.dtype)
+        if piece.dtype in _DOT_DTYPES:
             # one kernel: the sum of x * 0 is +-0 when all are finite, NaN otherwise
             return not torch.is_nonzero(torch.dot(piece, zeros))
         return torch.equal(piece * 0, zeros)
