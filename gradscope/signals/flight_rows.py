@@ -120,13 +120,9 @@ class StepRows:
         self._limits[slot].extend(pair)
 
     # ------------------------------------------------------------------ per step
-    def piece(self, grads: Sequence[torch.Tensor | None] | None, keep: bool,
-              full: torch.Tensor | None = None, plan: GradPlan | None = None
-              ) -> torch.Tensor | None:
-        """This step's values not yet in a row piece (input/output limits, and with `grads`
-        the gradient maxima, kept when `keep`), as one 1-d tensor; None when there are none.
-        `full` is a float64 row over every parameter made elsewhere (sharded gradients);
-        `plan` the plan of `grads` when the caller has it."""
+    def _take_limits(self) -> tuple[list[torch.Tensor], list[Segment]]:
+        """The input/output limits gathered since the last piece (0-d values, in row order)
+        and their segments; the step's lists are emptied."""
         limits = self._limits
         scalars: list[torch.Tensor] = []
         segments: list[Segment] = []
@@ -137,6 +133,16 @@ class StepRows:
             values, limits[1] = limits[1], []
             scalars = scalars + values if scalars else values
             segments.append((OUT, len(values)))
+        return scalars, segments
+
+    def piece(self, grads: Sequence[torch.Tensor | None] | None, keep: bool,
+              full: torch.Tensor | None = None, plan: GradPlan | None = None
+              ) -> torch.Tensor | None:
+        """This step's values not yet in a row piece (input/output limits, and with `grads`
+        the gradient maxima, kept when `keep`), as one 1-d tensor; None when there are none.
+        `full` is a float64 row over every parameter made elsewhere (sharded gradients);
+        `plan` the plan of `grads` when the caller has it."""
+        scalars, segments = self._take_limits()
         vectors: list[torch.Tensor] = []
         if grads is not None:
             try:
@@ -183,16 +189,7 @@ class StepRows:
             values = None
         if values is None:
             return self.piece(grads, keep=False, plan=plan)
-        limits = self._limits
-        scalars: list[torch.Tensor] = []
-        segments: list[Segment] = []
-        if limits[0]:
-            scalars, limits[0] = limits[0], []
-            segments.append((IN, len(scalars)))
-        if limits[1]:
-            outputs, limits[1] = limits[1], []
-            scalars = scalars + outputs if scalars else outputs
-            segments.append((OUT, len(outputs)))
+        scalars, segments = self._take_limits()
         if values:
             scalars = scalars + values if scalars else values
             segments.append((SKIP, len(values)))
