@@ -5,6 +5,7 @@ numbers as a plain recomputation."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -112,22 +113,17 @@ def test_first_blowup_shortcut_matches_the_full_scan() -> None:
 
 
 def _median_finite_reference(values: np.ndarray, axis: int | None = None):
-    """The general sort-and-take implementation, for any axis."""
-    array = np.where(np.isfinite(values), values, np.nan)
-    if axis is None:
-        array, axis = array.reshape(-1), 0
-    if array.size == 0:
+    """numpy's own median of the finite values (NaN when there are none; NaN for an empty
+    array, as gradscope's median answers it)."""
+    if values.size == 0:
         return np.nan
-    ordered = np.sort(array, axis=axis)
-    count = np.sum(~np.isnan(array), axis=axis, keepdims=True)
-    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=axis)
-    high = np.take_along_axis(ordered, np.minimum(count // 2, ordered.shape[axis] - 1),
-                              axis=axis)
-    median = np.where(count > 0, 0.5 * (low + high), np.nan).squeeze(axis)
-    return float(median) if median.ndim == 0 else median
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        median = np.nanmedian(np.where(np.isfinite(values), values, np.nan), axis=axis)
+    return float(median) if np.ndim(median) == 0 else median
 
 
-def test_median_finite_matches_the_general_implementation() -> None:
+def test_median_finite_matches_numpys_median_of_the_finite_values() -> None:
     rng = np.random.default_rng(3)
     for _ in range(2000):
         rows, cols = int(rng.integers(0, 18)), int(rng.integers(1, 12))
